@@ -1,0 +1,286 @@
+"""Typed configs for every stage, YAML loading and dotted command-line overrides.
+
+Configs are pydantic models: unknown keys and out-of-range values fail with a message that names
+the field, and every config round-trips through a plain dict, so it can cross process boundaries
+(Ray Train's ``train_loop_config``, Serve's ``args``, actor kwargs) unchanged.
+
+This module imports neither torch nor Ray, so a config can be checked anywhere.
+
+    cfg = load_config(PretrainConfig, "jobs/configs/tiny.yaml", ["--train.lr=3e-4"])
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Config(BaseModel):
+    """Base for all configs: strict about unknown keys, validated on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# --------------------------------------------------------------------------------------------- model
+
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    # CPU-sized debug model used by every test and the default job (~1.1M parameters).
+    "tiny": dict(vocab_size=264, d_model=128, n_layers=4, n_heads=4, d_mlp=384, max_seq_len=256),
+    # GPT-2-small scale.
+    "small": dict(vocab_size=32768, d_model=768, n_layers=12, n_heads=12, d_mlp=2048, max_seq_len=2048),
+    "1b": dict(vocab_size=32768, d_model=2048, n_layers=22, n_heads=16, d_mlp=5632, max_seq_len=2048),
+    # LLaDA-8B's shape.
+    "8b": dict(
+        vocab_size=126464, d_model=4096, n_layers=32, n_heads=32, d_mlp=12288,
+        max_seq_len=4096, rope_theta=500000.0,
+    ),
+}
+
+
+class ModelConfig(Config):
+    """Shape of the denoiser. ``preset`` fills every field not given explicitly."""
+
+    preset: str | None = None
+    vocab_size: int = Field(264, gt=0)
+    d_model: int = Field(128, gt=0)
+    n_layers: int = Field(4, gt=0)
+    n_heads: int = Field(4, gt=0)
+    d_mlp: int = Field(384, gt=0)
+    max_seq_len: int = Field(256, gt=0)
+    rope_theta: float = Field(10000.0, gt=0)
+    norm_eps: float = Field(1e-5, gt=0)
+    init_std: float = Field(0.02, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") is not None:
+            name = data["preset"]
+            if name not in MODEL_PRESETS:
+                raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(MODEL_PRESETS)}")
+            data = {**MODEL_PRESETS[name], **data}
+        return data
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> ModelConfig:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if (self.d_model // self.n_heads) % 2:
+            raise ValueError(f"head dim {self.d_model // self.n_heads} must be even for RoPE")
+        return self
+
+
+# ----------------------------------------------------------------------------------------- diffusion
+
+
+class DiffusionConfig(Config):
+    """The forward (masking) process and how training draws its noise level."""
+
+    eps: float = Field(1e-3, gt=0, lt=1)
+    # "linear": p(t) = (1 - eps) t + eps (LLaDA); "loglinear": p(t) = (1 - eps) t (MDLM).
+    schedule: Literal["linear", "loglinear"] = "linear"
+    # "low_discrepancy" spreads t evenly over a batch (MDLM): lower-variance gradients.
+    time_sampling: Literal["uniform", "low_discrepancy"] = "low_discrepancy"
+
+
+# ------------------------------------------------------------------------------------------ sampling
+
+
+class SampleConfig(Config):
+    """Sampler settings; ``generate`` reads nothing else."""
+
+    gen_length: int = Field(32, gt=0)
+    steps: int = Field(32, gt=0)
+    block_length: int = Field(32, gt=0)
+    temperature: float = Field(0.0, ge=0)
+    remasking: Literal["low_confidence", "random"] = "low_confidence"
+    cfg_scale: float = Field(0.0, ge=0)
+    # Fast decoding (None = the reference fixed-count rule).
+    threshold: float | None = Field(None, gt=0)
+    factor: float | None = Field(None, gt=0)
+    # Stop once every row has committed an EOS with nothing masked before it; fill the rest with EOS.
+    stop_at_eos: bool = False
+
+    @model_validator(mode="after")
+    def _check_blocks(self) -> SampleConfig:
+        if self.gen_length % self.block_length:
+            raise ValueError(
+                f"gen_length={self.gen_length} is not divisible by block_length={self.block_length}"
+            )
+        num_blocks = self.gen_length // self.block_length
+        if self.steps % num_blocks:
+            raise ValueError(f"steps={self.steps} is not divisible by the number of blocks ({num_blocks})")
+        if self.threshold is not None and self.factor is not None:
+            raise ValueError("set at most one of threshold and factor")
+        return self
+
+    @property
+    def num_blocks(self) -> int:
+        return self.gen_length // self.block_length
+
+
+# ------------------------------------------------------------------------------------- training job
+
+
+class CorpusConfig(Config):
+    """The built-in corpus: structured task families with an exact checker."""
+
+    families: dict[str, float] = Field(default_factory=lambda: {"reverse": 0.2, "sort": 0.4, "sudoku": 0.4})
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check_families(self) -> CorpusConfig:
+        from dlm_ray.corpus import FAMILIES  # corpus imports no torch; safe here
+
+        unknown = set(self.families) - set(FAMILIES)
+        if unknown:
+            raise ValueError(f"unknown corpus families {sorted(unknown)}; known: {sorted(FAMILIES)}")
+        if not self.families or any(w <= 0 or not math.isfinite(w) for w in self.families.values()):
+            raise ValueError("corpus family weights must be positive")
+        return self
+
+
+class TrainConfig(Config):
+    """Optimisation settings shared by the single-process loop and the Ray Train loop."""
+
+    seed: int = 0
+    seq_len: int = Field(64, gt=1)
+    batch_size: int = Field(64, gt=0)
+    max_steps: int = Field(1500, gt=0)
+    max_minutes: float | None = Field(None, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(50, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    grad_clip: float = Field(1.0, gt=0)
+    log_every: int = Field(50, gt=0)
+
+
+class EvalConfig(Config):
+    """What the job measures before and after training."""
+
+    num_nelbo_docs: int = Field(256, gt=0)
+    nelbo_samples: int = Field(16, gt=0)
+    num_prompts_per_family: int = Field(100, gt=0)
+    sample: SampleConfig = Field(
+        default_factory=lambda: SampleConfig(gen_length=24, steps=24, block_length=24)
+    )
+
+
+class PretrainConfig(Config):
+    """Everything ``jobs/pretrain.py`` needs."""
+
+    run_name: str = "tiny"
+    output_dir: str = "runs"
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig(preset="tiny"))
+    diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
+    tokenizer: str = "byte"
+    corpus: CorpusConfig = Field(default_factory=CorpusConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _check_lengths(self) -> PretrainConfig:
+        if self.train.seq_len > self.model.max_seq_len:
+            raise ValueError(
+                f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
+            )
+        return self
+
+
+# -------------------------------------------------------------------------------- loading, overrides
+
+C = TypeVar("C", bound=Config)
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message says which key and why."""
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """Turn ``["--train.lr=3e-4", "--model.preset", "small"]`` into a nested dict.
+
+    Values are parsed as YAML scalars/collections, so ``3e-4``, ``true`` and ``[1, 2]`` keep their types.
+    """
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"expected --key=value, got {arg!r}")
+        key, sep, raw = arg[2:].partition("=")
+        if not sep:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override {arg!r} has no value")
+            i += 1
+            raw = args[i]
+        if not key:
+            raise ConfigError(f"empty key in override {arg!r}")
+        value = _parse_value(raw)
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {arg!r} conflicts with an earlier value for {part!r}")
+        node[parts[-1]] = value
+        i += 1
+    return out
+
+
+def _parse_value(raw: str) -> Any:
+    # PyYAML reads "3e-4" as a string (YAML 1.1 wants a dot); numbers first, then YAML.
+    for kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            pass
+    return yaml.safe_load(raw) if raw != "" else ""
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def build_config(cls: type[C], data: dict[str, Any], *, source: str = "config") -> C:
+    """Validate ``data`` as ``cls``; errors list every bad field with its dotted path."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            lines.append(f"  {where}: {err['msg']}")
+        raise ConfigError(f"invalid {source}:\n" + "\n".join(lines)) from None
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
+    """Defaults <- YAML file <- dotted overrides, validated once at the end."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
+        data, source = loaded, str(path)
+    if overrides:
+        data = deep_merge(data, parse_overrides(overrides))
+        source += " + overrides"
+    return build_config(cls, data, source=source)

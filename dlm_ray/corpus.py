@@ -1,0 +1,150 @@
+"""The built-in corpus: structured task families with an exact checker, offline and deterministic.
+
+Each document is ``prompt + answer`` in plain ASCII, short enough for the byte tokenizer, and the
+checker decides exactly whether a document (or an answer to a given prompt) is valid, so sample
+quality is a number. Families, by difficulty:
+
+- ``reverse``: ``r4721=1274``: the digits reversed (local, position-to-position copying);
+- ``sort``: ``s93142=12349``: the digits sorted (needs the whole multiset, still learnable on a CPU);
+- ``sudoku``: ``q1.3..2.4...3..1=1234...``: a 4x4 Sudoku (2x2 boxes) with blanks as ``.``, answered
+  by the full solved grid. Every cell constrains others across the grid: correctness needs global
+  context, the kind of task where diffusion models are reported to beat autoregressive ones.
+
+The held-out split is defined by content (a hash of the document), so train and held-out never
+share a document however many are drawn.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+NUM_DIGITS = (6, 6)  # inclusive range of list lengths for reverse/sort
+SUDOKU_GIVENS = 6
+HELDOUT_MODULUS = 10  # one document in ten is held out
+
+
+@dataclass(frozen=True)
+class Example:
+    family: str
+    prompt: str
+    answer: str
+
+    @property
+    def text(self) -> str:
+        return self.prompt + self.answer
+
+
+def _digits(rng: random.Random) -> str:
+    return "".join(rng.choice("0123456789") for _ in range(rng.randint(*NUM_DIGITS)))
+
+
+def make_reverse(rng: random.Random) -> Example:
+    d = _digits(rng)
+    return Example("reverse", f"r{d}=", d[::-1])
+
+
+def make_sort(rng: random.Random) -> Example:
+    d = _digits(rng)
+    return Example("sort", f"s{d}=", "".join(sorted(d)))
+
+
+def _random_grid(rng: random.Random) -> list[list[int]]:
+    """A uniformly relabelled, row/column-shuffled valid 4x4 Sudoku grid."""
+    grid = [[1, 2, 3, 4], [3, 4, 1, 2], [2, 1, 4, 3], [4, 3, 2, 1]]
+    rows = [b * 2 + r for b in rng.sample([0, 1], 2) for r in rng.sample([0, 1], 2)]
+    cols = [b * 2 + c for b in rng.sample([0, 1], 2) for c in rng.sample([0, 1], 2)]
+    grid = [[grid[r][c] for c in cols] for r in rows]
+    if rng.random() < 0.5:
+        grid = [list(col) for col in zip(*grid)]
+    relabel = dict(zip([1, 2, 3, 4], rng.sample([1, 2, 3, 4], 4)))
+    return [[relabel[v] for v in row] for row in grid]
+
+
+def make_sudoku(rng: random.Random) -> Example:
+    cells = [v for row in _random_grid(rng) for v in row]
+    givens = set(rng.sample(range(16), SUDOKU_GIVENS))
+    puzzle = "".join(str(v) if i in givens else "." for i, v in enumerate(cells))
+    return Example("sudoku", f"q{puzzle}=", "".join(map(str, cells)))
+
+
+FAMILIES: dict[str, Callable[[random.Random], Example]] = {
+    "reverse": make_reverse,
+    "sort": make_sort,
+    "sudoku": make_sudoku,
+}
+PREFIX_TO_FAMILY = {"r": "reverse", "s": "sort", "q": "sudoku"}
+
+
+# ------------------------------------------------------------------------------------------ checker
+
+
+def _valid_sudoku(grid: str) -> bool:
+    if len(grid) != 16 or set(grid) - set("1234"):
+        return False
+    g = [grid[i * 4 : i * 4 + 4] for i in range(4)]
+    units = [set(row) for row in g] + [{g[r][c] for r in range(4)} for c in range(4)]
+    units += [{g[r][c] for r in (br, br + 1) for c in (bc, bc + 1)} for br in (0, 2) for bc in (0, 2)]
+    return all(len(u) == 4 for u in units)
+
+
+def check_answer(prompt: str, answer: str) -> bool:
+    """Is ``answer`` a correct completion of ``prompt``? Exact, no partial credit."""
+    family = PREFIX_TO_FAMILY.get(prompt[:1])
+    if family is None or not prompt.endswith("="):
+        return False
+    body = prompt[1:-1]
+    if family in ("reverse", "sort"):
+        if not (NUM_DIGITS[0] <= len(body) <= NUM_DIGITS[1]) or not body.isdigit():
+            return False
+        return answer == (body[::-1] if family == "reverse" else "".join(sorted(body)))
+    if len(body) != 16 or set(body) - set("1234."):
+        return False
+    agrees = all(p == "." or p == a for p, a in zip(body, answer))
+    return agrees and _valid_sudoku(answer)
+
+
+def check_document(text: str) -> tuple[str | None, bool]:
+    """(family or None, valid) for a whole document such as an unconditional sample."""
+    family = PREFIX_TO_FAMILY.get(text[:1])
+    if family is None or "=" not in text:
+        return family, False
+    prompt, _, answer = text.partition("=")
+    return family, check_answer(prompt + "=", answer)
+
+
+# ------------------------------------------------------------------------------------------- corpus
+
+
+def is_heldout(text: str) -> bool:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") % HELDOUT_MODULUS == 0
+
+
+def iter_examples(
+    families: dict[str, float], *, seed: int, split: str = "train", family: str | None = None
+) -> Iterator[Example]:
+    """An endless deterministic stream of examples of one split (``train`` or ``heldout``).
+
+    Families are drawn by weight unless ``family`` pins one. The same (families, seed, split)
+    always yields the same stream.
+    """
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    names = [family] if family is not None else sorted(families)
+    if family is not None and family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}")
+    weights = [families.get(n, 1.0) for n in names]
+    rng = random.Random(f"{seed}:{split}:{family}")
+    want_heldout = split == "heldout"
+    while True:
+        ex = FAMILIES[rng.choices(names, weights)[0]](rng)
+        if is_heldout(ex.text) == want_heldout:
+            yield ex
+
+
+def take_examples(families: dict[str, float], num: int, *, seed: int, split: str = "train",
+                  family: str | None = None) -> list[Example]:
+    stream = iter_examples(families, seed=seed, split=split, family=family)
+    return [next(stream) for _ in range(num)]

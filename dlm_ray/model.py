@@ -1,0 +1,155 @@
+"""The denoiser: a bidirectional transformer that predicts the tokens behind masks.
+
+LLaDA's architecture at any size: token embedding, rotary positions, pre-norm RMSNorm blocks with
+multi-head attention and a SiLU-gated MLP, no biases, an untied LM head, and no time input (the
+best prediction at a masked position depends only on the visible tokens). Attention is full, not
+causal: every position sees every real token. The model knows nothing of the loss or of training.
+
+Shape legend:  B batch, L sequence length, D d_model, H heads, K head dim (D / H), V vocab, F MLP.
+
+    model = Denoiser(ModelConfig(preset="tiny"))
+    logits_BLV = model(input_ids_BL, attention_mask_BL)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dlm_ray.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 so bf16 activations do not lose the mean-square's precision.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x32.to(x.dtype) * self.weight
+
+
+def rope_tables(pos_BL: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [B, 1, L, K/2] for the given absolute positions (float32)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=pos_BL.device).float() / head_dim))
+    angles = pos_BL.float()[:, None, :, None] * inv_freq  # B,1,L,K/2
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x_BHLK: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # Rotate pairs (first half, second half) of each head: the layout LLaDA's weights use.
+    x1, x2 = x_BHLK.float().chunk(2, dim=-1)
+    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return out.to(x_BHLK.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.d_model // cfg.n_heads
+        self.q_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.attn_out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(
+        self, x_BLD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keep_B11L: torch.Tensor | None
+    ) -> torch.Tensor:
+        B, L, D = x_BLD.shape
+        split = lambda t: t.view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # noqa: E731
+        q_BHLK = apply_rope(split(self.q_proj(x_BLD)), cos, sin)
+        k_BHLK = apply_rope(split(self.k_proj(x_BLD)), cos, sin)
+        v_BHLK = split(self.v_proj(x_BLD))
+        y_BHLK = F.scaled_dot_product_attention(q_BHLK, k_BHLK, v_BHLK, attn_mask=keep_B11L, is_causal=False)
+        return self.attn_out(y_BHLK.transpose(1, 2).reshape(B, L, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.ff_proj = nn.Linear(cfg.d_model, cfg.d_mlp, bias=False)  # gate
+        self.up_proj = nn.Linear(cfg.d_model, cfg.d_mlp, bias=False)
+        self.ff_out = nn.Linear(cfg.d_mlp, cfg.d_model, bias=False)  # down
+
+    def forward(self, x_BLD: torch.Tensor) -> torch.Tensor:
+        return self.ff_out(F.silu(self.ff_proj(x_BLD)) * self.up_proj(x_BLD))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ff_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x_BLD, cos, sin, keep_B11L):  # type: ignore[no-untyped-def]
+        x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), cos, sin, keep_B11L)
+        return x_BLD + self.mlp(self.ff_norm(x_BLD))
+
+
+class Denoiser(nn.Module):
+    """``model(input_ids_BL, attention_mask_BL=None) -> logits_BLV`` (float32)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.max_seq_len = cfg.max_seq_len
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if p.dim() == 2:
+                # Residual-branch outputs scaled down with depth (GPT-2) so deep presets start stable.
+                scale = 1 / math.sqrt(2 * self.config.n_layers) if name.endswith(("attn_out.weight", "ff_out.weight")) else 1.0
+                nn.init.normal_(p, mean=0.0, std=std * scale)
+
+    def forward(
+        self, input_ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        B, L = input_ids_BL.shape
+        if L > self.max_seq_len:
+            raise ValueError(f"sequence length {L} exceeds the model's context of {self.max_seq_len}")
+        if attention_mask_BL is None:
+            pos_BL = torch.arange(L, device=input_ids_BL.device).expand(B, L)
+            keep_B11L = None
+        else:
+            real_BL = attention_mask_BL.bool()
+            # Positions count real tokens only, so a left-padded row sees the same positions as the
+            # same row unpadded: batched results then equal unbatched ones.
+            pos_BL = (real_BL.long().cumsum(-1) - 1).clamp(min=0)
+            keep_B11L = real_BL[:, None, None, :]
+        cos, sin = rope_tables(pos_BL, self.config.d_model // self.config.n_heads, self.config.rope_theta)
+        x_BLD = self.wte(input_ids_BL)
+        for block in self.blocks:
+            x_BLD = block(x_BLD, cos, sin, keep_B11L)
+        return self.lm_head(self.ln_f(x_BLD)).float()
+
+
+def num_params(cfg: ModelConfig, *, include_embedding: bool = True) -> int:
+    """Exact parameter count of ``Denoiser(cfg)``, computed without building it."""
+    D, F_, V = cfg.d_model, cfg.d_mlp, cfg.vocab_size
+    per_block = 4 * D * D + 3 * D * F_ + 2 * D
+    n = cfg.n_layers * per_block + D + V * D  # blocks, final norm, LM head
+    return n + (V * D if include_embedding else 0)
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward): 6N for the matmuls plus full attention.
+
+    N excludes the embedding lookup (no matmul). Attention is bidirectional, so every query attends
+    to all ``seq_len`` keys: 12 * layers * d_model * seq_len (no causal halving).
+    """
+    n = num_params(cfg, include_embedding=False)
+    return 6.0 * n + 12.0 * cfg.n_layers * cfg.d_model * seq_len

@@ -1,0 +1,110 @@
+"""Tokenizers: a built-in byte-level one (the default) and a loader for any HF ``tokenizer.json``.
+
+Both expose the same small surface (``encode``, ``decode``, ``vocab_size``, ``pad_id``, ``eos_id``,
+``mask_id``) so the rest of the package never asks which one it has. ``mask_id`` is the one
+canonical mask id: the data pipeline, the loss and the samplers all take it from here.
+
+A masked diffusion model needs a mask token that the tokenizer never produces from text; the HF
+loader adds one (and pad/EOS) when the file lacks it, always offline from a local path.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Protocol
+
+MASK_CANDIDATES = ("<|mdm_mask|>", "<|mask|>", "[MASK]", "<mask>")
+EOS_CANDIDATES = ("<|endoftext|>", "<|eot_id|>", "</s>", "<eos>", "[SEP]")
+PAD_CANDIDATES = ("<|pad|>", "<pad>", "[PAD]")
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+    pad_id: int
+    eos_id: int
+    mask_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+    def decode(self, ids: list[int]) -> str: ...
+    def to_config(self) -> dict[str, Any]: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes 0..255, then pad, EOS and mask. Needs no file and no download."""
+
+    def __init__(self) -> None:
+        self.pad_id, self.eos_id, self.mask_id = 256, 257, 258
+        self.vocab_size = 259
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        # Special ids are dropped; a cut multi-byte character decodes to U+FFFD instead of raising.
+        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+    def to_config(self) -> dict[str, Any]:
+        return {"kind": "byte"}
+
+
+class HFTokenizer:
+    """A ``tokenizers.Tokenizer`` from a local ``tokenizer.json``, with pad/EOS/mask guaranteed."""
+
+    def __init__(self, path: str | Path) -> None:
+        from tokenizers import AddedToken
+        from tokenizers import Tokenizer as _Tok
+
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no tokenizer.json at {path}")
+        self.path = path
+        self._tok = _Tok.from_file(str(path))
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+
+        def find_or_add(candidates: tuple[str, ...]) -> int:
+            for token in candidates:
+                if token in vocab:
+                    return vocab[token]
+            self._tok.add_special_tokens([AddedToken(candidates[0], special=True, normalized=False)])
+            vocab.update(self._tok.get_vocab(with_added_tokens=True))
+            return vocab[candidates[0]]
+
+        self.mask_id = find_or_add(MASK_CANDIDATES)
+        self.eos_id = find_or_add(EOS_CANDIDATES)
+        self.pad_id = find_or_add(PAD_CANDIDATES)
+        if len({self.mask_id, self.eos_id, self.pad_id}) != 3:
+            raise ValueError(f"{path}: pad, EOS and mask must be distinct tokens")
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self._special = {self.pad_id, self.eos_id, self.mask_id}
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode([i for i in ids if i not in self._special], skip_special_tokens=True)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the tokenizer, with the tokens added here, so a checkpoint is self-contained."""
+        out = Path(directory) / "tokenizer.json"
+        self._tok.save(str(out))
+        return out
+
+    def to_config(self) -> dict[str, Any]:
+        return {"kind": "hf", "path": str(self.path)}
+
+
+def load_tokenizer(spec: str | dict[str, Any]) -> ByteTokenizer | HFTokenizer:
+    """``"byte"`` or a path (file or directory) to a ``tokenizer.json``; or a ``to_config()`` dict."""
+    if isinstance(spec, dict):
+        if spec.get("kind") == "byte":
+            return ByteTokenizer()
+        if spec.get("kind") == "hf" and "path" in spec:
+            return HFTokenizer(spec["path"])
+        raise ValueError(f"unrecognised tokenizer config {json.dumps(spec)}")
+    if spec == "byte":
+        return ByteTokenizer()
+    return HFTokenizer(spec)
+

@@ -1,0 +1,145 @@
+"""The reference sampler: exactness, commit schedule, batching, CFG, EOS and bad settings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dlm_ray.config import SampleConfig
+from dlm_ray.model import Denoiser
+from dlm_ray.sampling import generate, num_transfer_tokens, trim_after_eos
+
+MASK, PAD, EOS = 258, 256, 257
+
+
+@pytest.fixture
+def model(tiny_cfg):
+    return Denoiser(tiny_cfg.model_copy(update={"vocab_size": 264})).eval()
+
+
+def reference_llada(model, prompt, gen_length, steps, block_length):
+    """A line-by-line transcription of the published algorithm (batch 1, T=0, low confidence)."""
+    x = torch.cat([prompt, torch.full((1, gen_length), MASK)], 1)
+    P, num_blocks = prompt.shape[1], gen_length // block_length
+    k = steps // num_blocks
+    for b in range(num_blocks):
+        m = int((x[0, P + b * block_length: P + (b + 1) * block_length] == MASK).sum())
+        counts = [m // k + (1 if i < m % k else 0) for i in range(k)]
+        for i in range(k):
+            logits = model(x)
+            logits[..., MASK] = float("-inf")
+            x0 = logits.argmax(-1)
+            conf = torch.softmax(logits, -1).gather(-1, x0[..., None])[..., 0]
+            conf[:, P + (b + 1) * block_length:] = float("-inf")
+            conf[x != MASK] = float("-inf")
+            idx = conf[0].topk(counts[i]).indices
+            x[0, idx] = x0[0, idx]
+    return x
+
+
+@pytest.mark.parametrize("gen_length,steps,block_length", [(16, 16, 16), (24, 12, 8), (20, 8, 10)])
+def test_equals_reference_algorithm(model, gen_length, steps, block_length):
+    prompt = torch.randint(0, 250, (1, 7))
+    cfg = SampleConfig(gen_length=gen_length, steps=steps, block_length=block_length)
+    out = generate(model, prompt, cfg, mask_id=MASK)
+    assert torch.equal(out, reference_llada(model, prompt, gen_length, steps, block_length))
+
+
+def test_schedule_commits_and_blocks(model):
+    cfg = SampleConfig(gen_length=20, steps=8, block_length=10)
+    prompt = torch.randint(0, 250, (2, 5))
+    canvases = []
+    out = generate(model, prompt, cfg, mask_id=MASK, on_step=lambda i, x: canvases.append(x.clone()))
+    assert len(canvases) == cfg.steps and not (out == MASK).any()
+    assert torch.equal(out[:, :5], prompt)
+    prev = torch.cat([prompt, torch.full((2, 20), MASK)], 1)
+    per_step = []
+    for step, x in enumerate(canvases):
+        newly = (prev == MASK) & (x != MASK)
+        assert torch.equal(x[prev != MASK], prev[prev != MASK]), "a committed token changed"
+        per_step.append(newly.sum(-1).tolist())
+        # Block 0 is finished before block 1 receives anything.
+        if step < 4:
+            assert not newly[:, 15:].any()
+        prev = x
+    # 10 masks over 4 steps per block: 3, 3, 2, 2 (earlier steps take the remainder).
+    assert per_step == [[3, 3], [3, 3], [2, 2], [2, 2]] * 2
+    assert num_transfer_tokens(torch.tensor([10, 7]), 4).tolist() == [[3, 3, 2, 2], [2, 2, 2, 1]]
+
+
+def test_deterministic_for_a_seed(model):
+    cfg = SampleConfig(gen_length=16, steps=8, block_length=8, temperature=1.0, remasking="random")
+    prompt = torch.randint(0, 250, (2, 4))
+    run = lambda s: generate(model, prompt, cfg, mask_id=MASK, generator=torch.Generator().manual_seed(s))  # noqa: E731
+    assert torch.equal(run(3), run(3))
+    assert not torch.equal(run(3), run(4))
+    assert not (run(5) == MASK).any()
+
+
+def test_batched_left_padded_equals_unbatched(model):
+    cfg = SampleConfig(gen_length=16, steps=16, block_length=8)
+    prompts = [torch.randint(0, 250, (n,)) for n in (3, 9, 6)]
+    width = max(len(p) for p in prompts)
+    ids = torch.full((3, width), PAD)
+    am = torch.zeros((3, width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):], am[i, width - len(p):] = p, 1
+    batched = generate(model, ids, cfg, mask_id=MASK, attention_mask=am)
+    for i, p in enumerate(prompts):
+        single = generate(model, p[None], cfg, mask_id=MASK)
+        assert torch.equal(batched[i, width:], single[0, len(p):])
+
+
+def test_cfg_runs_with_and_without_attention_mask(model):
+    prompt = torch.randint(0, 250, (2, 6))
+    calls = []
+
+    def spy(x, am=None):
+        calls.append(x.shape[0])
+        return model(x, am)
+
+    cfg = SampleConfig(gen_length=8, steps=4, block_length=8, cfg_scale=1.5)
+    a = generate(spy, prompt, cfg, mask_id=MASK, max_length=64)
+    b = generate(spy, prompt, cfg, mask_id=MASK, attention_mask=torch.ones_like(prompt), max_length=64)
+    assert set(calls) == {4}  # conditional and unconditional rows in one call
+    assert torch.equal(a, b) and not (a == MASK).any()
+    plain = generate(model, prompt, cfg.model_copy(update={"cfg_scale": 0.0}), mask_id=MASK)
+    assert not torch.equal(a, plain)  # guidance changes the result
+
+
+def test_stop_at_eos():
+    calls = []
+
+    def eos_model(x, am=None):
+        calls.append(1)
+        logits = torch.zeros(*x.shape, 264)
+        logits[..., EOS] = 10.0
+        return logits
+
+    cfg = SampleConfig(gen_length=32, steps=16, block_length=8, stop_at_eos=True)
+    out = generate(eos_model, torch.randint(0, 250, (2, 3)), cfg, mask_id=MASK, eos_id=EOS)
+    assert len(calls) == 4  # one block of 4 steps, then stop
+    assert (out[:, 3:] == EOS).all()
+    assert trim_after_eos([5, 6, EOS, 7], EOS) == [5, 6]
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(prompt=torch.zeros(5, dtype=torch.long)), "batch, prompt_len"),
+    (dict(max_length=10), "exceeds the model's context"),
+    (dict(attention_mask=torch.tensor([[0, 1, 1]]), prompt=torch.tensor([[MASK, 1, 2]])), "pad id equals mask_id"),
+    (dict(prompt=torch.tensor([[1, MASK, 2]])), "contains mask_id"),
+    (dict(attention_mask=torch.tensor([[1, 0, 1]])), "left-padded"),
+    (dict(cfg=SampleConfig(gen_length=8, steps=8, block_length=8, stop_at_eos=True)), "needs eos_id"),
+])
+def test_bad_settings_raise(model, kwargs, message):
+    cfg = kwargs.pop("cfg", SampleConfig(gen_length=8, steps=8, block_length=8))
+    prompt = kwargs.pop("prompt", torch.tensor([[1, 2, 3]]))
+    with pytest.raises(ValueError, match=message):
+        generate(model, prompt, cfg, mask_id=MASK, **kwargs)
+
+
+def test_bad_config_bypassing_validation_still_raises(model):
+    cfg = SampleConfig.model_construct(gen_length=10, steps=4, block_length=4, temperature=0.0,
+                                       remasking="low_confidence", cfg_scale=0.0, stop_at_eos=False)
+    with pytest.raises(ValueError, match="not divisible by block_length"):
+        generate(model, torch.tensor([[1, 2]]), cfg, mask_id=MASK)
