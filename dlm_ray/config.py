@@ -147,11 +147,52 @@ class CorpusConfig(Config):
         return self
 
 
+class DataConfig(Config):
+    """Where the corpus comes from and how it becomes masked, packed rows (``dlm_ray.data``).
+
+    ``source``: ``"builtin"``; a local path, directory, glob or pyarrow filesystem URI (``s3://``,
+    ``gs://``) of Parquet / JSONL / text files; ``"hf:<name or saved path>"`` for a Hugging Face
+    dataset (offline: from its cache or a ``save_to_disk`` directory); or the output directory of
+    ``jobs/prepare_data.py``.
+    """
+
+    source: str = "builtin"
+    corpus: CorpusConfig = Field(default_factory=CorpusConfig)
+    format: Literal["auto", "parquet", "jsonl", "text", "hf", "prepared"] = "auto"
+    text_column: str = "text"
+    # Plain text: one document per line, or one per file.
+    text_unit: Literal["line", "file"] = "line"
+    # Held-out data: a separate source, else documents whose content hash falls in this fraction.
+    val_source: str | None = None
+    val_fraction: float = Field(0.01, ge=0, lt=1)
+    seq_len: int = Field(64, gt=1)
+    document_ids: bool = False
+    # LLaDA trains ~1% of rows at a random shorter length; the cut-off tokens start the next row.
+    random_length_fraction: float = Field(0.0, ge=0, le=1)
+    # Built-in corpus size (documents drawn, train and held-out together).
+    builtin_docs: int = Field(200_000, gt=0)
+    builtin_shards: int = Field(8, gt=0)
+    tokenizer_actors: tuple[int, int] = (1, 2)
+    docs_per_batch: int = Field(1024, gt=0)
+    shuffle: Literal["none", "files", "rows"] = "files"
+    local_shuffle_buffer: int = Field(0, ge=0)
+    seed: int = 0
+    # Bad rows (null/empty text, bad JSON, non-UTF-8) and unreadable files: counted and skipped,
+    # or with strict=True an error naming the file and row.
+    strict: bool = False
+
+    @model_validator(mode="after")
+    def _check_actors(self) -> DataConfig:
+        lo, hi = self.tokenizer_actors
+        if not 1 <= lo <= hi:
+            raise ValueError(f"tokenizer_actors must be (min, max) with 1 <= min <= max, got {self.tokenizer_actors}")
+        return self
+
+
 class TrainConfig(Config):
     """Optimisation settings shared by the single-process loop and the Ray Train loop."""
 
     seed: int = 0
-    seq_len: int = Field(64, gt=1)
     batch_size: int = Field(64, gt=0)
     max_steps: int = Field(1500, gt=0)
     max_minutes: float | None = Field(None, gt=0)
@@ -183,15 +224,15 @@ class PretrainConfig(Config):
     model: ModelConfig = Field(default_factory=lambda: ModelConfig(preset="tiny"))
     diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
     tokenizer: str = "byte"
-    corpus: CorpusConfig = Field(default_factory=CorpusConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @model_validator(mode="after")
     def _check_lengths(self) -> PretrainConfig:
-        if self.train.seq_len > self.model.max_seq_len:
+        if self.data.seq_len > self.model.max_seq_len:
             raise ValueError(
-                f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
+                f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
             )
         return self
 

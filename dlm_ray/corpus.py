@@ -122,29 +122,36 @@ def is_heldout(text: str) -> bool:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") % HELDOUT_MODULUS == 0
 
 
-def iter_examples(
-    families: dict[str, float], *, seed: int, split: str = "train", family: str | None = None
-) -> Iterator[Example]:
-    """An endless deterministic stream of examples of one split (``train`` or ``heldout``).
+def example_at(families: dict[str, float], index: int, *, seed: int, family: str | None = None) -> Example:
+    """The ``index``-th draw of the stream: each index has its own RNG, so any worker can make any
+    range of documents without the ones before it."""
+    names = [family] if family is not None else sorted(families)
+    rng = random.Random(f"{seed}:{family}:{index}")
+    return FAMILIES[rng.choices(names, [families.get(n, 1.0) for n in names])[0]](rng)
 
-    Families are drawn by weight unless ``family`` pins one. The same (families, seed, split)
-    always yields the same stream.
+
+def iter_examples(
+    families: dict[str, float], *, seed: int, split: str = "train", family: str | None = None, start: int = 0
+) -> Iterator[tuple[int, Example]]:
+    """(index, example) pairs of one split (``train`` or ``heldout``), from draw ``start`` on.
+
+    Families are drawn by weight unless ``family`` pins one. The same arguments always give the
+    same stream; draws that belong to the other split are passed over.
     """
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
-    names = [family] if family is not None else sorted(families)
     if family is not None and family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}")
-    weights = [families.get(n, 1.0) for n in names]
-    rng = random.Random(f"{seed}:{split}:{family}")
     want_heldout = split == "heldout"
+    index = start
     while True:
-        ex = FAMILIES[rng.choices(names, weights)[0]](rng)
+        ex = example_at(families, index, seed=seed, family=family)
         if is_heldout(ex.text) == want_heldout:
-            yield ex
+            yield index, ex
+        index += 1
 
 
 def take_examples(families: dict[str, float], num: int, *, seed: int, split: str = "train",
                   family: str | None = None) -> list[Example]:
     stream = iter_examples(families, seed=seed, split=split, family=family)
-    return [next(stream) for _ in range(num)]
+    return [next(stream)[1] for _ in range(num)]

@@ -28,9 +28,9 @@ from dlm_ray.tokenizer import load_tokenizer
 def score(model, tok, cfg: PretrainConfig, label: str) -> dict:
     model.eval()
     e = cfg.eval
-    bits = heldout_bits_per_token(model, tok, cfg.corpus.families, num_docs=e.num_nelbo_docs,
-                                  seq_len=cfg.train.seq_len, num_samples=e.nelbo_samples)
-    rep = validity(model, tok, sorted(cfg.corpus.families), e.sample, num_prompts=e.num_prompts_per_family,
+    bits = heldout_bits_per_token(model, tok, cfg.data.corpus.families, num_docs=e.num_nelbo_docs,
+                                  seq_len=cfg.data.seq_len, num_samples=e.nelbo_samples)
+    rep = validity(model, tok, sorted(cfg.data.corpus.families), e.sample, num_prompts=e.num_prompts_per_family,
                    num_unconditional=e.num_prompts_per_family)
     model.train()
     print(f"[{label}] held-out NELBO {bits:.3f} bits/token; validity " +
@@ -47,19 +47,19 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(tc.seed)
     tok = load_tokenizer(cfg.tokenizer)
     model = Denoiser(cfg.model)
-    print(f"model: {num_params(cfg.model) / 1e6:.2f}M params; corpus families {cfg.corpus.families}", flush=True)
+    print(f"model: {num_params(cfg.model) / 1e6:.2f}M params; corpus families {cfg.data.corpus.families}", flush=True)
     before = score(model, tok, cfg, "untrained")
 
-    docs = iter_examples(cfg.corpus.families, seed=cfg.corpus.seed, split="train")
+    docs = iter_examples(cfg.data.corpus.families, seed=cfg.data.corpus.seed, split="train")
     rng = np.random.default_rng(tc.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
-    need = tc.batch_size * tc.seq_len
+    need = tc.batch_size * cfg.data.seq_len
     t_train = time.time()
     for step in range(tc.max_steps):
         if tc.max_minutes and time.time() - t_train > 60 * tc.max_minutes:
             break
-        chunk = [tok.encode(d.text) for d in itertools.islice(docs, need // 8)]
-        x0 = pack_stream(chunk, tc.seq_len, tok.eos_id)[: tc.batch_size]
+        chunk = [tok.encode(d.text) for _, d in itertools.islice(docs, need // 8)]
+        x0 = pack_stream(chunk, cfg.data.seq_len, tok.eos_id)[: tc.batch_size]
         b = mask_batch(x0, np.ones_like(x0, bool), cfg.diffusion, rng, mask_id=tok.mask_id)
         warm = min(1.0, (step + 1) / max(1, tc.warmup_steps))
         cos = 0.5 * (1 + math.cos(math.pi * step / tc.max_steps))

@@ -17,3 +17,20 @@ def tiny_cfg() -> ModelConfig:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for the whole session. ``address="local"`` never joins a stale cluster.
+
+    4 logical CPUs on 2 cores: Train workers and Data actors together must never take every CPU,
+    or the ingest that feeds the workers starves (a hang, not an error).
+    """
+    import ray
+    from ray.data import DataContext
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
+    DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()

@@ -33,8 +33,8 @@ def test_unknown_key_is_named():
 
 
 def test_bad_values_are_explained():
-    with pytest.raises(ConfigError, match="seq_len=512 exceeds model.max_seq_len=256"):
-        load_config(PretrainConfig, None, ["--train.seq_len=512"])
+    with pytest.raises(ConfigError, match="data.seq_len=512 exceeds model.max_seq_len=256"):
+        load_config(PretrainConfig, None, ["--data.seq_len=512"])
     with pytest.raises(ConfigError, match=r"train\.lr"):
         load_config(PretrainConfig, None, ["--train.lr=-1"])
     with pytest.raises(ValueError, match="not divisible by block_length"):

@@ -1,0 +1,268 @@
+"""Ray Data corpus pipeline: read → tokenize → pack → mask, streamed to Ray Train workers.
+
+    work items (files, or shards of the built-in corpus) × epochs
+      └─ map_batches(TokenizePack, ActorPoolStrategy)   read a file, tokenize, pack into rows
+          └─ map_batches(mask_rows)                      forward diffusion: t and a masked copy
+
+One work item is one file (or one shard of the built-in corpus), read start to end by one actor
+that holds the tokenizer, so packing never depends on scheduling: every row has a stable
+``row_id`` and its mask is a function of (seed, epoch, row_id) alone. Each epoch repeats the work
+items with a fresh mask draw, so one pass over the dataset is the whole run.
+
+Packing concatenates documents, each followed by EOS, into ``seq_len`` rows. No token is dropped:
+a file's last partial row is padded (attention_mask 0), and rows cut short for LLaDA's
+random-length training hand their remaining tokens to the next row. So
+``tokens in (documents + one EOS each) == sum(attention_mask)``, exactly.
+
+Bad input never disappears: unreadable files and bad rows (missing/null text, bad JSON, non-UTF-8,
+empty) are skipped and counted by reason in a ``PipelineStats`` actor, or with ``strict`` raise an
+error that names the file and the row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from typing import Any, Iterator
+
+import numpy as np
+import ray
+
+from dlm_ray.config import DataConfig, DiffusionConfig
+from dlm_ray.diffusion import apply_mask, mask_probability
+from dlm_ray.sources import BadInputError, iter_documents, resolve_items
+from dlm_ray.tokenizer import load_tokenizer
+
+ROW_COLUMNS = ("input_ids", "attention_mask", "doc_ids", "row_id")
+
+
+def stable_id(*parts: Any) -> int:
+    """A 63-bit id from the parts' text: the same on every machine and run."""
+    digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+@ray.remote(num_cpus=0)
+class PipelineStats:
+    """Counts what the pipeline read, skipped (by reason) and wrote, across all its actors."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    def add(self, counts: dict[str, int]) -> None:
+        self.counts.update(counts)
+
+    def get(self) -> dict[str, int]:
+        return dict(self.counts)
+
+
+# -------------------------------------------------------------------------------------------- pack
+
+
+class Packer:
+    """Cuts a stream of documents into fixed-length rows, carrying the remainder between calls."""
+
+    def __init__(self, seq_len: int, eos_id: int, pad_id: int, *, key: str, random_length_fraction: float = 0.0,
+                 seed: int = 0) -> None:
+        self.seq_len, self.eos_id, self.pad_id = seq_len, eos_id, pad_id
+        self.key, self.fraction = key, random_length_fraction
+        self.tokens: list[int] = []
+        self.docs: list[int] = []
+        self.num_docs = 0
+        self.num_rows = 0
+        self.rng = np.random.default_rng([seed, stable_id(key)])
+
+    def add(self, ids: list[int]) -> None:
+        self.tokens += ids
+        self.tokens.append(self.eos_id)
+        self.docs += [self.num_docs] * (len(ids) + 1)
+        self.num_docs += 1
+
+    def rows(self, *, final: bool = False) -> dict[str, np.ndarray] | None:
+        """Every full row now available (and with ``final``, the padded tail)."""
+        out_ids, out_am, out_doc = [], [], []
+        while len(self.tokens) >= self.seq_len or (final and self.tokens):
+            take = self.seq_len
+            if self.fraction and self.rng.random() < self.fraction:
+                take = int(self.rng.integers(1, self.seq_len))
+            take = min(take, len(self.tokens))
+            ids, docs = self.tokens[:take], self.docs[:take]
+            del self.tokens[:take], self.docs[:take]
+            pad = self.seq_len - take
+            out_ids.append(ids + [self.pad_id] * pad)
+            out_am.append([1] * take + [0] * pad)
+            first = docs[0]
+            out_doc.append([d - first for d in docs] + [-1] * pad)
+        if not out_ids:
+            return None
+        n = len(out_ids)
+        row_ids = [stable_id(self.key, self.num_rows + i) for i in range(n)]
+        self.num_rows += n
+        return {
+            "input_ids": np.asarray(out_ids, dtype=np.int32),
+            "attention_mask": np.asarray(out_am, dtype=np.int8),
+            "doc_ids": np.asarray(out_doc, dtype=np.int32),
+            "row_id": np.asarray(row_ids, dtype=np.int64),
+        }
+
+
+class TokenizePack:
+    """Actor UDF: one work item in, its packed rows out (streamed in batches). Loads the tokenizer once."""
+
+    def __init__(self, data_cfg: dict[str, Any], tokenizer_cfg: dict[str, Any] | str, stats: Any) -> None:
+        self.cfg = DataConfig.model_validate(data_cfg)
+        self.tok = load_tokenizer(tokenizer_cfg)
+        self.stats = stats
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        for item_json, epoch in zip(batch["item"], batch["epoch"]):
+            item = json.loads(str(item_json))
+            for rows in self._item(item, int(epoch)):
+                rows["epoch"] = np.full(len(rows["row_id"]), epoch, dtype=np.int32)
+                yield rows
+
+    def _item(self, item: dict[str, Any], epoch: int) -> Iterator[dict[str, np.ndarray]]:
+        cfg, counts = self.cfg, Counter()
+        if item["format"] == "prepared":
+            # Already tokenized and packed by jobs/prepare_data.py: pass the rows through.
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(item["path"], columns=list(ROW_COLUMNS))
+            counts.update(rows=table.num_rows, tokens=int(np.sum([sum(a) for a in table["attention_mask"].to_pylist()])))
+            yield {c: np.asarray(table[c].to_pylist()) for c in ROW_COLUMNS}
+            self.stats.add.remote(dict(counts))
+            return
+        packer = Packer(cfg.seq_len, self.tok.eos_id, self.tok.pad_id, key=item["key"],
+                        random_length_fraction=cfg.random_length_fraction, seed=cfg.seed)
+        counts["files"] += 1
+        try:
+            for i, (row, text, reason) in enumerate(iter_documents(item, cfg)):
+                if reason is not None:
+                    if cfg.strict:
+                        raise BadInputError(f"{item['where']}: {row}: {reason.replace('_', ' ')}")
+                    counts[f"skipped.{reason}"] += 1
+                    continue
+                ids = self.tok.encode(text)
+                counts["documents"] += 1
+                counts["tokens"] += len(ids) + 1
+                packer.add(ids)
+                if (i + 1) % cfg.docs_per_batch == 0 and (rows := packer.rows()) is not None:
+                    counts["rows"] += len(rows["row_id"])
+                    yield rows
+        except BadInputError:
+            raise
+        except OSError as exc:  # unreadable file (permissions, corrupt Parquet, vanished object)
+            if cfg.strict:
+                raise BadInputError(f"{item['where']}: unreadable: {exc}") from exc
+            counts["skipped_files.unreadable"] += 1
+        if (rows := packer.rows(final=True)) is not None:
+            counts["rows"] += len(rows["row_id"])
+            yield rows
+        if epoch == 0:  # count documents once, not once per epoch
+            self.stats.add.remote(dict(counts))
+
+
+# -------------------------------------------------------------------------------------------- mask
+
+
+def mask_rows(batch: dict[str, np.ndarray], *, diffusion: dict[str, Any], seed: int, mask_id: int) -> dict[str, np.ndarray]:
+    """Forward diffusion per row, deterministic from (seed, epoch, row_id): the same row gets the
+    same mask on a rerun, and a fresh one each epoch. t is drawn per row (i.i.d.), since rows are
+    batched for training only later."""
+    cfg = DiffusionConfig.model_validate(diffusion)
+    x0 = batch["input_ids"]
+    B, L = x0.shape
+    t, u = np.empty(B), np.empty((B, L))
+    for i, (epoch, row_id) in enumerate(zip(batch["epoch"], batch["row_id"])):
+        rng = np.random.default_rng([seed, int(epoch), int(row_id)])
+        t[i] = cfg.eps + (1 - cfg.eps) * rng.random()
+        u[i] = rng.random(L)
+    p = mask_probability(t, cfg)
+    noisy, masked = apply_mask(x0, p, u, batch["attention_mask"].astype(bool), mask_id)
+    return {**batch, "noisy_ids": noisy.astype(np.int32), "loss_mask": masked,
+            "t": t.astype(np.float32), "p_mask": p.astype(np.float32)}
+
+
+# ----------------------------------------------------------------------------------------- dataset
+
+
+def work_items(cfg: DataConfig, split: str, num_epochs: int) -> list[dict[str, Any]]:
+    """The (item, epoch) rows that drive one pass; file order reshuffled per epoch when asked."""
+    items = resolve_items(cfg, split)
+    out = []
+    for epoch in range(num_epochs):
+        order = list(range(len(items)))
+        if cfg.shuffle != "none":
+            np.random.default_rng([cfg.seed, epoch]).shuffle(order)
+        out += [{"item": json.dumps(items[i]), "epoch": epoch} for i in order]
+    return out
+
+
+def packed_dataset(cfg: DataConfig, tokenizer_cfg: dict[str, Any] | str, split: str, *, num_epochs: int = 1,
+                   stats: Any = None) -> ray.data.Dataset:
+    """Read → tokenize → pack: rows of ``input_ids``, ``attention_mask``, ``doc_ids``, ``row_id``, ``epoch``."""
+    stats = stats if stats is not None else PipelineStats.remote()
+    lo, hi = cfg.tokenizer_actors
+    ds = ray.data.from_items(work_items(cfg, split, num_epochs), override_num_blocks=None)
+    ds = ds.map_batches(
+        TokenizePack, batch_size=1, compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
+        fn_constructor_kwargs={"data_cfg": cfg.to_dict(), "tokenizer_cfg": tokenizer_cfg, "stats": stats},
+        num_cpus=0.5,
+    )
+    if cfg.shuffle == "rows":
+        ds = ds.random_shuffle(seed=cfg.seed)
+    return ds
+
+
+def masked_dataset(cfg: DataConfig, tokenizer_cfg: dict[str, Any] | str, diffusion: DiffusionConfig, split: str, *,
+                   num_epochs: int = 1, stats: Any = None) -> ray.data.Dataset:
+    """The training feed: packed rows plus ``noisy_ids``, ``loss_mask``, ``t`` and ``p_mask``."""
+    tok = load_tokenizer(tokenizer_cfg)
+    ds = packed_dataset(cfg, tokenizer_cfg, split, num_epochs=num_epochs, stats=stats)
+    return ds.map_batches(mask_rows, batch_format="numpy", num_cpus=0.25,
+                          fn_kwargs={"diffusion": diffusion.to_dict(), "seed": cfg.seed, "mask_id": tok.mask_id})
+
+
+# ------------------------------------------------------------------------------------- prepare once
+
+
+def prepare(cfg: DataConfig, tokenizer_cfg: dict[str, Any] | str, output: str, *, overwrite: bool = False,
+            rows_per_file: int = 100_000) -> dict[str, Any]:
+    """Tokenize and pack both splits to Parquet under ``output/{train,val}`` plus ``manifest.json``.
+
+    Training reads the result directly (``data.source=<output>``). An existing output with the same
+    settings is kept (returns its manifest); one with other settings is refused unless ``overwrite``.
+    """
+    import shutil
+    from pathlib import Path
+
+    out = Path(output)
+    manifest_path = out / "manifest.json"
+    settings = {"data": cfg.to_dict(), "tokenizer": tokenizer_cfg}
+    if manifest_path.exists() and not overwrite:
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("settings") == settings:
+            print(f"{out} is already prepared with these settings; skipping (pass --overwrite to redo)")
+            return manifest
+        raise FileExistsError(f"{out} holds data prepared with other settings; pass --overwrite to replace it")
+    if out.exists() and overwrite:
+        shutil.rmtree(out)
+    elif out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not a prepared dataset; choose an empty directory")
+    manifest: dict[str, Any] = {"settings": settings, "seq_len": cfg.seq_len, "splits": {}}
+    for split in ("train", "val"):
+        stats = PipelineStats.remote()
+        ds = packed_dataset(cfg, tokenizer_cfg, split, stats=stats).drop_columns(["epoch"])
+        ds.write_parquet(str(out / split), max_rows_per_file=rows_per_file)
+        counts = ray.get(stats.get.remote())
+        manifest["splits"][split] = counts
+        print(f"[prepare] {split}: {summary_line(counts)}")
+    manifest_path.write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def summary_line(counts: dict[str, int]) -> str:
+    skipped = {k.split(".", 1)[1]: v for k, v in counts.items() if k.startswith("skipped")}
+    return (f"{counts.get('documents', 0)} documents, {counts.get('tokens', 0)} tokens in "
+            f"{counts.get('rows', 0)} rows from {counts.get('files', 0)} items; skipped {skipped or 'none'}")

@@ -1,0 +1,229 @@
+"""Corpus sources: which files (or built-in shards) make up a split, and the documents in each.
+
+``resolve_items`` runs on the driver and touches only metadata (file listings); ``iter_documents``
+runs inside a pipeline actor and streams one item's documents. Files are opened through pyarrow
+filesystems, so local paths, globs, ``s3://`` and ``gs://`` URIs behave the same, and ``.gz`` files
+are decompressed on the fly. No Ray here: the reading logic is tested without a cluster.
+
+Every document comes out as ``(where, text, None)`` or, when it cannot be used,
+``(where, None, reason)`` with reason one of ``missing_text``, ``not_text``, ``bad_json``,
+``non_utf8``, ``empty``: the caller counts or raises, nothing is dropped here unseen.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+from dlm_ray.config import DataConfig
+from dlm_ray.corpus import example_at, is_heldout
+
+Doc = tuple[str, "str | None", "str | None"]
+SUFFIX_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".json": "jsonl",
+                  ".ndjson": "jsonl", ".arrow": "arrow"}
+CHUNK_BYTES = 1 << 20
+
+
+class BadInputError(ValueError):
+    """A bad file or row under ``strict``; the message names the file and row."""
+
+
+# ------------------------------------------------------------------------------------ file listing
+
+
+def _filesystem(source: str):  # -> (pyarrow FileSystem, path)
+    from pyarrow import fs as pafs
+
+    if "://" in source:
+        return pafs.FileSystem.from_uri(source)
+    return pafs.LocalFileSystem(), os.path.abspath(source)
+
+
+def list_files(source: str) -> list[tuple[str, str]]:
+    """(uri to reopen, path within its filesystem) of every data file of a path, directory or glob."""
+    from pyarrow import fs as pafs
+
+    filesystem, path = _filesystem(source)
+    prefix = source[: source.index("://") + 3] if "://" in source else ""
+    pattern = None
+    if any(ch in path for ch in "*?["):
+        parts = path.split("/")
+        first = next(i for i, p in enumerate(parts) if any(ch in p for ch in "*?["))
+        pattern, path = path, "/".join(parts[:first]) or "/"
+    info = filesystem.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"data source not found: {source}")
+    if info.type == pafs.FileType.File:
+        found = [path]
+    else:
+        entries = filesystem.get_file_info(pafs.FileSelector(path, recursive=True))
+        found = sorted(e.path for e in entries if e.type == pafs.FileType.File
+                       and not Path(e.path).name.startswith((".", "_")))
+    if pattern is not None:
+        found = [f for f in found if fnmatch.fnmatch(f, pattern)]
+    if not found:
+        raise FileNotFoundError(f"no data files under {source}")
+    return [(prefix + f if prefix else f, f) for f in found]
+
+
+def file_format(path: str, configured: str) -> str:
+    if configured != "auto":
+        return "arrow" if configured == "hf" else configured
+    name = path[:-3] if path.endswith(".gz") else path
+    return SUFFIX_FORMATS.get(Path(name).suffix.lower(), "text")
+
+
+def _hf_files(spec: str, split: str) -> list[str]:
+    """Arrow files behind a Hugging Face dataset, saved to disk or in the local cache (offline)."""
+    import datasets
+
+    ds = datasets.load_from_disk(spec) if Path(spec).exists() else datasets.load_dataset(spec)
+    if isinstance(ds, datasets.DatasetDict):
+        names = ["train"] if split == "train" else [n for n in ("validation", "test") if n in ds] or ["train"]
+        ds = ds[names[0]]
+    files = [f["filename"] for f in ds.cache_files]
+    if not files:
+        raise ValueError(f"Hugging Face dataset {spec!r} has no files on disk; save it with save_to_disk first")
+    return files
+
+
+def resolve_items(cfg: DataConfig, split: str) -> list[dict[str, Any]]:
+    """The work items of a split. ``split`` is ``train`` or ``val``."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if cfg.source == "builtin":
+        per = -(-cfg.builtin_docs // cfg.builtin_shards)
+        return [{"format": "builtin", "key": f"builtin:{cfg.corpus.seed}:{split}:{k}", "where": f"builtin shard {k}",
+                 "split": split, "start": k * per, "stop": min(cfg.builtin_docs, (k + 1) * per)}
+                for k in range(cfg.builtin_shards) if k * per < cfg.builtin_docs]
+    source, holdout = cfg.source, "hash"
+    if split == "val" and cfg.val_source is not None:
+        source, holdout = cfg.val_source, "none"
+    elif cfg.val_source is not None:
+        holdout = "none"
+    if cfg.format == "prepared" or (cfg.format == "auto" and "://" not in source
+                                    and (Path(source) / "manifest.json").is_file()):
+        files = list_files(f"{source.rstrip('/')}/{split}")
+        return [{"format": "prepared", "path": uri, "key": uri, "where": uri, "split": split} for uri, _ in files]
+    if source.startswith("hf:") or cfg.format == "hf":
+        spec = source[3:] if source.startswith("hf:") else source
+        holdout = "hash" if holdout == "hash" and split == "val" and not _has_val_split(spec) else holdout
+        files = [(f, f) for f in _hf_files(spec, split)]
+        fmt = "arrow"
+    else:
+        files = list_files(source)
+        fmt = None
+    return [{"format": fmt or file_format(uri, cfg.format), "path": uri, "key": f"{uri}:{split}", "where": uri,
+             "split": split, "holdout": holdout} for uri, _ in files]
+
+
+def _has_val_split(spec: str) -> bool:
+    import datasets
+
+    ds = datasets.load_from_disk(spec) if Path(spec).exists() else datasets.load_dataset(spec)
+    return isinstance(ds, datasets.DatasetDict) and any(n in ds for n in ("validation", "test"))
+
+
+# ---------------------------------------------------------------------------------------- reading
+
+
+def in_val(text: str, fraction: float) -> bool:
+    """Content-hash split: the same document always lands on the same side."""
+    h = int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+    return h / 2**64 < fraction
+
+
+def _check_text(value: Any) -> tuple[str | None, str | None]:
+    if value is None:
+        return None, "missing_text"
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            return None, "non_utf8"
+    if not isinstance(value, str):
+        return None, "not_text"
+    if not value.strip():
+        return None, "empty"
+    return value, None
+
+
+def _lines(uri: str) -> Iterator[bytes]:
+    filesystem, path = _filesystem(uri)
+    with filesystem.open_input_stream(path, compression="detect") as f:
+        rest = b""
+        while chunk := f.read(CHUNK_BYTES):
+            lines = (rest + chunk).split(b"\n")
+            rest = lines.pop()
+            yield from lines
+        if rest:
+            yield rest
+
+
+def _raw_documents(item: dict[str, Any], cfg: DataConfig) -> Iterator[tuple[str, Any]]:
+    """(where, raw value) pairs before validation; raw may be bytes, str, None or a JSON error marker."""
+    fmt, uri = item["format"], item.get("path", "")
+    if fmt == "text" and cfg.text_unit == "line":
+        for n, line in enumerate(_lines(uri), 1):
+            yield f"line {n}", line.rstrip(b"\r")
+    elif fmt == "text":
+        filesystem, path = _filesystem(uri)
+        with filesystem.open_input_stream(path, compression="detect") as f:
+            yield "file", f.read()
+    elif fmt == "jsonl":
+        for n, line in enumerate(_lines(uri), 1):
+            if not line.strip():
+                continue  # blank lines between records are not records
+            try:
+                record = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                yield f"line {n}", _BAD_JSON
+                continue
+            yield f"line {n}", record.get(cfg.text_column) if isinstance(record, dict) else _BAD_JSON
+    elif fmt in ("parquet", "arrow"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        filesystem, path = _filesystem(uri)
+        with filesystem.open_input_file(path) as f:
+            try:
+                reader = pq.ParquetFile(f) if fmt == "parquet" else pa.ipc.open_stream(f)
+            except pa.ArrowInvalid as exc:
+                raise OSError(str(exc)) from exc
+            schema = reader.schema_arrow if fmt == "parquet" else reader.schema
+            if cfg.text_column not in schema.names:
+                raise OSError(f"no column {cfg.text_column!r} (columns: {schema.names})")
+            batches = reader.iter_batches(columns=[cfg.text_column]) if fmt == "parquet" else reader
+            n = 0
+            for batch in batches:
+                for value in batch.column(batch.schema.get_field_index(cfg.text_column)).to_pylist():
+                    yield f"row {n}", value
+                    n += 1
+    else:
+        raise ValueError(f"unknown format {fmt!r} for {uri}")
+
+
+_BAD_JSON = object()
+
+
+def iter_documents(item: dict[str, Any], cfg: DataConfig) -> Iterator[Doc]:
+    """The documents of one work item that belong to its split, validated."""
+    if item["format"] == "builtin":
+        c = cfg.corpus
+        for index in range(item["start"], item["stop"]):
+            ex = example_at(c.families, index, seed=c.seed)
+            if is_heldout(ex.text) == (item["split"] == "val"):
+                yield f"document {index}", ex.text, None
+        return
+    hashed = item.get("holdout") == "hash"
+    for where, raw in _raw_documents(item, cfg):
+        text, reason = (None, "bad_json") if raw is _BAD_JSON else _check_text(raw)
+        if text is not None and hashed and in_val(text, cfg.val_fraction) != (item["split"] == "val"):
+            continue  # belongs to the other split
+        if text is None and hashed and item["split"] == "val":
+            continue  # bad rows are counted once, by the train split
+        yield where, text, reason

@@ -1,0 +1,154 @@
+"""The Ray Data pipeline on a local Ray: token accounting, masks, sharding, bad input, prepare."""
+
+from __future__ import annotations
+
+import json
+import pydoc_data.topics
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from dlm_ray.config import DataConfig, DiffusionConfig
+from dlm_ray.data import PipelineStats, masked_dataset, packed_dataset, prepare
+from dlm_ray.sources import BadInputError
+from dlm_ray.tokenizer import ByteTokenizer
+
+TOK = ByteTokenizer()
+ENGLISH = [t.strip() for t in pydoc_data.topics.topics.values() if t.strip()][:60]
+
+
+def rows_of(ds) -> list[dict]:
+    return sorted(ds.take_all(), key=lambda r: r["row_id"])
+
+
+def write_sources(root):
+    """The same English documents as Parquet, JSONL, text lines and a saved HF dataset."""
+    import datasets
+
+    paras = [p.replace("\n", " ") for p in ENGLISH]
+    (root / "pq").mkdir()
+    pq.write_table(pa.table({"text": paras}), root / "pq" / "part0.parquet")
+    (root / "docs.jsonl").write_text("\n".join(json.dumps({"text": p}) for p in paras))
+    (root / "docs.txt").write_text("\n".join(paras))
+    datasets.Dataset.from_dict({"text": paras}).save_to_disk(str(root / "hf"))
+    return paras
+
+
+@pytest.mark.parametrize("kind", ["parquet", "jsonl", "text", "hf"])
+def test_each_source_keeps_every_token(ray_cluster, tmp_path, kind):
+    paras = write_sources(tmp_path)
+    source = {"parquet": str(tmp_path / "pq"), "jsonl": str(tmp_path / "docs.jsonl"),
+              "text": str(tmp_path / "docs.txt"), "hf": f"hf:{tmp_path / 'hf'}"}[kind]
+    cfg = DataConfig(source=source, seq_len=128, val_fraction=0.0, docs_per_batch=7, document_ids=True)
+    stats = PipelineStats.remote()
+    rows = rows_of(packed_dataset(cfg, "byte", "train", stats=stats))
+    expected = sum(len(TOK.encode(p)) + 1 for p in paras)
+    assert sum(int(r["attention_mask"].sum()) for r in rows) == expected
+    counts = ray_cluster.get(stats.get.remote())
+    assert counts["documents"] == len(paras) and counts["tokens"] == expected and counts["rows"] == len(rows)
+    # One file, one actor: rows arrive in file order and rebuild every document exactly.
+    stream = [int(t) for r in packed_dataset(cfg, "byte", "train").take_all()
+              for t, a in zip(r["input_ids"], r["attention_mask"]) if a]
+    ends = [i for i, t in enumerate(stream) if t == TOK.eos_id]
+    rebuilt = [TOK.decode(stream[a + 1:b]) for a, b in zip([-1] + ends, ends)]
+    assert rebuilt == paras
+
+
+def test_packing_layout_and_random_lengths(ray_cluster):
+    cfg = DataConfig(builtin_docs=3000, builtin_shards=2, seq_len=64, random_length_fraction=0.2)
+    stats = PipelineStats.remote()
+    rows = rows_of(packed_dataset(cfg, "byte", "train", stats=stats))
+    counts = ray_cluster.get(stats.get.remote())
+    lengths = np.array([r["attention_mask"].sum() for r in rows])
+    assert lengths.sum() == counts["tokens"]
+    short = (lengths < 64).sum()
+    assert 0.1 * len(rows) < short < 0.3 * len(rows)  # ~20% cut short, plus the two shard tails
+    for r in rows:
+        am, ids, doc = r["attention_mask"].astype(bool), r["input_ids"], r["doc_ids"]
+        assert am[: am.sum()].all()  # real tokens first, padding after
+        assert (ids[~am] == TOK.pad_id).all() and (doc[~am] == -1).all()
+        # A new document starts right after each EOS.
+        eos = np.flatnonzero(ids[am] == TOK.eos_id)
+        assert all(doc[i + 1] == doc[i] + 1 for i in eos if i + 1 < am.sum())
+
+
+def test_masks_deterministic_fresh_per_epoch_padding_never_masked(ray_cluster):
+    cfg = DataConfig(builtin_docs=800, builtin_shards=2, seq_len=64)
+    diff = DiffusionConfig()
+    a = masked_dataset(cfg, "byte", diff, "train", num_epochs=2).take_all()
+    b = masked_dataset(cfg, "byte", diff, "train", num_epochs=2).take_all()
+    key = lambda r: (int(r["epoch"]), int(r["row_id"]))  # noqa: E731
+    a_by, b_by = {key(r): r for r in a}, {key(r): r for r in b}
+    assert a_by.keys() == b_by.keys() and len(a_by) == len(a)
+    for k, r in a_by.items():
+        assert np.array_equal(r["loss_mask"], b_by[k]["loss_mask"]) and r["t"] == b_by[k]["t"]
+        assert not r["loss_mask"][r["attention_mask"] == 0].any()
+        assert (r["noisy_ids"][r["loss_mask"]] == TOK.mask_id).all()
+        assert np.array_equal(r["noisy_ids"][~r["loss_mask"]], r["input_ids"][~r["loss_mask"]])
+    row_ids = {k[1] for k in a_by}
+    differ = sum(not np.array_equal(a_by[(0, i)]["loss_mask"], a_by[(1, i)]["loss_mask"]) for i in row_ids)
+    assert differ == len(row_ids)
+
+
+def test_bad_input_counted_or_strict(ray_cluster, tmp_path):
+    (tmp_path / "good.jsonl").write_text('{"text": "fine"}\n{"text": null}\n{"text": ""}\nbroken\n')
+    (tmp_path / "bad.txt").write_bytes(b"ok line\n\xff\xfe\n")
+    (tmp_path / "corrupt.parquet").write_bytes(b"PAR1 this is not parquet")
+    cfg = DataConfig(source=str(tmp_path), val_fraction=0.0)
+    stats = PipelineStats.remote()
+    rows = packed_dataset(cfg, "byte", "train", stats=stats).take_all()
+    counts = ray_cluster.get(stats.get.remote())
+    assert counts["documents"] == 2 and sum(r["attention_mask"].sum() for r in rows) == len("fine ok line") + 1
+    assert counts["skipped.missing_text"] == 1 and counts["skipped.empty"] == 1
+    assert counts["skipped.bad_json"] == 1 and counts["skipped.non_utf8"] == 1
+    assert counts["skipped_files.unreadable"] == 1
+    with pytest.raises(Exception, match=r"bad\.txt: line 2: non utf8"):
+        packed_dataset(cfg.model_copy(update={"strict": True, "source": str(tmp_path / "bad.txt")}), "byte",
+                       "train").take_all()
+    with pytest.raises(Exception, match=r"corrupt\.parquet: unreadable"):
+        packed_dataset(cfg.model_copy(update={"strict": True, "source": str(tmp_path / "corrupt.parquet")}),
+                       "byte", "train").take_all()
+
+
+def test_prepare_round_trip(ray_cluster, tmp_path):
+    cfg = DataConfig(builtin_docs=1500, builtin_shards=3, seq_len=64)
+    out = tmp_path / "prepared"
+    manifest = prepare(cfg, "byte", str(out))
+    assert manifest["splits"]["train"]["rows"] > 0 and (out / "manifest.json").exists()
+    again = prepare(cfg, "byte", str(out))  # same settings: skipped, same manifest
+    assert again == manifest
+    with pytest.raises(FileExistsError, match="other settings"):
+        prepare(cfg.model_copy(update={"seq_len": 32}), "byte", str(out))
+    direct = rows_of(masked_dataset(cfg, "byte", DiffusionConfig(), "train"))
+    from_disk = rows_of(masked_dataset(DataConfig(source=str(out), seq_len=64), "byte", DiffusionConfig(), "train"))
+    assert len(direct) == len(from_disk) == manifest["splits"]["train"]["rows"]
+    for a, b in zip(direct, from_disk):
+        assert a["row_id"] == b["row_id"] and np.array_equal(a["input_ids"], b["input_ids"])
+        assert np.array_equal(a["loss_mask"], b["loss_mask"])  # same row, same epoch: same mask
+
+
+def test_two_workers_get_disjoint_equal_shards(ray_cluster, tmp_path):
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    cfg = DataConfig(builtin_docs=2000, builtin_shards=4, seq_len=64)
+    ds = masked_dataset(cfg, "byte", DiffusionConfig(), "train")
+
+    def loop(config):
+        ctx = ray.train.get_context()
+        shard = ray.train.get_dataset_shard("train")
+        seen = []
+        for batch in shard.iter_torch_batches(batch_size=8, drop_last=True):
+            assert batch["noisy_ids"].shape == (8, 64)
+            seen += batch["row_id"].tolist()
+        with open(f"{config['out']}/rank{ctx.get_world_rank()}.json", "w") as f:
+            json.dump(seen, f)
+
+    trainer = TorchTrainer(loop, train_loop_config={"out": str(tmp_path)}, datasets={"train": ds},
+                           scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+                           run_config=ray.train.RunConfig(storage_path=str(tmp_path / "runs"), name="shards"))
+    trainer.fit()
+    r0, r1 = (json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1))
+    assert len(r0) == len(r1) > 0 and not set(r0) & set(r1)

@@ -1,0 +1,70 @@
+"""Reading corpora without Ray: file listing, formats, validation and the content-hash split."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from dlm_ray.config import DataConfig
+from dlm_ray.sources import iter_documents, list_files, resolve_items
+
+
+def docs(cfg: DataConfig, split: str = "train"):
+    return [d for item in resolve_items(cfg, split) for d in iter_documents(item, cfg)]
+
+
+def test_formats_and_reasons(tmp_path):
+    (tmp_path / "a.jsonl").write_bytes(
+        b'{"text": "alpha"}\n\n{"text": null}\n{"other": 1}\nnot json\n{"text": 5}\n{"text": "  "}\n'
+        b'{"text": "beta"}\n')
+    (tmp_path / "b.txt").write_bytes(b"one\r\ntwo\n\xff\xfe bad\n\nthree")
+    pq.write_table(pa.table({"text": ["p1", None, "p2"]}), tmp_path / "c.parquet")
+    with gzip.open(tmp_path / "d.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"text": "zipped"}) + "\n")
+    got = docs(DataConfig(source=str(tmp_path), val_fraction=0))
+    texts = [t for _, t, r in got if r is None]
+    reasons = sorted(r for _, _, r in got if r is not None)
+    assert texts == ["alpha", "beta", "one", "two", "three", "p1", "p2", "zipped"]
+    assert reasons == ["bad_json", "empty", "empty", "missing_text", "missing_text", "missing_text",
+                       "non_utf8", "not_text"]
+    where = {(w, r) for w, _, r in got if r is not None}
+    assert ("line 5", "bad_json") in where and ("line 3", "non_utf8") in where
+
+
+def test_globs_and_one_doc_per_file(tmp_path):
+    for i in range(3):
+        (tmp_path / f"doc{i}.txt").write_text(f"line a {i}\nline b {i}\n")
+    (tmp_path / "skip.md").write_text("not matched")
+    assert len(list_files(str(tmp_path / "*.txt"))) == 3
+    got = docs(DataConfig(source=str(tmp_path / "*.txt"), text_unit="file", val_fraction=0))
+    assert [t for _, t, _ in got] == [f"line a {i}\nline b {i}\n" for i in range(3)]
+
+
+def test_hash_split_is_disjoint_and_complete(tmp_path):
+    lines = [f"document number {i}" for i in range(400)]
+    (tmp_path / "x.txt").write_text("\n".join(lines))
+    cfg = DataConfig(source=str(tmp_path / "x.txt"), val_fraction=0.25)
+    train = {t for _, t, _ in docs(cfg, "train")}
+    val = {t for _, t, _ in docs(cfg, "val")}
+    assert train.isdisjoint(val) and train | val == set(lines) and 50 < len(val) < 150
+
+
+def test_missing_source_and_column(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        resolve_items(DataConfig(source=str(tmp_path / "nope")), "train")
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "c.parquet")
+    cfg = DataConfig(source=str(tmp_path / "c.parquet"))
+    with pytest.raises(OSError, match="no column 'text'"):
+        docs(cfg)
+    assert [t for _, t, _ in docs(cfg.model_copy(update={"text_column": "body", "val_fraction": 0.0}))] == ["x"]
+
+
+def test_builtin_splits():
+    cfg = DataConfig(builtin_docs=500, builtin_shards=3)
+    train, val = docs(cfg, "train"), docs(cfg, "val")
+    assert len(train) + len(val) == 500 and 20 < len(val) < 90
+    assert {t for _, t, _ in train}.isdisjoint({t for _, t, _ in val})
