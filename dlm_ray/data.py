@@ -1,8 +1,9 @@
 """Ray Data corpus pipeline: read → tokenize → pack → mask, streamed to Ray Train workers.
 
     work items (files, or shards of the built-in corpus) × epochs
-      └─ map_batches(TokenizePack, ActorPoolStrategy)   read a file, tokenize, pack into rows
-          └─ map_batches(mask_rows)                      forward diffusion: t and a masked copy
+      └─ map_batches(TokenizePack, ActorPoolStrategy): read a file, tokenize, pack into rows,
+         then mask_rows (forward diffusion: t and a masked copy) in the same actor, which saves
+         a stage's copy of every row
 
 One work item is one file (or one shard of the built-in corpus), read start to end by one actor
 that holds the tokenizer, so packing never depends on scheduling: every row has a stable
@@ -30,11 +31,10 @@ import numpy as np
 import ray
 
 from dlm_ray.config import DataConfig, DiffusionConfig
-from dlm_ray.diffusion import apply_mask, mask_probability
 from dlm_ray.sources import BadInputError, iter_documents, resolve_items
 from dlm_ray.tokenizer import load_tokenizer
 
-ROW_COLUMNS = ("input_ids", "attention_mask", "doc_ids", "row_id")
+ROW_COLUMNS = ("input_ids", "attention_mask", "row_id")  # plus "doc_ids" with data.document_ids
 
 
 def stable_id(*parts: Any) -> int:
@@ -67,59 +67,82 @@ class Packer:
                  seed: int = 0) -> None:
         self.seq_len, self.eos_id, self.pad_id = seq_len, eos_id, pad_id
         self.key, self.fraction = key, random_length_fraction
-        self.tokens: list[int] = []
-        self.docs: list[int] = []
+        self.tokens: list[np.ndarray] = []
+        self.docs: list[np.ndarray] = []
         self.num_docs = 0
         self.num_rows = 0
         self.rng = np.random.default_rng([seed, stable_id(key)])
 
-    def add(self, ids: list[int]) -> None:
-        self.tokens += ids
-        self.tokens.append(self.eos_id)
-        self.docs += [self.num_docs] * (len(ids) + 1)
-        self.num_docs += 1
+    def add(self, docs: list[np.ndarray]) -> None:
+        """Append documents (token id arrays), each followed by EOS."""
+        if not docs:
+            return
+        lens = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
+        flat = np.insert(np.concatenate(docs).astype(np.int32), np.cumsum(lens), self.eos_id)
+        self.tokens.append(flat)
+        self.docs.append(np.repeat(np.arange(self.num_docs, self.num_docs + len(docs), dtype=np.int32), lens + 1))
+        self.num_docs += len(docs)
 
     def rows(self, *, final: bool = False) -> dict[str, np.ndarray] | None:
         """Every full row now available (and with ``final``, the padded tail)."""
-        out_ids, out_am, out_doc = [], [], []
-        while len(self.tokens) >= self.seq_len or (final and self.tokens):
-            take = self.seq_len
-            if self.fraction and self.rng.random() < self.fraction:
-                take = int(self.rng.integers(1, self.seq_len))
-            take = min(take, len(self.tokens))
-            ids, docs = self.tokens[:take], self.docs[:take]
-            del self.tokens[:take], self.docs[:take]
-            pad = self.seq_len - take
-            out_ids.append(ids + [self.pad_id] * pad)
-            out_am.append([1] * take + [0] * pad)
-            first = docs[0]
-            out_doc.append([d - first for d in docs] + [-1] * pad)
-        if not out_ids:
+        if not self.tokens:
             return None
-        n = len(out_ids)
-        row_ids = [stable_id(self.key, self.num_rows + i) for i in range(n)]
-        self.num_rows += n
-        return {
-            "input_ids": np.asarray(out_ids, dtype=np.int32),
-            "attention_mask": np.asarray(out_am, dtype=np.int8),
-            "doc_ids": np.asarray(out_doc, dtype=np.int32),
-            "row_id": np.asarray(row_ids, dtype=np.int64),
-        }
+        tokens, docs = np.concatenate(self.tokens), np.concatenate(self.docs)
+        L, n = self.seq_len, len(tokens)
+        lengths, pos = [], 0
+        while n - pos >= L or (final and pos < n):
+            take = L
+            if self.fraction and self.rng.random() < self.fraction:
+                take = int(self.rng.integers(1, L))
+            take = min(take, n - pos)
+            lengths.append(take)
+            pos += take
+        self.tokens, self.docs = [tokens[pos:]], [docs[pos:]]
+        if not lengths:
+            return None
+        R = len(lengths)
+        ids = np.full((R, L), self.pad_id, dtype=np.int32)
+        am = np.zeros((R, L), dtype=np.int8)
+        doc = np.full((R, L), -1, dtype=np.int32)
+        starts = np.cumsum([0, *lengths[:-1]])
+        for r, (a, k) in enumerate(zip(starts, lengths)):
+            ids[r, :k] = tokens[a:a + k]
+            am[r, :k] = 1
+            doc[r, :k] = docs[a:a + k] - docs[a]  # documents numbered from 0 within each row
+        row_ids = np.asarray([stable_id(self.key, self.num_rows + i) for i in range(R)], dtype=np.int64)
+        self.num_rows += R
+        return {"input_ids": ids, "attention_mask": am, "doc_ids": doc, "row_id": row_ids}
+
+
+def _to_numpy(column: Any) -> np.ndarray:
+    """A Parquet column of fixed-length rows (Ray's tensor extension, or plain lists) as a 2-D array."""
+    arr = column.combine_chunks()
+    if hasattr(arr, "to_numpy_ndarray"):  # Ray's ArrowTensorArray
+        return arr.to_numpy_ndarray()
+    out = arr.to_numpy(zero_copy_only=False)
+    return np.stack(out) if out.dtype == object else out
 
 
 class TokenizePack:
     """Actor UDF: one work item in, its packed rows out (streamed in batches). Loads the tokenizer once."""
 
-    def __init__(self, data_cfg: dict[str, Any], tokenizer_cfg: dict[str, Any] | str, stats: Any) -> None:
+    def __init__(self, data_cfg: dict[str, Any], tokenizer_cfg: dict[str, Any] | str, stats: Any,
+                 diffusion: dict[str, Any] | None = None) -> None:
         self.cfg = DataConfig.model_validate(data_cfg)
         self.tok = load_tokenizer(tokenizer_cfg)
         self.stats = stats
+        self.diffusion = diffusion
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
         for item_json, epoch in zip(batch["item"], batch["epoch"]):
             item = json.loads(str(item_json))
             for rows in self._item(item, int(epoch)):
                 rows["epoch"] = np.full(len(rows["row_id"]), epoch, dtype=np.int32)
+                if not self.cfg.document_ids:
+                    rows.pop("doc_ids", None)  # a quarter of the bytes per row, unused unless asked for
+                if self.diffusion is not None:
+                    # Masking here, in the actor that packed the rows, saves a stage's copy of the data.
+                    rows = mask_rows(rows, diffusion=self.diffusion, seed=self.cfg.seed, mask_id=self.tok.mask_id)
                 yield rows
 
     def _item(self, item: dict[str, Any], epoch: int) -> Iterator[dict[str, np.ndarray]]:
@@ -128,34 +151,45 @@ class TokenizePack:
             # Already tokenized and packed by jobs/prepare_data.py: pass the rows through.
             import pyarrow.parquet as pq
 
-            table = pq.read_table(item["path"], columns=list(ROW_COLUMNS))
-            counts.update(rows=table.num_rows, tokens=int(np.sum([sum(a) for a in table["attention_mask"].to_pylist()])))
-            yield {c: np.asarray(table[c].to_pylist()) for c in ROW_COLUMNS}
-            self.stats.add.remote(dict(counts))
+            names = pq.read_schema(item["path"]).names
+            table = pq.read_table(item["path"], columns=[c for c in (*ROW_COLUMNS, "doc_ids") if c in names])
+            rows = {c: _to_numpy(table[c]) for c in table.column_names}
+            if epoch == 0:
+                self.stats.add.remote({"rows": table.num_rows, "tokens": int(rows["attention_mask"].sum())})
+            yield rows
             return
         packer = Packer(cfg.seq_len, self.tok.eos_id, self.tok.pad_id, key=item["key"],
                         random_length_fraction=cfg.random_length_fraction, seed=cfg.seed)
         counts["files"] += 1
+        texts: list[str] = []
+
+        def flush() -> None:
+            docs = self.tok.encode_batch(texts)
+            texts.clear()
+            counts["documents"] += len(docs)
+            counts["tokens"] += sum(len(d) + 1 for d in docs)
+            packer.add(docs)
+
         try:
-            for i, (row, text, reason) in enumerate(iter_documents(item, cfg)):
+            for where, text, reason in iter_documents(item, cfg):
                 if reason is not None:
                     if cfg.strict:
-                        raise BadInputError(f"{item['where']}: {row}: {reason.replace('_', ' ')}")
+                        raise BadInputError(f"{item['where']}: {where}: {reason.replace('_', ' ')}")
                     counts[f"skipped.{reason}"] += 1
                     continue
-                ids = self.tok.encode(text)
-                counts["documents"] += 1
-                counts["tokens"] += len(ids) + 1
-                packer.add(ids)
-                if (i + 1) % cfg.docs_per_batch == 0 and (rows := packer.rows()) is not None:
-                    counts["rows"] += len(rows["row_id"])
-                    yield rows
+                texts.append(text)
+                if len(texts) == cfg.docs_per_batch:
+                    flush()
+                    if (rows := packer.rows()) is not None:
+                        counts["rows"] += len(rows["row_id"])
+                        yield rows
         except BadInputError:
             raise
         except OSError as exc:  # unreadable file (permissions, corrupt Parquet, vanished object)
             if cfg.strict:
                 raise BadInputError(f"{item['where']}: unreadable: {exc}") from exc
             counts["skipped_files.unreadable"] += 1
+        flush()
         if (rows := packer.rows(final=True)) is not None:
             counts["rows"] += len(rows["row_id"])
             yield rows
@@ -166,20 +200,39 @@ class TokenizePack:
 # -------------------------------------------------------------------------------------------- mask
 
 
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def counter_uniforms(seed: int, epoch: np.ndarray, row_id: np.ndarray, num: int) -> np.ndarray:
+    """Uniforms in [0, 1), shape [rows, num], a pure function of (seed, epoch, row_id, column).
+
+    A counter-based generator (splitmix64 of the mixed counters), vectorised over the batch: the
+    same row gets the same numbers whatever batch it lands in, at numpy speed.
+    """
+    with np.errstate(over="ignore"):
+        key = _splitmix64(np.uint64(seed) ^ _splitmix64(epoch.astype(np.uint64) ^ _splitmix64(row_id.astype(np.uint64))))
+        x = _splitmix64(key[:, None] + np.arange(num, dtype=np.uint64)[None, :] * np.uint64(0xD1B54A32D192ED03))
+    return (x >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
 def mask_rows(batch: dict[str, np.ndarray], *, diffusion: dict[str, Any], seed: int, mask_id: int) -> dict[str, np.ndarray]:
     """Forward diffusion per row, deterministic from (seed, epoch, row_id): the same row gets the
     same mask on a rerun, and a fresh one each epoch. t is drawn per row (i.i.d.), since rows are
     batched for training only later."""
+    # Imported here, not at the top: the tokenizer actors then start without loading torch.
+    from dlm_ray.diffusion import apply_mask, mask_probability
+
     cfg = DiffusionConfig.model_validate(diffusion)
     x0 = batch["input_ids"]
-    B, L = x0.shape
-    t, u = np.empty(B), np.empty((B, L))
-    for i, (epoch, row_id) in enumerate(zip(batch["epoch"], batch["row_id"])):
-        rng = np.random.default_rng([seed, int(epoch), int(row_id)])
-        t[i] = cfg.eps + (1 - cfg.eps) * rng.random()
-        u[i] = rng.random(L)
+    L = x0.shape[1]
+    u = counter_uniforms(seed, batch["epoch"], batch["row_id"], L + 1)
+    t = cfg.eps + (1 - cfg.eps) * u[:, L]
     p = mask_probability(t, cfg)
-    noisy, masked = apply_mask(x0, p, u, batch["attention_mask"].astype(bool), mask_id)
+    noisy, masked = apply_mask(x0, p, u[:, :L], batch["attention_mask"].astype(bool), mask_id)
     return {**batch, "noisy_ids": noisy.astype(np.int32), "loss_mask": masked,
             "t": t.astype(np.float32), "p_mask": p.astype(np.float32)}
 
@@ -200,14 +253,18 @@ def work_items(cfg: DataConfig, split: str, num_epochs: int) -> list[dict[str, A
 
 
 def packed_dataset(cfg: DataConfig, tokenizer_cfg: dict[str, Any] | str, split: str, *, num_epochs: int = 1,
-                   stats: Any = None) -> ray.data.Dataset:
-    """Read → tokenize → pack: rows of ``input_ids``, ``attention_mask``, ``doc_ids``, ``row_id``, ``epoch``."""
+                   stats: Any = None, diffusion: DiffusionConfig | None = None) -> ray.data.Dataset:
+    """Read → tokenize → pack: rows of ``input_ids``, ``attention_mask``, ``row_id``, ``epoch`` (and
+    ``doc_ids``, each position's document number within its row, with ``data.document_ids``).
+
+    With ``diffusion`` the rows are masked too (see ``mask_rows``)."""
     stats = stats if stats is not None else PipelineStats.remote()
     lo, hi = cfg.tokenizer_actors
     ds = ray.data.from_items(work_items(cfg, split, num_epochs), override_num_blocks=None)
     ds = ds.map_batches(
         TokenizePack, batch_size=1, compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
-        fn_constructor_kwargs={"data_cfg": cfg.to_dict(), "tokenizer_cfg": tokenizer_cfg, "stats": stats},
+        fn_constructor_kwargs={"data_cfg": cfg.to_dict(), "tokenizer_cfg": tokenizer_cfg, "stats": stats,
+                               "diffusion": None if diffusion is None else diffusion.to_dict()},
         num_cpus=0.5,
     )
     if cfg.shuffle == "rows":
@@ -218,10 +275,7 @@ def packed_dataset(cfg: DataConfig, tokenizer_cfg: dict[str, Any] | str, split: 
 def masked_dataset(cfg: DataConfig, tokenizer_cfg: dict[str, Any] | str, diffusion: DiffusionConfig, split: str, *,
                    num_epochs: int = 1, stats: Any = None) -> ray.data.Dataset:
     """The training feed: packed rows plus ``noisy_ids``, ``loss_mask``, ``t`` and ``p_mask``."""
-    tok = load_tokenizer(tokenizer_cfg)
-    ds = packed_dataset(cfg, tokenizer_cfg, split, num_epochs=num_epochs, stats=stats)
-    return ds.map_batches(mask_rows, batch_format="numpy", num_cpus=0.25,
-                          fn_kwargs={"diffusion": diffusion.to_dict(), "seed": cfg.seed, "mask_id": tok.mask_id})
+    return packed_dataset(cfg, tokenizer_cfg, split, num_epochs=num_epochs, stats=stats, diffusion=diffusion)
 
 
 # ------------------------------------------------------------------------------------- prepare once

@@ -14,6 +14,8 @@ import json
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
+
 MASK_CANDIDATES = ("<|mdm_mask|>", "<|mask|>", "[MASK]", "<mask>")
 EOS_CANDIDATES = ("<|endoftext|>", "<|eot_id|>", "</s>", "<eos>", "[SEP]")
 PAD_CANDIDATES = ("<|pad|>", "<pad>", "[PAD]")
@@ -26,6 +28,7 @@ class Tokenizer(Protocol):
     mask_id: int
 
     def encode(self, text: str) -> list[int]: ...
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]: ...
     def decode(self, ids: list[int]) -> str: ...
     def to_config(self) -> dict[str, Any]: ...
 
@@ -39,6 +42,9 @@ class ByteTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in texts]
 
     def decode(self, ids: list[int]) -> str:
         # Special ids are dropped; a cut multi-byte character decodes to U+FFFD instead of raising.
@@ -82,6 +88,10 @@ class HFTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        # The Rust tokenizer encodes a batch on several threads.
+        return [np.asarray(e.ids, dtype=np.int32) for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode([i for i in ids if i not in self._special], skip_special_tokens=True)

@@ -57,7 +57,8 @@ def test_each_source_keeps_every_token(ray_cluster, tmp_path, kind):
 
 
 def test_packing_layout_and_random_lengths(ray_cluster):
-    cfg = DataConfig(builtin_docs=3000, builtin_shards=2, seq_len=64, random_length_fraction=0.2)
+    cfg = DataConfig(builtin_docs=3000, builtin_shards=2, seq_len=64, random_length_fraction=0.2,
+                     document_ids=True)
     stats = PipelineStats.remote()
     rows = rows_of(packed_dataset(cfg, "byte", "train", stats=stats))
     counts = ray_cluster.get(stats.get.remote())
