@@ -190,12 +190,13 @@ class DataConfig(Config):
 
 
 class TrainConfig(Config):
-    """Optimisation settings shared by the single-process loop and the Ray Train loop."""
+    """Optimisation, parallelism and checkpointing for the Ray Train + DeepSpeed loop."""
 
     seed: int = 0
-    batch_size: int = Field(64, gt=0)
-    max_steps: int = Field(1500, gt=0)
-    max_minutes: float | None = Field(None, gt=0)
+    batch_size: int = Field(64, gt=0)  # global rows per optimizer step
+    grad_accum: int = Field(1, gt=0)
+    max_steps: int = Field(1200, gt=0)
+    max_epochs: int = Field(100, gt=0)
     lr: float = Field(1e-3, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     warmup_steps: int = Field(50, ge=0)
@@ -203,6 +204,42 @@ class TrainConfig(Config):
     betas: tuple[float, float] = (0.9, 0.98)
     grad_clip: float = Field(1.0, gt=0)
     log_every: int = Field(50, gt=0)
+    eval_every: int = Field(400, gt=0)
+    eval_batches: int = Field(4, gt=0)
+    # Parallelism (Ray Train ScalingConfig) and DeepSpeed.
+    num_workers: int = Field(2, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(0.5, gt=0)
+    gpus_per_worker: float = Field(1.0, ge=0)
+    zero_stage: int = Field(2, ge=0, le=3)
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    bf16: bool | None = None  # None: on GPU, off on CPU
+    # A DeepSpeed JSON whose keys override the generated config.
+    deepspeed_config: str | None = None
+    # Checkpoints and fault tolerance.
+    checkpoint_every: int = Field(400, gt=0)
+    num_to_keep: int = Field(2, gt=0)
+    max_failures: int = Field(2, ge=-1)
+    # For MFU: peak FLOP/s of one worker's device (989e12: H100 dense bf16).
+    peak_flops: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _check_batch(self) -> TrainConfig:
+        per_step = self.num_workers * self.grad_accum
+        if self.batch_size % per_step:
+            raise ValueError(
+                f"batch_size={self.batch_size} is not divisible by num_workers x grad_accum = {per_step}"
+            )
+        if self.offload_param and self.zero_stage != 3:
+            raise ValueError("offload_param needs zero_stage=3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage >= 1")
+        return self
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.batch_size // (self.num_workers * self.grad_accum)
 
 
 class EvalConfig(Config):
@@ -220,7 +257,8 @@ class PretrainConfig(Config):
     """Everything ``jobs/pretrain.py`` needs."""
 
     run_name: str = "tiny"
-    output_dir: str = "runs"
+    # Where runs live: a local directory or a pyarrow URI (s3://bucket/runs, gs://...).
+    storage_path: str = "runs"
     model: ModelConfig = Field(default_factory=lambda: ModelConfig(preset="tiny"))
     diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
     tokenizer: str = "byte"

@@ -240,11 +240,11 @@ def mask_rows(batch: dict[str, np.ndarray], *, diffusion: dict[str, Any], seed: 
 # ----------------------------------------------------------------------------------------- dataset
 
 
-def work_items(cfg: DataConfig, split: str, num_epochs: int) -> list[dict[str, Any]]:
+def work_items(cfg: DataConfig, split: str, num_epochs: int, start_epoch: int = 0) -> list[dict[str, Any]]:
     """The (item, epoch) rows that drive one pass; file order reshuffled per epoch when asked."""
     items = resolve_items(cfg, split)
     out = []
-    for epoch in range(num_epochs):
+    for epoch in range(start_epoch, num_epochs):
         order = list(range(len(items)))
         if cfg.shuffle != "none":
             np.random.default_rng([cfg.seed, epoch]).shuffle(order)
@@ -253,14 +253,14 @@ def work_items(cfg: DataConfig, split: str, num_epochs: int) -> list[dict[str, A
 
 
 def packed_dataset(cfg: DataConfig, tokenizer_cfg: dict[str, Any] | str, split: str, *, num_epochs: int = 1,
-                   stats: Any = None, diffusion: DiffusionConfig | None = None) -> ray.data.Dataset:
+                   start_epoch: int = 0, stats: Any = None, diffusion: DiffusionConfig | None = None) -> ray.data.Dataset:
     """Read → tokenize → pack: rows of ``input_ids``, ``attention_mask``, ``row_id``, ``epoch`` (and
     ``doc_ids``, each position's document number within its row, with ``data.document_ids``).
 
     With ``diffusion`` the rows are masked too (see ``mask_rows``)."""
     stats = stats if stats is not None else PipelineStats.remote()
     lo, hi = cfg.tokenizer_actors
-    ds = ray.data.from_items(work_items(cfg, split, num_epochs), override_num_blocks=None)
+    ds = ray.data.from_items(work_items(cfg, split, num_epochs, start_epoch))
     ds = ds.map_batches(
         TokenizePack, batch_size=1, compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
         fn_constructor_kwargs={"data_cfg": cfg.to_dict(), "tokenizer_cfg": tokenizer_cfg, "stats": stats,
@@ -273,9 +273,10 @@ def packed_dataset(cfg: DataConfig, tokenizer_cfg: dict[str, Any] | str, split: 
 
 
 def masked_dataset(cfg: DataConfig, tokenizer_cfg: dict[str, Any] | str, diffusion: DiffusionConfig, split: str, *,
-                   num_epochs: int = 1, stats: Any = None) -> ray.data.Dataset:
+                   num_epochs: int = 1, start_epoch: int = 0, stats: Any = None) -> ray.data.Dataset:
     """The training feed: packed rows plus ``noisy_ids``, ``loss_mask``, ``t`` and ``p_mask``."""
-    return packed_dataset(cfg, tokenizer_cfg, split, num_epochs=num_epochs, stats=stats, diffusion=diffusion)
+    return packed_dataset(cfg, tokenizer_cfg, split, num_epochs=num_epochs, start_epoch=start_epoch, stats=stats,
+                          diffusion=diffusion)
 
 
 # ------------------------------------------------------------------------------------- prepare once

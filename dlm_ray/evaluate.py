@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from dlm_ray.config import SampleConfig
+from dlm_ray.config import EvalConfig, SampleConfig
 from dlm_ray.corpus import check_answer, check_document, take_examples
 from dlm_ray.diffusion import estimate_nelbo, nats_to_bits
 from dlm_ray.sampling import ModelFn, generate, trim_after_eos
@@ -99,3 +99,12 @@ def validity(model: ModelFn, tok: Tok, families: list[str], cfg: SampleConfig, *
         rates["unconditional"] = sum(oks) / len(oks)
         samples["unconditional"] = [("", d, ok) for d, ok in zip(docs[:3], oks[:3])]
     return ValidityReport(rates, samples)
+
+
+def score(model: ModelFn, tok: Tok, families: dict[str, float], cfg: EvalConfig, *, seq_len: int) -> dict:
+    """Held-out NELBO (bits/token) and validity per family (plus unconditional) in one dict."""
+    bits = heldout_bits_per_token(model, tok, families, num_docs=cfg.num_nelbo_docs, seq_len=seq_len,
+                                  num_samples=cfg.nelbo_samples)
+    rep = validity(model, tok, sorted(families), cfg.sample, num_prompts=cfg.num_prompts_per_family,
+                   num_unconditional=cfg.num_prompts_per_family)
+    return {"nelbo_bits": bits, "validity": rep.rates, "samples": rep.samples}

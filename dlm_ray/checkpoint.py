@@ -1,0 +1,165 @@
+"""The one owner of the checkpoint formats.
+
+Training checkpoint (one Ray Train checkpoint directory, every rank writing its own files into it):
+
+    ds/                    DeepSpeed ``save_checkpoint`` output: ``latest`` + ``<tag>/`` with the
+                           model and ZeRO optimizer shards of every rank (ZeRO-3 included)
+    trainer_state.json     step, tokens seen, data position (epoch, batches into it), metrics history
+    rng_rank<r>.pt         each rank's torch / numpy / python RNG states
+    run_config.json        the full PretrainConfig, so a checkpoint explains itself
+
+Inference checkpoint (``export``): ``model.safetensors`` (consolidated fp32 weights) + ``config.json``
+(model, diffusion and tokenizer config, plus where it came from) + ``tokenizer.json`` for HF
+tokenizers. Batch generation and Serve read only this format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dlm_ray.config import DiffusionConfig, ModelConfig, PretrainConfig
+from dlm_ray.model import Denoiser
+from dlm_ray.tokenizer import HFTokenizer, load_tokenizer
+
+DS_DIR = "ds"
+STATE_FILE = "trainer_state.json"
+RUN_CONFIG_FILE = "run_config.json"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or corrupt; the message says which file."""
+
+
+# ---------------------------------------------------------------------------------- training state
+
+
+def rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def save_training(directory: Path, engine: Any, *, rank: int, state: dict[str, Any], cfg: PretrainConfig) -> None:
+    """Every rank calls this with the same ``directory`` layout (its own local staging dir)."""
+    tag = f"step{state['step']}"
+    engine.save_checkpoint(str(directory / DS_DIR), tag=tag)
+    torch.save(rng_state(), directory / f"rng_rank{rank}.pt")
+    if rank == 0:
+        (directory / STATE_FILE).write_text(json.dumps(state))
+        (directory / RUN_CONFIG_FILE).write_text(json.dumps(cfg.to_dict()))
+
+
+def load_training(directory: Path, engine: Any, *, rank: int) -> dict[str, Any]:
+    """Restore engine (weights, optimizer, scheduler) and RNG; return the trainer state."""
+    state_path = directory / STATE_FILE
+    if not state_path.is_file():
+        raise CheckpointError(f"checkpoint {directory} has no {STATE_FILE}: incomplete or not a dlm-ray checkpoint")
+    try:
+        state = json.loads(state_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{state_path} is corrupt: {exc}") from exc
+    load_path, _ = engine.load_checkpoint(str(directory / DS_DIR), tag=f"step{state['step']}")
+    if load_path is None:
+        raise CheckpointError(f"DeepSpeed found no checkpoint for step {state['step']} under {directory / DS_DIR}")
+    rng_path = directory / f"rng_rank{rank}.pt"
+    if rng_path.is_file():  # absent when resuming on more ranks than saved: fresh RNG is then correct
+        set_rng_state(torch.load(rng_path, weights_only=False))
+    return state
+
+
+# ----------------------------------------------------------------------------------------- export
+
+
+def consolidated_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
+    """Full fp32 weights from a training checkpoint, whatever its ZeRO stage, in one process."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    directory = Path(checkpoint_dir)
+    state = json.loads((directory / STATE_FILE).read_text())
+    sd = get_fp32_state_dict_from_zero_checkpoint(str(directory / DS_DIR), tag=f"step{state['step']}")
+    return {k.removeprefix("module."): v.contiguous() for k, v in sd.items()}
+
+
+def export(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
+    """Turn a (possibly ZeRO-3 sharded) training checkpoint into an inference checkpoint."""
+    from safetensors.torch import save_file
+
+    src, out = Path(checkpoint_dir), Path(out_dir)
+    if not (src / RUN_CONFIG_FILE).is_file():
+        raise CheckpointError(f"{src} has no {RUN_CONFIG_FILE}: not a dlm-ray training checkpoint")
+    cfg = PretrainConfig.model_validate(json.loads((src / RUN_CONFIG_FILE).read_text()))
+    state = json.loads((src / STATE_FILE).read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(consolidated_state_dict(src), str(out / WEIGHTS_FILE))
+    tok = load_tokenizer(cfg.tokenizer)
+    tok_cfg = tok.to_config()
+    if isinstance(tok, HFTokenizer):
+        tok.save(out)
+        tok_cfg = {"kind": "hf", "path": "tokenizer.json"}
+    meta = {"model": cfg.model.to_dict(), "diffusion": cfg.diffusion.to_dict(), "tokenizer": tok_cfg,
+            "source": {"run_name": cfg.run_name, "step": state["step"], "tokens_seen": state.get("tokens_seen")}}
+    (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+    return out
+
+
+def save_inference(model: Denoiser, tokenizer_cfg: dict[str, Any], out_dir: str | Path,
+                   diffusion: DiffusionConfig | None = None) -> Path:
+    """Write a model held in memory (e.g. an untrained one for tests) in the inference format."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / WEIGHTS_FILE))
+    meta = {"model": model.config.to_dict(), "diffusion": (diffusion or DiffusionConfig()).to_dict(),
+            "tokenizer": tokenizer_cfg, "source": {"run_name": None, "step": 0}}
+    (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+    return out
+
+
+def load_inference(directory: str | Path, *, device: str | torch.device = "cpu",
+                   dtype: torch.dtype = torch.float32) -> tuple[Denoiser, Any, dict[str, Any]]:
+    """(model in eval mode, tokenizer, config.json contents) from an inference checkpoint."""
+    from safetensors.torch import load_file
+
+    d = Path(directory)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (d / name).is_file():
+            raise CheckpointError(f"{d} has no {name}: export a training checkpoint with jobs/export.py first")
+    meta = json.loads((d / CONFIG_FILE).read_text())
+    model = Denoiser(ModelConfig.model_validate(meta["model"]))
+    try:
+        model.load_state_dict(load_file(str(d / WEIGHTS_FILE)))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a bad file
+        raise CheckpointError(f"{d / WEIGHTS_FILE} does not match its config.json: {exc}") from exc
+    tok_cfg = dict(meta["tokenizer"])
+    if tok_cfg.get("kind") == "hf":
+        tok_cfg["path"] = str(d / tok_cfg["path"])
+    return model.to(device=device, dtype=dtype).eval(), load_tokenizer(tok_cfg), meta
+
+
+def checkpoint_hash(directory: str | Path) -> str:
+    """A short identity of an inference checkpoint (its weights and config), for output rows."""
+    h = hashlib.sha256()
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        with open(Path(directory) / name, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def copy_tree(src: str | Path, dst: str | Path) -> None:
+    shutil.copytree(src, dst, dirs_exist_ok=True)
