@@ -172,8 +172,13 @@ class DataConfig(Config):
     # Built-in corpus size (documents drawn, train and held-out together).
     builtin_docs: int = Field(200_000, gt=0)
     builtin_shards: int = Field(8, gt=0)
-    tokenizer_actors: tuple[int, int] = (1, 2)
+    tokenizer_actors: tuple[int, int] = (1, 1)
     docs_per_batch: int = Field(1024, gt=0)
+    # Object store the training feed may fill ahead of the trainer: beyond it the pipeline waits
+    # instead of taking CPU the workers need.
+    prefetch_mb: int = Field(32, gt=0)
+    # Ray Data's progress bars; on a 2-core machine redrawing them costs the trainer CPU.
+    progress_bars: bool = False
     shuffle: Literal["none", "files", "rows"] = "files"
     local_shuffle_buffer: int = Field(0, ge=0)
     seed: int = 0
@@ -195,7 +200,7 @@ class TrainConfig(Config):
     seed: int = 0
     batch_size: int = Field(64, gt=0)  # global rows per optimizer step
     grad_accum: int = Field(1, gt=0)
-    max_steps: int = Field(1200, gt=0)
+    max_steps: int = Field(1000, gt=0)
     max_epochs: int = Field(100, gt=0)
     lr: float = Field(1e-3, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
@@ -223,6 +228,9 @@ class TrainConfig(Config):
     max_failures: int = Field(2, ge=-1)
     # For MFU: peak FLOP/s of one worker's device (989e12: H100 dense bf16).
     peak_flops: float | None = Field(None, gt=0)
+    # Fault drill: every worker raises once right after this step (a marker file in the run
+    # directory makes it once per run), to exercise restarts and resume.
+    fail_once_at_step: int | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _check_batch(self) -> TrainConfig:

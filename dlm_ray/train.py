@@ -176,8 +176,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                  checkpoint=ray.train.Checkpoint.from_directory(d))
         elif metrics:
             ray.train.report({**metrics, "history": state["history"]})
+        if tc.fail_once_at_step == step:
+            _fail_once(cfg, rank)
         if step >= tc.max_steps:
             break
+
+
+class InjectedFault(RuntimeError):
+    """Raised by the fault drill (``train.fail_once_at_step``)."""
+
+
+def _fail_once(cfg: PretrainConfig, rank: int) -> None:
+    marker = Path(run_dir(cfg)) / f".fault_injected_rank{rank}"
+    if "://" not in run_dir(cfg) and not marker.exists():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+        raise InjectedFault(f"injected fault after step {cfg.train.fail_once_at_step} (rank {rank})")
 
 
 # ------------------------------------------------------------------------------------------ driver
@@ -220,7 +234,7 @@ def latest_checkpoint(cfg: PretrainConfig) -> tuple[str, dict[str, Any]] | None:
 
 def fit(cfg: PretrainConfig) -> ray.train.Result:
     """Train on the configured corpus; resumes the run of the same name if it has a checkpoint."""
-    from ray.data import ExecutionOptions
+    from ray.data import ExecutionOptions, ExecutionResources
     from ray.train.torch import TorchTrainer
 
     from dlm_ray.tokenizer import load_tokenizer
@@ -233,6 +247,7 @@ def fit(cfg: PretrainConfig) -> ray.train.Result:
     if resume:
         print(f"[fit] resuming {run_dir(cfg)} from {resume[0]} (step {resume[1]['step']})", flush=True)
     tc = cfg.train
+    ray.data.DataContext.get_current().enable_progress_bars = cfg.data.progress_bars
     datasets = {
         "train": masked_dataset(cfg.data, cfg.tokenizer, cfg.diffusion, "train", num_epochs=tc.max_epochs,
                                 start_epoch=start_epoch),
@@ -253,7 +268,9 @@ def fit(cfg: PretrainConfig) -> ray.train.Result:
         datasets=datasets,
         # Ordered streams: epochs arrive one after another (the resume position counts batches into
         # the current epoch), and a rerun feeds the same rows in the same order.
-        dataset_config=ray.train.DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
+        dataset_config=ray.train.DataConfig(execution_options=ExecutionOptions(
+            preserve_order=True,
+            resource_limits=ExecutionResources.for_limits(object_store_memory=cfg.data.prefetch_mb * 2**20))),
     )
     return trainer.fit()
 
