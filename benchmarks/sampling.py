@@ -37,9 +37,9 @@ def main() -> None:
     for gen_length, steps, block, batch in SETTINGS:
         cfg = SampleConfig(gen_length=gen_length, steps=steps, block_length=block)
         prompt = torch.randint(0, 256, (batch, args.prompt_len))
-        calls = []
+        calls: list[int] = []
 
-        def counted(x, am=None):
+        def counted(x, am=None, calls=calls):
             calls.append(1)
             return model(x, am)
 

@@ -87,9 +87,7 @@ def deepspeed_engine(cfg: PretrainConfig, data, device: str, stage: int) -> floa
         engine.backward(loss)
         engine.step()
 
-    t = time_steps(step, data, device)
-    del engine
-    return t
+    return time_steps(step, data, device)
 
 
 def ray_train(cfg: PretrainConfig, threads: int) -> float:

@@ -112,7 +112,8 @@ class Denoiser(nn.Module):
         for name, p in self.named_parameters():
             if p.dim() == 2:
                 # Residual-branch outputs scaled down with depth (GPT-2) so deep presets start stable.
-                scale = 1 / math.sqrt(2 * self.config.n_layers) if name.endswith(("attn_out.weight", "ff_out.weight")) else 1.0
+                residual_out = name.endswith(("attn_out.weight", "ff_out.weight"))
+                scale = 1 / math.sqrt(2 * self.config.n_layers) if residual_out else 1.0
                 nn.init.normal_(p, mean=0.0, std=std * scale)
 
     def forward(

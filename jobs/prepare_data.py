@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = load_config(PretrainConfig, args.config, overrides)
     if not ray.is_initialized():
         ray.init()
+    ray.data.DataContext.get_current().enable_progress_bars = True  # an offline job: show its progress
     manifest = prepare(cfg.data, cfg.tokenizer, args.output, overwrite=args.overwrite)
     print(json.dumps({"output": args.output, **manifest["splits"]}))
     return manifest

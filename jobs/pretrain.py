@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> dict:
     builtin = cfg.data.source == "builtin"
     tok = load_tokenizer(cfg.tokenizer)
     torch.manual_seed(cfg.train.seed)  # the same initial weights the workers start from
-    before = score(Denoiser(cfg.model).eval(), tok, cfg.data.corpus.families, cfg.eval, seq_len=cfg.data.seq_len) if builtin else None
+    families = cfg.data.corpus.families
+    before = score(Denoiser(cfg.model).eval(), tok, families, cfg.eval, seq_len=cfg.data.seq_len) if builtin else None
 
     t_train = time.time()
     result = fit(cfg)

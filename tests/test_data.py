@@ -12,7 +12,6 @@ import pytest
 
 from dlm_ray.config import DataConfig, DiffusionConfig
 from dlm_ray.data import PipelineStats, masked_dataset, packed_dataset, prepare
-from dlm_ray.sources import BadInputError
 from dlm_ray.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()

@@ -1,0 +1,92 @@
+"""Multi-node on one machine: a node lost mid-run, and the `ray job submit` path.
+
+These start clusters of their own, so they run last (file order) after the session's local Ray
+is shut down.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from dlm_ray.train import fit, latest_checkpoint
+from tests.test_train import losses, tiny_run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def own_ray():
+    import ray
+
+    ray.shutdown()  # the session's local Ray, if a test before started it
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_node_loss_restarts_from_last_checkpoint(own_ray, tmp_path):
+    from ray.cluster_utils import Cluster
+
+    # Head: room for the data pipeline only. Each worker node fits one Train worker (0.5 CPU).
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    nodes = [cluster.add_node(num_cpus=0.5) for _ in range(2)]
+    own_ray.init(address=cluster.address, log_to_driver=False)
+    own_ray.data.DataContext.get_current().enable_progress_bars = False
+    cfg = tiny_run(tmp_path, "nodeloss", "--train.max_steps=40", "--train.max_failures=3",
+                   "--train.log_every=5")
+    outcome: dict = {}
+    thread = threading.Thread(target=lambda: outcome.update(result=fit(cfg)), daemon=True)
+    try:
+        thread.start()
+        deadline = time.time() + 300
+        while time.time() < deadline and latest_checkpoint(cfg) is None:
+            time.sleep(0.5)
+        assert latest_checkpoint(cfg) is not None, "no checkpoint within 5 minutes"
+        cluster.add_node(num_cpus=0.5)  # a replacement, then the loss of a worker's node
+        cluster.remove_node(nodes[1])
+        thread.join(timeout=600)
+        assert "result" in outcome, "training did not finish after the node loss"
+        result = outcome["result"]
+        assert result.metrics["step"] == 40
+        assert sorted(losses(result)) == list(range(5, 41, 5))
+    finally:
+        own_ray.shutdown()
+        cluster.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ray_job_submit_against_a_head_node(own_ray, tmp_path):
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    gcs, dash = _free_port(), _free_port()
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    subprocess.run([ray_bin, "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}",
+                    "--dashboard-host=127.0.0.1", "--num-cpus=4", "--include-dashboard=true",
+                    "--disable-usage-stats"], check=True, env=env, capture_output=True, timeout=120)
+    try:
+        storage = tmp_path / "runs"
+        cmd = [ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", str(ROOT), "--",
+               sys.executable, "jobs/pretrain.py", "--run_name=submitted", f"--storage_path={storage}",
+               "--train.max_steps=10", "--train.checkpoint_every=10", "--train.eval_every=10",
+               "--data.builtin_docs=2000", "--eval.num_prompts_per_family=4", "--eval.num_nelbo_docs=16"]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "SUCCEEDED" in proc.stdout + proc.stderr
+        summary = json.loads((storage / "submitted" / "summary.json").read_text())
+        assert summary["steps"] == 10 and Path(summary["export"], "model.safetensors").is_file()
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
