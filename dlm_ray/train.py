@@ -125,7 +125,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         batch_size=tc.micro_batch_size, drop_last=True, local_shuffle_buffer_size=cfg.data.local_shuffle_buffer or None,
         local_shuffle_seed=tc.seed if cfg.data.local_shuffle_buffer else None)
     window_t, window_tokens, window_loss, micro = time.perf_counter(), 0, [], 0
+    data_wait, step_end = 0.0, time.perf_counter()
+    if rank == 0:
+        print(f"[train] torch threads {torch.get_num_threads()}, device {device}", flush=True)
     for batch in train_iter:
+        data_wait += time.perf_counter() - step_end
         if int(batch["epoch"][0]) < state["epoch"]:
             continue
         if skip:
@@ -146,6 +150,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         engine.step()
         micro += 1
         window_loss.append(loss.item())
+        step_end = time.perf_counter()
         window_tokens += int(n_real) * world
         if micro % tc.grad_accum:
             continue
@@ -160,8 +165,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics = {"step": step, "loss": float(np.mean(window_loss)), "lr": lr_at(step - 1, tc),
                        "grad_norm": float(engine.get_global_grad_norm() or 0.0), "tokens_per_s": tps,
                        "mfu": tps * flops_tok / (peak * world), "tokens_seen": state["tokens_seen"],
-                       "epoch": state["epoch"]}
-            window_t, window_tokens, window_loss = time.perf_counter(), 0, []
+                       "epoch": state["epoch"], "data_wait_frac": data_wait / dt}
+            window_t, window_tokens, window_loss, data_wait = time.perf_counter(), 0, [], 0.0
         if step % tc.eval_every == 0 or step == tc.max_steps:
             metrics = {**metrics, "step": step, "val_nelbo_bits": _evaluate(engine, val_shard, cfg, tok.mask_id, device)}
         if metrics:

@@ -13,18 +13,20 @@ from dlm_ray.model import Denoiser
 from dlm_ray.train import deepspeed_config
 
 
-@pytest.fixture
-def process_group(monkeypatch):
+@pytest.fixture(scope="module")
+def process_group():
+    """One gloo group for the module: DeepSpeed caches its groups, so it is made once."""
     import deepspeed
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
-                 "LOCAL_RANK": "0"}.items():
-        monkeypatch.setenv(k, v)
-    deepspeed.init_distributed(dist_backend="gloo")
-    yield
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
+                     "LOCAL_RANK": "0"}.items():
+            mp.setenv(k, v)
+        deepspeed.init_distributed(dist_backend="gloo")
+        yield
     torch.distributed.destroy_process_group()
 
 
