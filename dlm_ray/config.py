@@ -216,6 +216,8 @@ class TrainConfig(Config):
     use_gpu: bool = False
     cpus_per_worker: float = Field(0.5, gt=0)
     gpus_per_worker: float = Field(1.0, ge=0)
+    # Extra Ray resources each worker needs, e.g. {"trainer_node": 1} to pin workers to a node type.
+    worker_resources: dict[str, float] = Field(default_factory=dict)
     zero_stage: int = Field(2, ge=0, le=3)
     offload_optimizer: bool = False
     offload_param: bool = False

@@ -258,7 +258,8 @@ def fit(cfg: PretrainConfig) -> ray.train.Result:
                                 start_epoch=start_epoch),
         "val": masked_dataset(cfg.data, cfg.tokenizer, cfg.diffusion, "val"),
     }
-    resources = {"CPU": tc.cpus_per_worker, **({"GPU": tc.gpus_per_worker} if tc.use_gpu else {})}
+    resources = {"CPU": tc.cpus_per_worker, **({"GPU": tc.gpus_per_worker} if tc.use_gpu else {}),
+                 **tc.worker_resources}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict()},
