@@ -15,10 +15,8 @@ tokenizers. Batch generation and Serve read only this format.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -149,17 +147,3 @@ def load_inference(directory: str | Path, *, device: str | torch.device = "cpu",
     if tok_cfg.get("kind") == "hf":
         tok_cfg["path"] = str(d / tok_cfg["path"])
     return model.to(device=device, dtype=dtype).eval(), load_tokenizer(tok_cfg), meta
-
-
-def checkpoint_hash(directory: str | Path) -> str:
-    """A short identity of an inference checkpoint (its weights and config), for output rows."""
-    h = hashlib.sha256()
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        with open(Path(directory) / name, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()[:16]
-
-
-def copy_tree(src: str | Path, dst: str | Path) -> None:
-    shutil.copytree(src, dst, dirs_exist_ok=True)
