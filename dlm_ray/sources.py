@@ -35,7 +35,8 @@ class BadInputError(ValueError):
 # ------------------------------------------------------------------------------------ file listing
 
 
-def _filesystem(source: str):  # -> (pyarrow FileSystem, path)
+def filesystem_for(source: str):  # -> (pyarrow FileSystem, path)
+    """The pyarrow filesystem and in-filesystem path of a local path or URI."""
     from pyarrow import fs as pafs
 
     if "://" in source:
@@ -47,7 +48,7 @@ def list_files(source: str) -> list[tuple[str, str]]:
     """(uri to reopen, path within its filesystem) of every data file of a path, directory or glob."""
     from pyarrow import fs as pafs
 
-    filesystem, path = _filesystem(source)
+    filesystem, path = filesystem_for(source)
     prefix = source[: source.index("://") + 3] if "://" in source else ""
     pattern = None
     if any(ch in path for ch in "*?["):
@@ -77,18 +78,21 @@ def file_format(path: str, configured: str) -> str:
     return SUFFIX_FORMATS.get(Path(name).suffix.lower(), "text")
 
 
-def _hf_files(spec: str, split: str) -> list[str]:
-    """Arrow files behind a Hugging Face dataset, saved to disk or in the local cache (offline)."""
+def _hf_files(spec: str, split: str) -> tuple[list[str], bool]:
+    """Arrow files behind a Hugging Face dataset, saved to disk or in the local cache (offline),
+    and whether the dataset brings its own held-out split (``validation`` or ``test``)."""
     import datasets
 
     ds = datasets.load_from_disk(spec) if Path(spec).exists() else datasets.load_dataset(spec)
+    own_val = False
     if isinstance(ds, datasets.DatasetDict):
-        names = ["train"] if split == "train" else [n for n in ("validation", "test") if n in ds] or ["train"]
-        ds = ds[names[0]]
+        held = [n for n in ("validation", "test") if n in ds]
+        own_val = bool(held)
+        ds = ds["train"] if split == "train" or not held else ds[held[0]]
     files = [f["filename"] for f in ds.cache_files]
     if not files:
         raise ValueError(f"Hugging Face dataset {spec!r} has no files on disk; save it with save_to_disk first")
-    return files
+    return files, own_val
 
 
 def resolve_items(cfg: DataConfig, split: str) -> list[dict[str, Any]]:
@@ -111,21 +115,16 @@ def resolve_items(cfg: DataConfig, split: str) -> list[dict[str, Any]]:
         return [{"format": "prepared", "path": uri, "key": uri, "where": uri, "split": split} for uri, _ in files]
     if source.startswith("hf:") or cfg.format == "hf":
         spec = source[3:] if source.startswith("hf:") else source
-        holdout = "hash" if holdout == "hash" and split == "val" and not _has_val_split(spec) else holdout
-        files = [(f, f) for f in _hf_files(spec, split)]
+        paths, own_val = _hf_files(spec, split)
+        files = [(f, f) for f in paths]
+        if own_val:  # the dataset's own splits, not a content-hash split, separate train and val
+            holdout = "none"
         fmt = "arrow"
     else:
         files = list_files(source)
         fmt = None
     return [{"format": fmt or file_format(uri, cfg.format), "path": uri, "key": f"{uri}:{split}", "where": uri,
              "split": split, "holdout": holdout} for uri, _ in files]
-
-
-def _has_val_split(spec: str) -> bool:
-    import datasets
-
-    ds = datasets.load_from_disk(spec) if Path(spec).exists() else datasets.load_dataset(spec)
-    return isinstance(ds, datasets.DatasetDict) and any(n in ds for n in ("validation", "test"))
 
 
 # ---------------------------------------------------------------------------------------- reading
@@ -153,7 +152,7 @@ def _check_text(value: Any) -> tuple[str | None, str | None]:
 
 
 def _lines(uri: str) -> Iterator[bytes]:
-    filesystem, path = _filesystem(uri)
+    filesystem, path = filesystem_for(uri)
     with filesystem.open_input_stream(path, compression="detect") as f:
         rest = b""
         while chunk := f.read(CHUNK_BYTES):
@@ -171,7 +170,7 @@ def _raw_documents(item: dict[str, Any], cfg: DataConfig) -> Iterator[tuple[str,
         for n, line in enumerate(_lines(uri), 1):
             yield f"line {n}", line.rstrip(b"\r")
     elif fmt == "text":
-        filesystem, path = _filesystem(uri)
+        filesystem, path = filesystem_for(uri)
         with filesystem.open_input_stream(path, compression="detect") as f:
             yield "file", f.read()
     elif fmt == "jsonl":
@@ -193,7 +192,7 @@ def _raw_documents(item: dict[str, Any], cfg: DataConfig) -> Iterator[tuple[str,
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        filesystem, path = _filesystem(uri)
+        filesystem, path = filesystem_for(uri)
         with filesystem.open_input_file(path) as f:
             try:
                 reader = pq.ParquetFile(f) if fmt == "parquet" else pa.ipc.open_stream(f)
@@ -221,7 +220,7 @@ def _arrow_jsonl(uri: str, column: str) -> list[Any] | None:
     import pyarrow as pa
     import pyarrow.json as pajson
 
-    filesystem, path = _filesystem(uri)
+    filesystem, path = filesystem_for(uri)
     try:
         with filesystem.open_input_stream(path, compression="detect") as f:
             table = pajson.read_json(f)

@@ -27,6 +27,7 @@ from dlm_ray.config import PretrainConfig, TrainConfig
 from dlm_ray.data import masked_dataset
 from dlm_ray.diffusion import diffusion_loss, estimate_nelbo, nats_to_bits
 from dlm_ray.model import Denoiser, flops_per_token
+from dlm_ray.sources import filesystem_for
 
 CPU_PEAK_FLOPS = 1e11  # rough peak for a 2-core CPU worker; set train.peak_flops for real hardware
 
@@ -219,7 +220,7 @@ def latest_checkpoint(cfg: PretrainConfig) -> tuple[str, dict[str, Any]] | None:
     from dlm_ray.checkpoint import STATE_FILE, CheckpointError
 
     uri = run_dir(cfg)
-    fs, path = pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
+    fs, path = filesystem_for(uri)
     if fs.get_file_info(path).type == pafs.FileType.NotFound:
         return None
     entries = fs.get_file_info(pafs.FileSelector(path))
@@ -285,13 +286,12 @@ def write_summary(cfg: PretrainConfig, history: list[dict[str, Any]], extra: dic
     """``summary.json`` and ``loss_curve.png`` in the run directory; returns the summary."""
     import io
 
-    import pyarrow.fs as pafs
 
     summary = {"run": run_dir(cfg), **extra,
                "final_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None),
                "final_val_nelbo_bits": next((h["val_nelbo_bits"] for h in reversed(history) if "val_nelbo_bits" in h), None)}
     uri = run_dir(cfg)
-    fs, path = pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
+    fs, path = filesystem_for(uri)
     fs.create_dir(path, recursive=True)
     with fs.open_output_stream(f"{path}/summary.json") as f:
         f.write(json.dumps({**summary, "history": history}, indent=2).encode())

@@ -68,3 +68,15 @@ def test_builtin_splits():
     train, val = docs(cfg, "train"), docs(cfg, "val")
     assert len(train) + len(val) == 500 and 20 < len(val) < 90
     assert {t for _, t, _ in train}.isdisjoint({t for _, t, _ in val})
+
+
+def test_hf_dataset_dict_uses_its_own_validation_split(tmp_path):
+    import datasets
+
+    train, val = [f"train doc {i}" for i in range(50)], [f"val doc {i}" for i in range(7)]
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": train}),
+                          "validation": datasets.Dataset.from_dict({"text": val})}).save_to_disk(str(tmp_path / "hf"))
+    cfg = DataConfig(source=f"hf:{tmp_path / 'hf'}", val_fraction=0.5)
+    # No content-hash split on top: every train document trains, the validation split validates.
+    assert [t for _, t, _ in docs(cfg, "train")] == train
+    assert [t for _, t, _ in docs(cfg, "val")] == val
