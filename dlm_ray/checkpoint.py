@@ -15,6 +15,7 @@ tokenizers. Batch generation and Serve read only this format.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -128,22 +129,46 @@ def save_inference(model: Denoiser, tokenizer_cfg: dict[str, Any], out_dir: str 
     return out
 
 
+def read_inference_config(directory: str | Path) -> tuple[dict[str, Any], Any]:
+    """(config.json contents, tokenizer) of an inference checkpoint, without loading the weights."""
+    d = Path(directory)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (d / name).is_file():
+            raise CheckpointError(f"{d} has no {name}: export a training checkpoint with jobs/export.py first")
+    meta = json.loads((d / CONFIG_FILE).read_text())
+    tok_cfg = dict(meta["tokenizer"])
+    if tok_cfg.get("kind") == "hf":
+        tok_cfg["path"] = str(d / tok_cfg["path"])
+    return meta, load_tokenizer(tok_cfg)
+
+
 def load_inference(directory: str | Path, *, device: str | torch.device = "cpu",
                    dtype: torch.dtype = torch.float32) -> tuple[Denoiser, Any, dict[str, Any]]:
     """(model in eval mode, tokenizer, config.json contents) from an inference checkpoint."""
     from safetensors.torch import load_file
 
     d = Path(directory)
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        if not (d / name).is_file():
-            raise CheckpointError(f"{d} has no {name}: export a training checkpoint with jobs/export.py first")
-    meta = json.loads((d / CONFIG_FILE).read_text())
+    meta, tok = read_inference_config(d)
     model = Denoiser(ModelConfig.model_validate(meta["model"]))
     try:
         model.load_state_dict(load_file(str(d / WEIGHTS_FILE)))
     except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a bad file
         raise CheckpointError(f"{d / WEIGHTS_FILE} does not match its config.json: {exc}") from exc
-    tok_cfg = dict(meta["tokenizer"])
-    if tok_cfg.get("kind") == "hf":
-        tok_cfg["path"] = str(d / tok_cfg["path"])
-    return model.to(device=device, dtype=dtype).eval(), load_tokenizer(tok_cfg), meta
+    return model.to(device=device, dtype=dtype).eval(), tok, meta
+
+
+def checkpoint_hash(directory: str | Path) -> str:
+    """Identity of an inference checkpoint: SHA-256 over its files (config, weights, tokenizer),
+    first 16 hex digits. Outputs record it so every generated row names the weights behind it."""
+    d = Path(directory)
+    h = hashlib.sha256()
+    for name in (CONFIG_FILE, WEIGHTS_FILE, "tokenizer.json"):
+        if not (d / name).is_file():
+            if name == "tokenizer.json":
+                continue
+            raise CheckpointError(f"{d} has no {name}: export a training checkpoint with jobs/export.py first")
+        h.update(name.encode())
+        with open(d / name, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()[:16]

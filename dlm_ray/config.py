@@ -285,6 +285,52 @@ class PretrainConfig(Config):
         return self
 
 
+# -------------------------------------------------------------------------------- batch generation
+
+
+class GenerateConfig(Config):
+    """Everything ``jobs/generate.py`` needs: a checkpoint and prompts in, Parquet out.
+
+    ``input``: Parquet or JSONL files (a path, directory, glob, ``s3://``/``gs://`` URI), or
+    ``builtin:N`` for N held-out prompts of the built-in corpus. Rows may carry their own sampler
+    settings in columns named like ``sample``'s fields (and ``seed``).
+    """
+
+    checkpoint: str = "runs/tiny/export"
+    input: str = "builtin:1000"
+    output: str = "runs/tiny/generations"
+    format: Literal["auto", "parquet", "jsonl"] = "auto"
+    prompt_column: str = "prompt"
+    # Unique per row; without it a row's id is "<file relative to the input root>:<row number>".
+    id_column: str | None = None
+    sample: SampleConfig = Field(default_factory=lambda: SampleConfig(gen_length=24, steps=24, block_length=24))
+    seed: int = Field(0, ge=0)
+    # Precede each prompt with EOS, the document separator the model saw in training.
+    prepend_eos: bool = True
+    batch_size: int = Field(32, gt=0)  # prompts per generate() call
+    # An actor takes this many batches' worth of rows at once and groups them by length and settings.
+    group_batches: int = Field(4, gt=0)
+    actors: tuple[int, int] = (1, 2)  # ActorPoolStrategy(min_size, max_size)
+    cpus_per_actor: float = Field(1.0, ge=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
+    torch_threads: int | None = Field(None, gt=0)  # per actor; None = one per CPU it holds
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    rows_per_file: int = Field(100_000, gt=0)
+    strict: bool = False  # fail on the first bad row instead of writing an error row
+    progress_bars: bool = True
+    # Tests only: the first actor call that finds this path missing creates it and kills its process.
+    fail_once_marker: str | None = None
+
+    @model_validator(mode="after")
+    def _check_actors(self) -> GenerateConfig:
+        lo, hi = self.actors
+        if lo < 1 or hi < lo:
+            raise ValueError(f"actors must be (min, max) with 1 <= min <= max, got {self.actors}")
+        if self.output.rstrip("/") in (self.input.rstrip("/"), ""):
+            raise ValueError("output must be a directory of its own, not the input")
+        return self
+
+
 # -------------------------------------------------------------------------------- loading, overrides
 
 C = TypeVar("C", bound=Config)

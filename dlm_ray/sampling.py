@@ -19,7 +19,7 @@ Shape legend:  B batch, P prompt length, T canvas length (P + gen_length), V voc
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -27,6 +27,9 @@ from dlm_ray.config import SampleConfig
 from dlm_ray.diffusion import exclude_mask_logit
 
 ModelFn = Callable[..., torch.Tensor]
+# One generator for the batch, or one per row: per-row generators make each row's output independent
+# of which other rows share its batch (the batch job seeds every row on its own).
+Generators = torch.Generator | Sequence[torch.Generator] | None
 # Called after every step with (step index, canvas): lets Serve stream partial text.
 StepCallback = Callable[[int, torch.Tensor], None]
 
@@ -39,11 +42,22 @@ def num_transfer_tokens(num_masked_B: torch.Tensor, steps: int) -> torch.Tensor:
     return base_B1 + (step_idx < rem_B1).long()
 
 
-def propose(logits_BTV: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+def uniform(shape: tuple[int, ...], generator: Generators, device: torch.device) -> torch.Tensor:
+    """Float64 U(0, 1) draws of ``shape`` (batch first); with a list, row b comes from generator b."""
+    if generator is None or isinstance(generator, torch.Generator):
+        gen_device = device if generator is None else generator.device
+        return torch.rand(shape, dtype=torch.float64, generator=generator, device=gen_device).to(device)
+    if len(generator) != shape[0]:
+        raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
+    return torch.stack([torch.rand(shape[1:], dtype=torch.float64, generator=g, device=g.device)
+                        for g in generator]).to(device)
+
+
+def propose(logits_BTV: torch.Tensor, temperature: float, generator: Generators) -> torch.Tensor:
     """x̂ = argmax(logits / T + Gumbel noise), in float64: low precision flattens the noise."""
     if temperature == 0:
         return logits_BTV.argmax(-1)
-    u = torch.rand(logits_BTV.shape, dtype=torch.float64, generator=generator, device=logits_BTV.device)
+    u = uniform(tuple(logits_BTV.shape), generator, logits_BTV.device)
     gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
     return (logits_BTV.double() / temperature + gumbel).argmax(-1)
 
@@ -104,7 +118,7 @@ def generate(
     *,
     mask_id: int,
     attention_mask: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     eos_id: int | None = None,
     max_length: int | None = None,
     on_step: StepCallback | None = None,
@@ -112,7 +126,8 @@ def generate(
     """Fill ``cfg.gen_length`` positions after each prompt: LongTensor[B, P + gen_length].
 
     ``max_length`` defaults to the model's ``max_seq_len`` when it has one. ``eos_id`` is needed only
-    for ``cfg.stop_at_eos``.
+    for ``cfg.stop_at_eos``. Random draws cover the generated positions only, so with one generator
+    per row a row's output does not depend on the prompt lengths of the rows batched with it.
     """
     if max_length is None:
         max_length = getattr(model, "max_seq_len", None)
@@ -136,18 +151,20 @@ def generate(
         start, end = P + blk * cfg.block_length, P + (blk + 1) * cfg.block_length
         counts_BS = num_transfer_tokens((x_BT[:, start:end] == mask_id).sum(-1), steps_per_block)
         for i in range(steps_per_block):
-            masked_BT = x_BT == mask_id
-            logits_BTV = exclude_mask_logit(_logits(model, x_BT, am_BT, prompt_real_BT, cfg.cfg_scale, mask_id), mask_id)
-            x0_BT = propose(logits_BTV, cfg.temperature, generator)
+            # Only the generated region [P, T) ever changes: proposals and scores are computed there.
+            gen_BG = x_BT[:, P:]
+            logits_BGV = exclude_mask_logit(
+                _logits(model, x_BT, am_BT, prompt_real_BT, cfg.cfg_scale, mask_id)[:, P:], mask_id)
+            x0_BG = propose(logits_BGV, cfg.temperature, generator)
             if cfg.remasking == "low_confidence":
-                conf_BT = logits_BTV.softmax(-1).gather(-1, x0_BT[..., None]).squeeze(-1).double()
+                conf_BG = logits_BGV.softmax(-1).gather(-1, x0_BG[..., None]).squeeze(-1).double()
             else:
-                conf_BT = torch.rand(x_BT.shape, dtype=torch.float64, generator=generator, device=device)
+                conf_BG = uniform(tuple(gen_BG.shape), generator, device)
             # Only masked positions of the current block compete.
-            conf_BT[:, end:] = float("-inf")
-            conf_BT = conf_BT.masked_fill(~masked_BT, float("-inf"))
-            commit_BT = _top_n(conf_BT, counts_BS[:, i])
-            x_BT = torch.where(commit_BT, x0_BT, x_BT)
+            conf_BG[:, end - P:] = float("-inf")
+            conf_BG = conf_BG.masked_fill(gen_BG != mask_id, float("-inf"))
+            commit_BG = _top_n(conf_BG, counts_BS[:, i])
+            x_BT[:, P:] = torch.where(commit_BG, x0_BG, gen_BG)
             if on_step is not None:
                 on_step(step, x_BT)
             step += 1

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dlm_ray.config import SampleConfig
+from dlm_ray.evaluate import left_pad
 from dlm_ray.model import Denoiser
 from dlm_ray.sampling import generate, num_transfer_tokens, trim_after_eos
 
@@ -79,15 +80,28 @@ def test_deterministic_for_a_seed(model):
 def test_batched_left_padded_equals_unbatched(model):
     cfg = SampleConfig(gen_length=16, steps=16, block_length=8)
     prompts = [torch.randint(0, 250, (n,)) for n in (3, 9, 6)]
-    width = max(len(p) for p in prompts)
-    ids = torch.full((3, width), PAD)
-    am = torch.zeros((3, width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):], am[i, width - len(p):] = p, 1
+    ids, am = left_pad([p.tolist() for p in prompts], PAD)
+    width = ids.shape[1]
     batched = generate(model, ids, cfg, mask_id=MASK, attention_mask=am)
     for i, p in enumerate(prompts):
         single = generate(model, p[None], cfg, mask_id=MASK)
         assert torch.equal(batched[i, width:], single[0, len(p):])
+
+
+def test_per_row_generators_make_rows_independent_of_their_batch(model):
+    # The batch job seeds each row: a row's sample must not depend on who shares its batch.
+    cfg = SampleConfig(gen_length=16, steps=8, block_length=8, temperature=1.0)
+    prompts = [torch.randint(0, 250, (n,)) for n in (5, 2, 7)]
+    ids, am = left_pad([p.tolist() for p in prompts], PAD)
+    width = ids.shape[1]
+    gens = lambda: [torch.Generator().manual_seed(100 + i) for i in range(3)]  # noqa: E731
+    batched = generate(model, ids, cfg, mask_id=MASK, attention_mask=am, generator=gens())
+    assert torch.equal(batched, generate(model, ids, cfg, mask_id=MASK, attention_mask=am, generator=gens()))
+    for i, p in enumerate(prompts):
+        single = generate(model, p[None], cfg, mask_id=MASK, generator=[gens()[i]])
+        assert torch.equal(batched[i, width:], single[0, len(p):])
+    with pytest.raises(ValueError, match="2 generators for a batch of 3"):
+        generate(model, ids, cfg, mask_id=MASK, attention_mask=am, generator=gens()[:2])
 
 
 def test_cfg_runs_with_and_without_attention_mask(model):

@@ -1,0 +1,224 @@
+"""Batch generation: prompts in, a Parquet dataset of completions out, every id exactly once.
+
+    read prompts (PromptSource) → [checkpoint filter] → prepare_batch (tokenize, check, settings)
+      → Completer actors (ActorPoolStrategy; the checkpoint loaded once per actor) → write_parquet
+
+Exactly once comes from Ray Data's row-level checkpointing: each written block also records its
+ids under ``<output>/_checkpoint``; a rerun with the same output filters those ids right after the
+read and deletes data files whose block never got its checkpoint (a kill between the two writes).
+The checkpoint is kept after success, so a rerun of a finished job writes nothing, and a rerun over
+a grown input generates only the new ids. ``<output>/_job.json`` pins the settings an output was
+made with; resuming with other settings is refused rather than mixing two kinds of rows.
+
+Output columns: id, prompt, completion, completion_ids, num_model_calls, num_generated_tokens,
+seed, sample (the row's sampler settings as JSON), checkpoint (hash), source (file and row), error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+from ray.data import ActorPoolStrategy, DataContext
+from ray.data.checkpoint import CheckpointConfig
+
+from dlm_ray.checkpoint import checkpoint_hash, load_inference, read_inference_config
+from dlm_ray.config import GenerateConfig, ModelConfig, SampleConfig
+from dlm_ray.corpus import check_answer
+from dlm_ray.evaluate import left_pad
+from dlm_ray.prompts import PromptSource, builtin_count, prepare_batch
+from dlm_ray.sampling import generate, trim_after_eos
+from dlm_ray.sources import filesystem_for
+
+OUTPUT_SCHEMA = pa.schema([
+    ("id", pa.string()), ("prompt", pa.string()), ("completion", pa.string()),
+    ("completion_ids", pa.list_(pa.int32())), ("num_model_calls", pa.int32()),
+    ("num_generated_tokens", pa.int32()), ("seed", pa.int64()), ("sample", pa.string()),
+    ("checkpoint", pa.string()), ("source", pa.string()), ("error", pa.string()),
+])
+JOB_FILE = "_job.json"
+SUMMARY_FILE = "_summary.json"
+CHECKPOINT_DIR = "_checkpoint"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class Completer:
+    """The actor UDF: one model per actor, ``generate`` on groups of similar rows."""
+
+    def __init__(self, cfg: dict[str, Any], ckpt_hash: str) -> None:
+        self.cfg = GenerateConfig.model_validate(cfg)
+        on_gpu = self.cfg.gpus_per_actor > 0 and torch.cuda.is_available()
+        self.device = torch.device("cuda" if on_gpu else "cpu")
+        name = self.cfg.dtype if self.cfg.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
+        if not on_gpu:
+            torch.set_num_threads(self.cfg.torch_threads or max(1, int(self.cfg.cpus_per_actor)))
+        self.model, self.tok, _ = load_inference(self.cfg.checkpoint, device=self.device, dtype=_DTYPES[name])
+        self.hash = ckpt_hash
+
+    def _maybe_fail(self) -> None:
+        marker = self.cfg.fail_once_marker
+        if marker and not os.path.exists(marker):
+            Path(marker).write_text(str(os.getpid()))
+            os._exit(1)  # an actor dying mid-batch, as a lost node or an OOM kill would
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        self._maybe_fail()
+        batch = table.to_pydict()
+        n = table.num_rows
+        completion: list[str | None] = [None] * n
+        comp_ids: list[list[int] | None] = [None] * n
+        calls = np.zeros(n, dtype=np.int32)
+        gen_tokens = np.zeros(n, dtype=np.int32)
+        groups: dict[str, list[int]] = defaultdict(list)
+        for i in range(n):
+            if batch["error"][i] is None:
+                groups[batch["sample"][i]].append(i)
+        for sample_json, rows in groups.items():
+            sc = SampleConfig.model_validate_json(sample_json)
+            # Similar lengths share a generate() call, so little of it is padding.
+            rows.sort(key=lambda i: len(batch["prompt_ids"][i]))
+            for k in range(0, len(rows), self.cfg.batch_size):
+                chunk = rows[k:k + self.cfg.batch_size]
+                out, num_calls = self._generate([batch["prompt_ids"][i] for i in chunk],
+                                                [int(batch["seed"][i]) for i in chunk], sc)
+                for i, gen in zip(chunk, out):
+                    comp_ids[i] = trim_after_eos(gen, self.tok.eos_id)
+                    completion[i] = self.tok.decode(comp_ids[i])
+                    calls[i], gen_tokens[i] = num_calls, sc.gen_length
+        return pa.table({
+            "id": batch["id"], "prompt": batch["prompt"], "completion": completion, "completion_ids": comp_ids,
+            "num_model_calls": calls, "num_generated_tokens": gen_tokens, "seed": batch["seed"],
+            "sample": batch["sample"], "checkpoint": [self.hash] * n, "source": batch["where"],
+            "error": batch["error"],
+        }, schema=OUTPUT_SCHEMA)
+
+    def _generate(self, prompts: list[list[int]], seeds: list[int], sc: SampleConfig) -> tuple[list[list[int]], int]:
+        ids, am = left_pad(prompts, self.tok.pad_id)
+        num_calls = 0
+
+        def model(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+            nonlocal num_calls
+            num_calls += 1
+            return self.model(x, mask)
+
+        gens = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
+        x = generate(model, ids.to(self.device), sc, mask_id=self.tok.mask_id, attention_mask=am.to(self.device),
+                     generator=gens, eos_id=self.tok.eos_id, max_length=self.model.max_seq_len)
+        return x[:, ids.shape[1]:].tolist(), num_calls
+
+
+# ------------------------------------------------------------------------------------------ driver
+
+
+def _absolute(path: str) -> str:
+    return path if "://" in path else os.path.abspath(path)
+
+
+def _job_identity(cfg: GenerateConfig, ckpt_hash: str) -> dict[str, Any]:
+    return {"checkpoint": ckpt_hash, "sample": cfg.sample.to_dict(), "seed": cfg.seed,
+            "prompt_column": cfg.prompt_column, "id_column": cfg.id_column, "prepend_eos": cfg.prepend_eos}
+
+
+def check_output(cfg: GenerateConfig, identity: dict[str, Any]) -> list[str]:
+    """Refuse an output made with other settings, or one that is not ours; return the ids done."""
+    from pyarrow import fs as pafs
+
+    filesystem, root = filesystem_for(cfg.output)
+    job_file = f"{root}/{JOB_FILE}"
+    if filesystem.get_file_info(job_file).type == pafs.FileType.File:
+        with filesystem.open_input_stream(job_file) as f:
+            before = json.loads(f.read())
+        diff = sorted(k for k in identity if before.get(k) != identity[k])
+        if diff:
+            raise ValueError(f"{cfg.output} was generated with other settings ({', '.join(diff)} differ); "
+                             "write to a new output, or delete it to start over")
+    elif filesystem.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+        raise ValueError(f"{cfg.output} exists and is not a generation output (no {JOB_FILE}); "
+                         "choose an empty or new directory")
+    filesystem.create_dir(root, recursive=True)
+    with filesystem.open_output_stream(job_file) as f:
+        f.write(json.dumps(identity, indent=2).encode())
+    return _checkpointed_ids(filesystem, f"{root}/{CHECKPOINT_DIR}")
+
+
+def _checkpointed_ids(filesystem: Any, path: str) -> list[str]:
+    import pyarrow.dataset as pads
+    from pyarrow import fs as pafs
+
+    if filesystem.get_file_info(path).type == pafs.FileType.NotFound:
+        return []
+    return pads.dataset(path, filesystem=filesystem, format="parquet").to_table().column(0).to_pylist()
+
+
+def build_dataset(cfg: GenerateConfig, ckpt_hash: str) -> ray.data.Dataset:
+    meta, tokenizer = read_inference_config(cfg.checkpoint)
+    max_seq_len = ModelConfig.model_validate(meta["model"]).max_seq_len
+    ds = ray.data.read_datasource(PromptSource(cfg))
+    ds = ds.map_batches(prepare_batch, batch_format="pyarrow", batch_size=cfg.batch_size * cfg.group_batches,
+                        fn_kwargs={"cfg": cfg, "tokenizer": tokenizer, "max_seq_len": max_seq_len})
+    lo, hi = cfg.actors
+    return ds.map_batches(
+        Completer, fn_constructor_kwargs={"cfg": cfg.to_dict(), "ckpt_hash": ckpt_hash},
+        batch_format="pyarrow", batch_size=cfg.batch_size * cfg.group_batches,
+        compute=ActorPoolStrategy(min_size=lo, max_size=hi),
+        num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor or None,
+    )
+
+
+def run(cfg: GenerateConfig) -> dict[str, Any]:
+    """Generate a completion for every prompt not yet in ``cfg.output``; return the summary."""
+    t0 = time.time()
+    ckpt_hash = checkpoint_hash(cfg.checkpoint)
+    output = _absolute(cfg.output)
+    cfg = cfg.model_copy(update={"output": output, "checkpoint": _absolute(cfg.checkpoint)})
+    done_before = check_output(cfg, _job_identity(cfg, ckpt_hash))
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = cfg.progress_bars
+    ctx.checkpoint_config = CheckpointConfig(id_column="id", checkpoint_path=f"{output}/{CHECKPOINT_DIR}",
+                                             delete_checkpoint_on_success=False)
+    try:
+        build_dataset(cfg, ckpt_hash).write_parquet(output, max_rows_per_file=cfg.rows_per_file)
+    finally:
+        ctx.checkpoint_config = None
+    summary = summarize(cfg, done_before, time.time() - t0)
+    filesystem, root = filesystem_for(output)
+    with filesystem.open_output_stream(f"{root}/{SUMMARY_FILE}") as f:
+        f.write(json.dumps(summary, indent=2).encode())
+    return summary
+
+
+def summarize(cfg: GenerateConfig, done_before: list[str], seconds: float) -> dict[str, Any]:
+    """Counts over the whole output (exactly-once shows as duplicate_ids == 0) and this run's rates."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    filesystem, root = filesystem_for(cfg.output)
+    cols = ["id", "error", "num_model_calls", "num_generated_tokens", "prompt", "completion", "source"]
+    table = pads.dataset(root, filesystem=filesystem, format="parquet").to_table(columns=cols)
+    new = pc.invert(pc.is_in(table["id"], pa.array(done_before, pa.string())))
+    fresh = table.filter(new)
+    errored = table.filter(pc.is_valid(table["error"]))
+    summary: dict[str, Any] = {
+        "output": cfg.output, "rows": table.num_rows, "unique_ids": pc.count_distinct(table["id"]).as_py(),
+        "rows_errored": errored.num_rows, "rows_this_run": fresh.num_rows, "rows_done_before": len(done_before),
+        "model_calls_this_run": int(pc.sum(fresh["num_model_calls"]).as_py() or 0),
+        "generated_tokens_this_run": int(pc.sum(fresh["num_generated_tokens"]).as_py() or 0),
+        "seconds": round(seconds, 2),
+    }
+    summary["duplicate_ids"] = summary["rows"] - summary["unique_ids"]
+    summary["prompts_per_s"] = round(fresh.num_rows / seconds, 2)
+    summary["generated_tokens_per_s"] = round(summary["generated_tokens_this_run"] / seconds, 1)
+    summary["errors"] = [f"{s}: {e}" for s, e in zip(errored["source"].to_pylist()[:5], errored["error"].to_pylist()[:5])]
+    if builtin_count(cfg.input) is not None:
+        ok = table.filter(pc.is_null(table["error"]))
+        checks = [check_answer(p, c) for p, c in zip(ok["prompt"].to_pylist(), ok["completion"].to_pylist())]
+        summary["builtin_validity"] = round(sum(checks) / max(1, len(checks)), 4)
+    return summary

@@ -1,0 +1,237 @@
+"""Prompts for batch generation: reading them with stable ids, and checking each row.
+
+``PromptSource`` is a Ray Data datasource with one read task per input file (Parquet or JSONL,
+local or ``s3://``/``gs://``) or per shard of the built-in held-out prompts (``builtin:N``). Each
+row carries a stable ``id`` from the first operator on: the configured id column, or else
+``<file>:<row>`` (the file relative to the input root), so Ray Data's row-level checkpoint can
+filter finished rows right after the read, and a rerun gives every row the same id and seed.
+
+A row that cannot be used (bad JSON, no prompt, a bad override) is never dropped: it travels on
+with an ``error`` and ends up in the output as an error row. ``prepare_batch`` tokenizes the
+prompts and resolves each row's sampler settings (config defaults + the row's own columns).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import PurePosixPath
+from typing import Any, Iterator
+
+import pyarrow as pa
+from pydantic import ValidationError
+from ray.data import Datasource, ReadTask
+from ray.data.block import BlockMetadata
+
+from dlm_ray.config import CorpusConfig, GenerateConfig, SampleConfig
+from dlm_ray.corpus import iter_examples
+from dlm_ray.sources import BadInputError, file_format, filesystem_for, list_files
+
+# Per-row sampler overrides: input columns with these names, when present and not null.
+OVERRIDE_FIELDS = (*SampleConfig.model_fields, "seed")
+BUILTIN_SEED = 12345  # the held-out prompts the pretraining job scores
+ROWS_PER_BLOCK = 1024
+BUILTIN_SHARD = 500
+
+READ_SCHEMA = pa.schema([("id", pa.string()), ("where", pa.string()), ("prompt", pa.string()),
+                         ("overrides", pa.string()), ("error", pa.string())])
+
+
+def _rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=READ_SCHEMA)
+
+
+def _row(id_: str, where: str, prompt: Any, overrides: dict[str, Any], error: str | None) -> dict[str, Any]:
+    if error is None and not isinstance(prompt, str):
+        error = "prompt is missing (null)" if prompt is None else f"prompt is {type(prompt).__name__}, not text"
+    if error is None and not prompt.strip():
+        error = "prompt is empty"
+    kept = {k: v for k, v in overrides.items() if v is not None}
+    return {"id": id_, "where": where, "prompt": prompt if isinstance(prompt, str) else None,
+            "overrides": json.dumps(kept, sort_keys=True) if kept else None, "error": error}
+
+
+def _records(fmt: str, uri: str, columns: set[str]) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
+    """(row number, record or None, parse error) of one file, only the columns we use."""
+    filesystem, path = filesystem_for(uri)
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        with filesystem.open_input_file(path) as f:
+            pf = pq.ParquetFile(f)
+            cols = [c for c in pf.schema_arrow.names if c in columns]
+            n = 0
+            for batch in pf.iter_batches(columns=cols):
+                for record in batch.to_pylist():
+                    yield n, record, None
+                    n += 1
+        return
+    with filesystem.open_input_stream(path, compression="detect") as f:
+        data = f.read()
+    n = 0
+    for line in data.split(b"\n"):
+        if not line.strip():
+            continue  # blank lines are not records (and do not take a row number)
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            yield n, None, f"bad JSON: {exc}"
+        else:
+            if isinstance(record, dict):
+                yield n, {k: v for k, v in record.items() if k in columns}, None
+            else:
+                yield n, None, f"record is {type(record).__name__}, not an object"
+        n += 1
+
+
+def _read_file(uri: str, name: str, fmt: str, cfg: GenerateConfig) -> Iterator[pa.Table]:
+    columns = {cfg.prompt_column, *OVERRIDE_FIELDS} | ({cfg.id_column} if cfg.id_column else set())
+    rows: list[dict[str, Any]] = []
+    for n, record, error in _records(fmt, uri, columns):
+        where = f"{name} row {n}"
+        id_ = f"{name}:{n}"
+        if record is not None and cfg.id_column:
+            given = record.get(cfg.id_column)
+            if given is None:
+                error = f"id column {cfg.id_column!r} is missing"
+            else:
+                id_ = str(given)
+        record = record or {}
+        overrides = {k: record.get(k) for k in OVERRIDE_FIELDS}
+        rows.append(_row(id_, where, record.get(cfg.prompt_column), overrides, error))
+        if len(rows) == ROWS_PER_BLOCK:
+            yield _rows_to_table(rows)
+            rows = []
+    if rows:
+        yield _rows_to_table(rows)
+
+
+def _read_builtin(start: int, stop: int, families: dict[str, float]) -> Iterator[pa.Table]:
+    stream = iter_examples(families, seed=BUILTIN_SEED, split="heldout")
+    rows = []
+    for k, (index, ex) in enumerate(stream):
+        if k >= stop:
+            break
+        if k >= start:
+            rows.append(_row(f"builtin:{index}", f"builtin prompt {k} ({ex.family})", ex.prompt, {}, None))
+    yield _rows_to_table(rows)
+
+
+def builtin_count(spec: str) -> int | None:
+    """N for an input of ``builtin:N``; None for any other input."""
+    if not spec.startswith("builtin:"):
+        return None
+    try:
+        n = int(spec.removeprefix("builtin:"))
+    except ValueError:
+        raise ValueError(f"input {spec!r}: expected builtin:<number of prompts>") from None
+    if n <= 0:
+        raise ValueError(f"input {spec!r}: the number of prompts must be positive")
+    return n
+
+
+class PromptSource(Datasource):
+    """The prompts of ``cfg.input`` as rows (id, where, prompt, overrides, error)."""
+
+    def __init__(self, cfg: GenerateConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.num_builtin = builtin_count(cfg.input)
+        if self.num_builtin is None:
+            found = list_files(cfg.input)
+            root = _common_root([p for _, p in found])
+            self.files = [(uri, str(PurePosixPath(p).relative_to(root)) if root else PurePosixPath(p).name,
+                           "parquet" if cfg.format == "parquet" else file_format(uri, cfg.format))
+                          for uri, p in found]
+            bad = [uri for uri, _, fmt in self.files if fmt not in ("parquet", "jsonl")]
+            if bad:
+                raise ValueError(f"prompts must be Parquet or JSONL; cannot read {bad[:3]} (set format:)")
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                       data_context: Any = None) -> list[ReadTask]:
+        cfg = self.cfg
+        if self.num_builtin is not None:
+            families = CorpusConfig().families
+            return [ReadTask(lambda s=s: _read_builtin(s, min(s + BUILTIN_SHARD, self.num_builtin), families),
+                             _meta(min(BUILTIN_SHARD, self.num_builtin - s), None), READ_SCHEMA)
+                    for s in range(0, self.num_builtin, BUILTIN_SHARD)]
+        return [ReadTask(lambda u=uri, n=name, f=fmt: _read_file(u, n, f, cfg), _meta(None, uri), READ_SCHEMA)
+                for uri, name, fmt in self.files]
+
+
+def _meta(num_rows: int | None, uri: str | None) -> BlockMetadata:
+    return BlockMetadata(num_rows=num_rows, size_bytes=None, input_files=[uri] if uri else None, exec_stats=None)
+
+
+def _common_root(paths: list[str]) -> str:
+    if len(paths) == 1:
+        return str(PurePosixPath(paths[0]).parent)
+    parts = [PurePosixPath(p).parts for p in paths]
+    common = []
+    for level in zip(*parts):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    return str(PurePosixPath(*common)) if common else ""
+
+
+# --------------------------------------------------------------------------------------- per row
+
+
+def row_seed(base_seed: int, id_: str) -> int:
+    """The sampling seed of a row without its own: stable in the id, not in the row's position."""
+    digest = hashlib.blake2b(f"{base_seed}:{id_}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # fits int64
+
+
+def resolve_row(overrides_json: str | None, defaults: SampleConfig) -> tuple[SampleConfig, int | None]:
+    """The row's sampler settings and its own seed (if given); raises ValueError naming the field."""
+    overrides = json.loads(overrides_json) if overrides_json else {}
+    seed = overrides.pop("seed", None)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    try:
+        return SampleConfig.model_validate({**defaults.to_dict(), **overrides}), seed
+    except ValidationError as exc:
+        msgs = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
+        raise ValueError(f"bad sampler override ({msgs})") from None
+
+
+PREPARED_SCHEMA = READ_SCHEMA.append(pa.field("prompt_ids", pa.list_(pa.int32()))) \
+    .append(pa.field("sample", pa.string())).append(pa.field("seed", pa.int64()))
+
+
+def prepare_batch(batch: pa.Table, *, cfg: GenerateConfig, tokenizer: Any, max_seq_len: int) -> pa.Table:
+    """Add ``prompt_ids``, ``sample`` (the row's settings as JSON) and ``seed``; fill ``error`` for
+    rows that cannot be generated. Under ``cfg.strict`` the first bad row raises instead."""
+    rows = batch.to_pydict()
+    n = batch.num_rows
+    prompt_ids: list[list[int]] = []
+    samples: list[str | None] = []
+    seeds: list[int] = []
+    errors = rows["error"]
+    encoded = tokenizer.encode_batch([p if isinstance(p, str) else "" for p in rows["prompt"]])
+    prefix = [tokenizer.eos_id] if cfg.prepend_eos else []
+    for i in range(n):
+        ids = [*prefix, *encoded[i].tolist()]
+        sample, seed = None, 0
+        if errors[i] is None:
+            try:
+                sc, own_seed = resolve_row(rows["overrides"][i], cfg.sample)
+                seed = own_seed if own_seed is not None else row_seed(cfg.seed, rows["id"][i])
+                if len(ids) + sc.gen_length > max_seq_len:
+                    raise ValueError(f"prompt is {len(ids)} tokens; with gen_length {sc.gen_length} that is "
+                                     f"over the model's context of {max_seq_len}")
+                sample = sc.model_dump_json()
+            except ValueError as exc:
+                errors[i] = str(exc)
+        if errors[i] is not None and cfg.strict:
+            raise BadInputError(f"{rows['where'][i]} (id {rows['id'][i]!r}): {errors[i]}")
+        prompt_ids.append(ids if errors[i] is None else [])
+        samples.append(sample)
+        seeds.append(seed)
+    rows.update(prompt_ids=prompt_ids, sample=samples, seed=seeds, error=errors)
+    return pa.Table.from_pydict(rows, schema=PREPARED_SCHEMA)

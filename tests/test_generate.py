@@ -1,0 +1,186 @@
+"""Batch generation on local Ray: exactly once, schema, reproducibility, kill/rerun, actor loss, bad rows."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from dlm_ray.checkpoint import save_inference
+from dlm_ray.config import ConfigError, GenerateConfig, SampleConfig, load_config
+from dlm_ray.generate import CHECKPOINT_DIR, OUTPUT_SCHEMA, check_output, run
+from dlm_ray.model import Denoiser
+from dlm_ray.prompts import PromptSource, row_seed
+
+ROOT = Path(__file__).resolve().parents[1]
+NUM_GOOD = 200
+# (record, expected error fragment): every bad row must come out as an error row.
+BAD_ROWS = [
+    ({"prompt": None}, "prompt is missing"),
+    ({"prompt": "   "}, "prompt is empty"),
+    ({"prompt": 7}, "prompt is int"),
+    ({"prompt": "x" * 200}, "over the model's context of 128"),
+    ({"prompt": "ok", "steps": 5, "block_length": 8}, "not divisible"),
+    ({"prompt": "ok", "temperature": -1}, "temperature"),
+    ({"prompt": "ok", "seed": "abc"}, "seed must be"),
+    ({"prompt": "ok", "no_such_setting": 1}, None),  # unknown columns are ignored, not errors
+]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tiny_cfg) -> str:
+    torch.manual_seed(0)
+    return str(save_inference(Denoiser(tiny_cfg).eval(), {"kind": "byte"}, tmp_path_factory.mktemp("ckpt")))
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory) -> Path:
+    """Two JSONL files in nested directories (ids come from relative paths), one bad JSON line."""
+    root = tmp_path_factory.mktemp("prompts")
+    (root / "a").mkdir()
+    (root / "b").mkdir()
+    good = [{"prompt": f"q{i % 17}:" + "0123456789"[: i % 9 + 1]} for i in range(NUM_GOOD)]
+    for rec in good[::10]:
+        rec["gen_length"], rec["steps"], rec["block_length"] = 8, 8, 8  # a second settings group
+    lines_a = [json.dumps(r) for r in good[:120]]
+    lines_b = [json.dumps(r) for r in good[120:]] + [json.dumps(r) for r, _ in BAD_ROWS] + ["{not json"]
+    (root / "a" / "part.jsonl").write_text("\n".join(lines_a) + "\n")
+    (root / "b" / "part.jsonl").write_text("\n".join(lines_b) + "\n")
+    return root
+
+
+def make_cfg(checkpoint: str, prompts: Path, output: Path, **kw) -> GenerateConfig:
+    base = dict(checkpoint=checkpoint, input=str(prompts), output=str(output), batch_size=16,
+                group_batches=2, actors=(2, 2), progress_bars=False,
+                sample=SampleConfig(gen_length=16, steps=8, block_length=16, temperature=1.0))
+    return GenerateConfig(**{**base, **kw})
+
+
+def read_output(output: Path) -> pa.Table:
+    return pads.dataset(str(output), format="parquet").to_table()
+
+
+def expected_ids() -> set[str]:
+    return ({f"a/part.jsonl:{i}" for i in range(120)}
+            | {f"b/part.jsonl:{i}" for i in range(NUM_GOOD - 120 + len(BAD_ROWS) + 1)})
+
+
+def test_every_id_once_schema_errors_and_reproducible(ray_cluster, checkpoint, prompts, tmp_path):
+    cfg = make_cfg(checkpoint, prompts, tmp_path / "out")
+    summary = run(cfg)
+    table = read_output(tmp_path / "out")
+    assert table.schema.remove_metadata() == OUTPUT_SCHEMA
+    ids = table["id"].to_pylist()
+    assert len(ids) == len(set(ids)) and set(ids) == expected_ids()
+    assert summary["rows"] == len(ids) and summary["duplicate_ids"] == 0
+    rows = {r["id"]: r for r in table.to_pylist()}
+    bad_start = NUM_GOOD - 120
+    for k, (_, fragment) in enumerate(BAD_ROWS):
+        row = rows[f"b/part.jsonl:{bad_start + k}"]
+        if fragment is None:
+            assert row["error"] is None and row["completion"] is not None
+        else:
+            assert fragment in row["error"] and row["completion"] is None and row["completion_ids"] is None
+    assert "bad JSON" in rows[f"b/part.jsonl:{bad_start + len(BAD_ROWS)}"]["error"]
+    good = [r for r in rows.values() if r["error"] is None]
+    assert summary["rows_errored"] == len(rows) - len(good) == 8
+    for r in good:
+        settings = json.loads(r["sample"])
+        assert r["num_generated_tokens"] == settings["gen_length"] and r["num_model_calls"] == settings["steps"]
+        assert len(r["completion_ids"]) <= settings["gen_length"] and 258 not in r["completion_ids"]
+        assert r["seed"] == row_seed(cfg.seed, r["id"])
+    assert {json.loads(r["sample"])["gen_length"] for r in good} == {8, 16}
+    assert len({r["checkpoint"] for r in rows.values()}) == 1
+
+    # Same seeds, other actors and batch size: the same completions, row by row.
+    again = run(make_cfg(checkpoint, prompts, tmp_path / "again", actors=(1, 1), batch_size=8))
+    rows2 = {r["id"]: r for r in read_output(tmp_path / "again").to_pylist()}
+    assert again["rows"] == len(rows2) == len(rows)
+    assert all(rows2[i]["completion_ids"] == rows[i]["completion_ids"] for i in rows)
+
+    # A finished output is complete: a rerun generates nothing and duplicates nothing.
+    rerun = run(cfg)
+    assert rerun["rows_this_run"] == 0 and rerun["rows"] == len(ids) and rerun["duplicate_ids"] == 0
+
+
+def test_strict_fails_naming_the_row(ray_cluster, checkpoint, prompts, tmp_path):
+    with pytest.raises(Exception, match=r"b/part.jsonl row 80 \(id 'b/part.jsonl:80'\): prompt is missing"):
+        run(make_cfg(checkpoint, prompts, tmp_path / "out", strict=True))
+
+
+def test_actor_death_is_retried_exactly_once(ray_cluster, checkpoint, prompts, tmp_path):
+    marker = tmp_path / "died"
+    summary = run(make_cfg(checkpoint, prompts, tmp_path / "out", fail_once_marker=str(marker)))
+    assert marker.exists()  # an actor really died mid-batch
+    ids = read_output(tmp_path / "out")["id"].to_pylist()
+    assert len(ids) == len(set(ids)) and set(ids) == expected_ids()
+    assert summary["duplicate_ids"] == 0
+
+
+def test_killed_job_rerun_gives_every_id_once(ray_cluster, checkpoint, tmp_path):
+    # Enough slow work that the driver is killed part way: 16 files of 40 prompts, gen_length 64.
+    src = tmp_path / "prompts"
+    src.mkdir()
+    for f in range(16):
+        pq.write_table(pa.table({"key": [f"k{f}-{i}" for i in range(40)],
+                                 "text": [f"prompt {f} {i}" for i in range(40)]}), src / f"p{f:02d}.parquet")
+    out = tmp_path / "out"
+    args = [f"--checkpoint={checkpoint}", f"--input={src}", f"--output={out}", "--prompt_column=text",
+            "--id_column=key", "--batch_size=8", "--group_batches=1", "--actors=[1, 1]",
+            "--progress_bars=false", "--sample.gen_length=64", "--sample.steps=64", "--sample.block_length=64"]
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "generate.py"), *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        done = list((out / CHECKPOINT_DIR).glob("*.parquet")) if (out / CHECKPOINT_DIR).exists() else []
+        if len(done) >= 3:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the job finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    cfg = load_config(GenerateConfig, None, args)
+    summary = run(cfg)
+    ids = read_output(out)["id"].to_pylist()
+    assert 0 < summary["rows_done_before"] < 640 and summary["rows_this_run"] == 640 - summary["rows_done_before"]
+    assert len(ids) == len(set(ids)) == 640 and set(ids) == {f"k{f}-{i}" for f in range(16) for i in range(40)}
+
+
+def test_resume_with_other_settings_or_foreign_output_is_refused(checkpoint, prompts, tmp_path):
+    cfg = make_cfg(checkpoint, prompts, tmp_path / "out")
+    check_output(cfg, {"checkpoint": "aaa", "seed": 0})
+    with pytest.raises(ValueError, match="other settings \\(checkpoint differ"):
+        check_output(cfg, {"checkpoint": "bbb", "seed": 0})
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "data.parquet").write_bytes(b"x")
+    with pytest.raises(ValueError, match="not a generation output"):
+        check_output(make_cfg(checkpoint, prompts, tmp_path / "foreign"), {"checkpoint": "aaa"})
+    with pytest.raises(ConfigError, match="actors"):
+        load_config(GenerateConfig, None, ["--actors=[2, 1]"])
+
+
+def test_prompt_source_ids_and_builtin(prompts, checkpoint, tmp_path):
+    cfg = make_cfg(checkpoint, prompts, tmp_path / "out")
+    src = PromptSource(cfg)
+    assert [name for _, name, _ in src.files] == ["a/part.jsonl", "b/part.jsonl"]
+    tables = [t for task in src.get_read_tasks(1) for t in task()]
+    assert sum(t.num_rows for t in tables) == len(expected_ids())
+    builtin = PromptSource(cfg.model_copy(update={"input": "builtin:700"}))
+    rows = [r for task in builtin.get_read_tasks(1) for t in task() for r in t.to_pylist()]
+    assert len(rows) == len({r["id"] for r in rows}) == 700 and all(r["error"] is None for r in rows)
+    with pytest.raises(ValueError, match="builtin:<number"):
+        PromptSource(cfg.model_copy(update={"input": "builtin:many"}))
+    with pytest.raises(FileNotFoundError):
+        PromptSource(cfg.model_copy(update={"input": str(tmp_path / "missing")}))
