@@ -157,6 +157,16 @@ def load_inference(directory: str | Path, *, device: str | torch.device = "cpu",
     return model.to(device=device, dtype=dtype).eval(), tok, meta
 
 
+def inference_placement(want_gpu: bool, dtype: str, cpu_threads: int) -> tuple[torch.device, torch.dtype]:
+    """Device and dtype for a serving process: bf16 on a GPU and fp32 on CPU unless ``dtype`` says
+    otherwise. On CPU, torch gets ``cpu_threads`` threads: the CPUs its Ray actor was given."""
+    on_gpu = want_gpu and torch.cuda.is_available()
+    name = dtype if dtype != "auto" else ("bfloat16" if on_gpu else "float32")
+    if not on_gpu:
+        torch.set_num_threads(max(1, cpu_threads))
+    return torch.device("cuda" if on_gpu else "cpu"), getattr(torch, name)
+
+
 def checkpoint_hash(directory: str | Path) -> str:
     """Identity of an inference checkpoint: SHA-256 over its files (config, weights, tokenizer),
     first 16 hex digits. Outputs record it so every generated row names the weights behind it."""

@@ -331,6 +331,46 @@ class GenerateConfig(Config):
         return self
 
 
+# ------------------------------------------------------------------------------------------- serving
+
+
+class AutoscalingConfig(Config):
+    """Ray Serve's replica autoscaling, passed through as ``autoscaling_config``."""
+
+    min_replicas: int = Field(1, ge=0)
+    initial_replicas: int | None = Field(None, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(16, gt=0)
+    upscale_delay_s: float = Field(5.0, ge=0)
+    downscale_delay_s: float = Field(60.0, ge=0)
+
+    @model_validator(mode="after")
+    def _check_range(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas={self.min_replicas} > max_replicas={self.max_replicas}")
+        return self
+
+
+class ServeConfig(Config):
+    """The HTTP service (``dlm_ray.serve.build_app``): model, batching, back-pressure, replicas."""
+
+    checkpoint: str = "runs/tiny/export"
+    model_name: str = "dlm-tiny"  # what clients pass as "model"
+    # Defaults for fields a request leaves out; max_tokens sets gen_length.
+    sample: SampleConfig = Field(default_factory=lambda: SampleConfig(gen_length=24, steps=24, block_length=24))
+    max_batch_size: int = Field(16, gt=0)
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    max_n: int = Field(8, gt=0)  # completions per prompt
+    max_prompts: int = Field(32, gt=0)  # prompts per request
+    max_ongoing_requests: int = Field(64, gt=0)  # per replica; beyond it requests queue
+    max_queued_requests: int = Field(256, ge=-1)  # beyond it: 503 at once (-1: unbounded)
+    autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
+    num_cpus: float = Field(1.0, ge=0)  # per replica
+    num_gpus: float = Field(0.0, ge=0)
+    torch_threads: int | None = Field(None, gt=0)  # None: one per CPU the replica holds
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+
+
 # -------------------------------------------------------------------------------- loading, overrides
 
 C = TypeVar("C", bound=Config)

@@ -30,9 +30,10 @@ import torch
 from ray.data import ActorPoolStrategy, DataContext
 from ray.data.checkpoint import CheckpointConfig
 
-from dlm_ray.checkpoint import checkpoint_hash, load_inference, read_inference_config
+from dlm_ray.checkpoint import checkpoint_hash, inference_placement, load_inference, read_inference_config
 from dlm_ray.config import GenerateConfig, ModelConfig, SampleConfig
 from dlm_ray.corpus import check_answer
+from dlm_ray.data import PaceScheduler
 from dlm_ray.evaluate import left_pad
 from dlm_ray.prompts import PromptSource, builtin_count, prepare_batch
 from dlm_ray.sampling import generate, trim_after_eos
@@ -47,20 +48,15 @@ OUTPUT_SCHEMA = pa.schema([
 JOB_FILE = "_job.json"
 SUMMARY_FILE = "_summary.json"
 CHECKPOINT_DIR = "_checkpoint"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class Completer:
     """The actor UDF: one model per actor, ``generate`` on groups of similar rows."""
 
     def __init__(self, cfg: dict[str, Any], ckpt_hash: str) -> None:
-        self.cfg = GenerateConfig.model_validate(cfg)
-        on_gpu = self.cfg.gpus_per_actor > 0 and torch.cuda.is_available()
-        self.device = torch.device("cuda" if on_gpu else "cpu")
-        name = self.cfg.dtype if self.cfg.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
-        if not on_gpu:
-            torch.set_num_threads(self.cfg.torch_threads or max(1, int(self.cfg.cpus_per_actor)))
-        self.model, self.tok, _ = load_inference(self.cfg.checkpoint, device=self.device, dtype=_DTYPES[name])
+        self.cfg = c = GenerateConfig.model_validate(cfg)
+        self.device, dtype = inference_placement(c.gpus_per_actor > 0, c.dtype, c.torch_threads or int(c.cpus_per_actor))
+        self.model, self.tok, _ = load_inference(c.checkpoint, device=self.device, dtype=dtype)
         self.hash = ckpt_hash
 
     def _maybe_fail(self) -> None:
@@ -165,6 +161,9 @@ def build_dataset(cfg: GenerateConfig, ckpt_hash: str) -> ray.data.Dataset:
     ds = ds.map_batches(prepare_batch, batch_format="pyarrow", batch_size=cfg.batch_size * cfg.group_batches,
                         fn_kwargs={"cfg": cfg, "tokenizer": tokenizer, "max_seq_len": max_seq_len})
     lo, hi = cfg.actors
+    # The loop waits on a few long actor calls: without pacing it would spin on a core they need.
+    if PaceScheduler not in ds.context.custom_execution_callback_classes:
+        ds.context.custom_execution_callback_classes.append(PaceScheduler)
     return ds.map_batches(
         Completer, fn_constructor_kwargs={"cfg": cfg.to_dict(), "ckpt_hash": ckpt_hash},
         batch_format="pyarrow", batch_size=cfg.batch_size * cfg.group_batches,
@@ -209,7 +208,9 @@ def summarize(cfg: GenerateConfig, done_before: list[str], seconds: float) -> di
     summary: dict[str, Any] = {
         "output": cfg.output, "rows": table.num_rows, "unique_ids": pc.count_distinct(table["id"]).as_py(),
         "rows_errored": errored.num_rows, "rows_this_run": fresh.num_rows, "rows_done_before": len(done_before),
-        "model_calls_this_run": int(pc.sum(fresh["num_model_calls"]).as_py() or 0),
+        # Calls of the generate() batch each row was in (one call serves the whole batch).
+        "mean_model_calls_per_row": round(pc.mean(fresh.filter(pc.is_null(fresh["error"]))["num_model_calls"])
+                                          .as_py() or 0, 2),
         "generated_tokens_this_run": int(pc.sum(fresh["num_generated_tokens"]).as_py() or 0),
         "seconds": round(seconds, 2),
     }

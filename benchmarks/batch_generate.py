@@ -1,0 +1,105 @@
+"""Batch generation job vs a direct ``generate`` loop over the same prompts, in one run.
+
+    python benchmarks/batch_generate.py [--checkpoint runs/tiny/export] [--prompts 1024] [--threads 1]
+
+(a) one process: tokenize, batch, ``sampling.generate``, decode; no Ray, no Parquet; once in input
+order and once with the prompts sorted by length (the job groups rows by length).
+(b) ``dlm_ray.generate.run`` with 1 actor, then (c) with 2 actors, each actor holding ``--threads``
+torch threads, as (a) does. Same checkpoint, prompts, batch size and sampler settings. The job's
+time is wall-clock from the call to the summary, so it includes actor start-up, model loading and
+writing Parquet. Prints prompts/s and generated tokens/s, the job's overhead against (a) and the
+speed-up of 2 actors over 1, then an estimate for a large prompt count. Asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+import torch
+
+from dlm_ray.checkpoint import load_inference, save_inference
+from dlm_ray.config import CorpusConfig, GenerateConfig, ModelConfig, SampleConfig
+from dlm_ray.corpus import take_examples
+from dlm_ray.evaluate import left_pad
+from dlm_ray.generate import run
+from dlm_ray.model import Denoiser
+from dlm_ray.prompts import BUILTIN_SEED
+from dlm_ray.sampling import generate
+
+
+def direct_loop(checkpoint: str, prompts: list[str], sc: SampleConfig, batch_size: int, threads: int,
+                by_length: bool) -> float:
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    model, tok, _ = load_inference(checkpoint)
+    if by_length:  # what the job's actors do within each group of rows
+        prompts = sorted(prompts, key=len)
+    outs = []
+    for i in range(0, len(prompts), batch_size):
+        ids, am = left_pad([[tok.eos_id, *tok.encode(p)] for p in prompts[i:i + batch_size]], tok.pad_id)
+        gens = [torch.Generator().manual_seed(i + k) for k in range(len(ids))]
+        x = generate(model, ids, sc, mask_id=tok.mask_id, attention_mask=am, generator=gens, eos_id=tok.eos_id)
+        outs += [tok.decode(row[ids.shape[1]:].tolist()) for row in x]
+    assert len(outs) == len(prompts)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", default=None, help="an exported checkpoint; default: a random tiny model")
+    ap.add_argument("--prompts", type=int, default=1024)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--gen-length", type=int, default=24)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads in the loop and per actor")
+    ap.add_argument("--estimate", type=int, default=1_000_000, help="prompt count for the time estimate")
+    args = ap.parse_args()
+    sc = SampleConfig(gen_length=args.gen_length, steps=args.gen_length, block_length=args.gen_length)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_gen_"))
+    checkpoint = args.checkpoint
+    if checkpoint is None:
+        torch.manual_seed(0)
+        checkpoint = str(save_inference(Denoiser(ModelConfig(preset="tiny")).eval(), {"kind": "byte"}, tmp / "ckpt"))
+    prompts = [e.prompt for e in take_examples(CorpusConfig().families, args.prompts, seed=BUILTIN_SEED, split="heldout")]
+    src = tmp / "prompts.jsonl"
+    src.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+
+    direct_s = direct_loop(checkpoint, prompts, sc, args.batch_size, args.threads, by_length=False)
+    sorted_s = direct_loop(checkpoint, prompts, sc, args.batch_size, args.threads, by_length=True)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    results = {}
+    for actors in (1, 2):
+        cfg = GenerateConfig(checkpoint=checkpoint, input=str(src), output=str(tmp / f"out{actors}"), sample=sc,
+                             batch_size=args.batch_size, actors=(actors, actors), cpus_per_actor=1,
+                             torch_threads=args.threads, progress_bars=False)
+        summary = run(cfg)
+        assert summary["rows"] == args.prompts and summary["duplicate_ids"] == 0
+        results[actors] = summary["seconds"]
+    ray.shutdown()
+
+    tokens = args.prompts * args.gen_length
+    print(f"\n{args.prompts} prompts, gen_length {args.gen_length}, {args.gen_length} steps, batch {args.batch_size}, "
+          f"{args.threads} torch thread(s) per worker, {os.cpu_count()} cores\n")
+    print("| path | seconds | prompts/s | gen tokens/s | vs direct |")
+    print("| --- | --- | --- | --- | --- |")
+    print(f"| direct generate() loop, 1 process | {direct_s:.1f} | {args.prompts / direct_s:.1f} | "
+          f"{tokens / direct_s:.0f} | 1.00x |")
+    print(f"| direct loop, prompts sorted by length | {sorted_s:.1f} | {args.prompts / sorted_s:.1f} | "
+          f"{tokens / sorted_s:.0f} | {sorted_s / direct_s:.2f}x time |")
+    for actors, s in results.items():
+        print(f"| job, {actors} actor{'s' if actors > 1 else ''} | {s:.1f} | {args.prompts / s:.1f} | "
+              f"{tokens / s:.0f} | {s / direct_s:.2f}x time |")
+    print(f"\njob at 1 actor vs direct loop: {results[1] / direct_s - 1:+.1%} time; vs the length-sorted loop: "
+          f"{results[1] / sorted_s - 1:+.1%}; 2 actors vs 1: {results[1] / results[2]:.2f}x")
+    rate = args.prompts / results[2]
+    print(f"estimate: {args.estimate:,} prompts at {rate:.1f} prompts/s on 2 actors ≈ "
+          f"{args.estimate / rate / 3600:.1f} h; on N such actors ≈ {args.estimate / (rate / 2) / 3600:.1f} h / N")
+
+
+if __name__ == "__main__":
+    main()
