@@ -1,0 +1,105 @@
+"""Load on the Serve app over localhost HTTP: batching on vs off, at concurrency 1, 8 and 32.
+
+    python benchmarks/serve_load.py [--checkpoint runs/tiny/export] [--requests 96] [--threads 1]
+
+A bounded load generator (asyncio + httpx): ``c`` clients each send requests back to back until
+``--requests`` (at least 2c) have been answered. The same app is deployed twice, one after the
+other on the same local Ray: with ``max_batch_size`` = ``--batch`` and with 1. Prints requests/s,
+p50/p99 latency and the count of non-200 answers; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import ray
+import torch
+from ray import serve
+
+from dlm_ray.checkpoint import save_inference
+from dlm_ray.config import CorpusConfig, ModelConfig
+from dlm_ray.corpus import take_examples
+from dlm_ray.model import Denoiser
+from dlm_ray.serve import build_app
+
+
+async def load(url: str, model: str, prompts: list[str], concurrency: int, total: int) -> dict:
+    latencies: list[float] = []
+    codes: list[int] = []
+    next_k = 0
+
+    async def client(http: httpx.AsyncClient) -> None:
+        nonlocal next_k
+        while next_k < total:
+            k = next_k
+            next_k += 1
+            body = {"model": model, "prompt": prompts[k % len(prompts)], "seed": k, "max_tokens": 24}
+            t = time.perf_counter()
+            r = await http.post(f"{url}/v1/completions", json=body)
+            latencies.append(time.perf_counter() - t)
+            codes.append(r.status_code)
+
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as http:
+        await http.post(f"{url}/v1/completions", json={"model": model, "prompt": prompts[0], "max_tokens": 24})
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    lat = np.asarray(latencies)
+    return {"rps": len(codes) / wall, "p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)),
+            "errors": sum(c != 200 for c in codes), "n": len(codes)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", default=None, help="an exported checkpoint; default: a random tiny model")
+    ap.add_argument("--requests", type=int, default=96)
+    ap.add_argument("--batch", type=int, default=32, help="max_batch_size of the batched deployment")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads in the replica")
+    ap.add_argument("--wait", type=float, default=0.02, help="batch_wait_timeout_s of the batched deployment")
+    args = ap.parse_args()
+    checkpoint = args.checkpoint
+    if checkpoint is None:
+        torch.manual_seed(0)
+        checkpoint = str(save_inference(Denoiser(ModelConfig(preset="tiny")).eval(), {"kind": "byte"},
+                                        Path(tempfile.mkdtemp(prefix="bench_serve_")) / "ckpt"))
+    prompts = [e.prompt for e in take_examples(CorpusConfig().families, 64, seed=7, split="heldout")]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    url = f"http://127.0.0.1:{port}"
+    table = {}
+    for batch in (args.batch, 1):
+        serve.run(build_app({"checkpoint": checkpoint, "model_name": "bench", "max_batch_size": batch,
+                             "batch_wait_timeout_s": args.wait if batch > 1 else 0.0, "torch_threads": args.threads,
+                             "autoscaling": {"min_replicas": 1, "max_replicas": 1}}), name="bench", route_prefix="/")
+        for c in (1, 8, 32):
+            table[(batch, c)] = asyncio.run(load(url, "bench", prompts, c, max(args.requests, 2 * c)))
+        sizes = httpx.get(f"{url}/v1/stats").json()["batch_sizes"]
+        mean = sum(int(k) * v for k, v in sizes.items()) / sum(sizes.values())
+        print(f"max_batch_size {batch}: {sum(sizes.values())} batches, mean size {mean:.1f}", flush=True)
+        serve.delete("bench")
+    serve.shutdown()
+    ray.shutdown()
+
+    print(f"\ntiny model, 1 replica ({args.threads} torch thread), max_tokens 24 in 24 steps, {args.requests}+ "
+          "requests per cell\n")
+    print("| max_batch_size | concurrency | req/s | p50 s | p99 s | non-200 |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for (batch, c), r in table.items():
+        print(f"| {batch} | {c} | {r['rps']:.1f} | {r['p50']:.3f} | {r['p99']:.3f} | {r['errors']} |")
+    for c in (1, 8, 32):
+        print(f"batching speed-up at concurrency {c}: {table[(args.batch, c)]['rps'] / table[(1, c)]['rps']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
