@@ -102,9 +102,18 @@ class SampleConfig(Config):
     temperature: float = Field(0.0, ge=0)
     remasking: Literal["low_confidence", "random"] = "low_confidence"
     cfg_scale: float = Field(0.0, ge=0)
-    # Fast decoding (None = the reference fixed-count rule).
+    # Fast decoding. A step commits at least the reference schedule's count and, with a threshold,
+    # every masked position of the block with confidence >= threshold; with a factor f, the longest
+    # run of most-confident positions whose k-th has confidence >= 1 - f / (k + 1). A block ends when
+    # it has no mask left, so calls adapt to the model's certainty (never more than ``steps``).
     threshold: float | None = Field(None, gt=0)
     factor: float | None = Field(None, gt=0)
+    # Block KV cache: "prefix" recomputes the current block and everything after it each step, with
+    # the keys/values before it from the block's first call; "dual" recomputes only the block.
+    cache: Literal["none", "prefix", "dual"] = "none"
+    # With a cache: a full forward (refreshing it) every this many steps within a block; None = only
+    # at the block's first step.
+    refresh_every: int | None = Field(None, gt=0)
     # Stop once every row has committed an EOS with nothing masked before it; fill the rest with EOS.
     stop_at_eos: bool = False
 

@@ -98,17 +98,11 @@ class Completer:
 
     def _generate(self, prompts: list[list[int]], seeds: list[int], sc: SampleConfig) -> tuple[list[list[int]], int]:
         ids, am = left_pad(prompts, self.tok.pad_id)
-        num_calls = 0
-
-        def model(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-            nonlocal num_calls
-            num_calls += 1
-            return self.model(x, mask)
-
+        stats: dict[str, int] = {}
         gens = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
-        x = generate(model, ids.to(self.device), sc, mask_id=self.tok.mask_id, attention_mask=am.to(self.device),
-                     generator=gens, eos_id=self.tok.eos_id, max_length=self.model.max_seq_len)
-        return x[:, ids.shape[1]:].tolist(), num_calls
+        x = generate(self.model, ids.to(self.device), sc, mask_id=self.tok.mask_id, attention_mask=am.to(self.device),
+                     generator=gens, eos_id=self.tok.eos_id, stats=stats)
+        return x[:, ids.shape[1]:].tolist(), stats["model_calls"]
 
 
 # ------------------------------------------------------------------------------------------ driver

@@ -9,11 +9,15 @@ Shape legend:  B batch, L sequence length, D d_model, H heads, K head dim (D / H
 
     model = Denoiser(ModelConfig(preset="tiny"))
     logits_BLV = model(input_ids_BL, attention_mask_BL)
+
+For fast sampling the model can also return its keys/values (``prefill``) and then recompute only
+a window of the canvas against them (``forward_window``): the bidirectional analogue of a KV cache.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -59,15 +63,24 @@ class Attention(nn.Module):
         self.attn_out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
     def forward(
-        self, x_BLD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keep_B11L: torch.Tensor | None
-    ) -> torch.Tensor:
+        self, x_BLD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keep_B11S: torch.Tensor | None,
+        kv: LayerKV | None = None, start: int = 0,
+    ) -> tuple[torch.Tensor, LayerKV]:
+        """Attention of L positions. Without ``kv`` they attend to each other (S = L). With ``kv``
+        (keys/values of a whole canvas of S positions) the L positions are the window
+        [start, start + L) of it: its keys/values are computed afresh, the rest come from ``kv``."""
         B, L, D = x_BLD.shape
         split = lambda t: t.view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # noqa: E731
         q_BHLK = apply_rope(split(self.q_proj(x_BLD)), cos, sin)
+        # Keys are stored after RoPE: each carries its own absolute position.
         k_BHLK = apply_rope(split(self.k_proj(x_BLD)), cos, sin)
         v_BHLK = split(self.v_proj(x_BLD))
-        y_BHLK = F.scaled_dot_product_attention(q_BHLK, k_BHLK, v_BHLK, attn_mask=keep_B11L, is_causal=False)
-        return self.attn_out(y_BHLK.transpose(1, 2).reshape(B, L, D))
+        k_BHSK, v_BHSK = k_BHLK, v_BHLK
+        if kv is not None:
+            k_BHSK = torch.cat([kv[0][:, :, :start], k_BHLK, kv[0][:, :, start + L:]], dim=2)
+            v_BHSK = torch.cat([kv[1][:, :, :start], v_BHLK, kv[1][:, :, start + L:]], dim=2)
+        y_BHLK = F.scaled_dot_product_attention(q_BHLK, k_BHSK, v_BHSK, attn_mask=keep_B11S, is_causal=False)
+        return self.attn_out(y_BHLK.transpose(1, 2).reshape(B, L, D)), (k_BHLK, v_BHLK)
 
 
 class MLP(nn.Module):
@@ -89,9 +102,10 @@ class Block(nn.Module):
         self.ff_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x_BLD, cos, sin, keep_B11L):  # type: ignore[no-untyped-def]
-        x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), cos, sin, keep_B11L)
-        return x_BLD + self.mlp(self.ff_norm(x_BLD))
+    def forward(self, x_BLD, cos, sin, keep_B11S, kv=None, start=0):  # type: ignore[no-untyped-def]
+        a_BLD, fresh = self.attn(self.attn_norm(x_BLD), cos, sin, keep_B11S, kv, start)
+        x_BLD = x_BLD + a_BLD
+        return x_BLD + self.mlp(self.ff_norm(x_BLD)), fresh
 
 
 class Denoiser(nn.Module):
@@ -119,6 +133,13 @@ class Denoiser(nn.Module):
     def forward(
         self, input_ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor | None = None
     ) -> torch.Tensor:
+        logits_BLV, _ = self.prefill(input_ids_BL, attention_mask_BL, keep_cache=False)
+        return logits_BLV
+
+    def prefill(
+        self, input_ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor | None = None, *, keep_cache: bool = True
+    ) -> tuple[torch.Tensor, KVCache | None]:
+        """The plain forward, also returning every layer's keys/values for ``forward_window``."""
         B, L = input_ids_BL.shape
         if L > self.max_seq_len:
             raise ValueError(f"sequence length {L} exceeds the model's context of {self.max_seq_len}")
@@ -133,9 +154,42 @@ class Denoiser(nn.Module):
             keep_B11L = real_BL[:, None, None, :]
         cos, sin = rope_tables(pos_BL, self.config.d_model // self.config.n_heads, self.config.rope_theta)
         x_BLD = self.wte(input_ids_BL)
+        layers = []
         for block in self.blocks:
-            x_BLD = block(x_BLD, cos, sin, keep_B11L)
-        return self.lm_head(self.ln_f(x_BLD)).float()
+            x_BLD, fresh = block(x_BLD, cos, sin, keep_B11L)
+            if keep_cache:
+                layers.append(fresh)
+        logits_BLV = self.lm_head(self.ln_f(x_BLD)).float()
+        return logits_BLV, (KVCache(layers, pos_BL, keep_B11L) if keep_cache else None)
+
+    def forward_window(self, window_ids_BW: torch.Tensor, start: int, cache: KVCache) -> torch.Tensor:
+        """Logits of the window [start, start + W) of the canvas ``cache`` was made from, with the
+        window's tokens replaced by ``window_ids_BW``; every other position's keys/values come from
+        the cache (approximate: they are not updated for the window's new tokens)."""
+        W = window_ids_BW.shape[1]
+        pos_BW = cache.pos_BL[:, start:start + W]
+        cos, sin = rope_tables(pos_BW, self.config.d_model // self.config.n_heads, self.config.rope_theta)
+        x_BWD = self.wte(window_ids_BW)
+        for block, kv in zip(self.blocks, cache.layers):
+            x_BWD, _ = block(x_BWD, cos, sin, cache.keep_B11L, kv, start)
+        return self.lm_head(self.ln_f(x_BWD)).float()
+
+
+LayerKV = tuple[torch.Tensor, torch.Tensor]  # keys (after RoPE) and values [B, H, L, K]
+
+
+@dataclass
+class KVCache:
+    """Keys/values of every layer for a whole canvas, with its positions and padding mask."""
+
+    layers: list[LayerKV]
+    pos_BL: torch.Tensor
+    keep_B11L: torch.Tensor | None
+
+    def rows(self, idx_A: torch.Tensor) -> KVCache:
+        """The cache of a subset of the batch (rows that still have work)."""
+        return KVCache([(k[idx_A], v[idx_A]) for k, v in self.layers], self.pos_BL[idx_A],
+                       None if self.keep_B11L is None else self.keep_B11L[idx_A])
 
 
 def num_params(cfg: ModelConfig, *, include_embedding: bool = True) -> int:

@@ -122,19 +122,29 @@ def generate(
     eos_id: int | None = None,
     max_length: int | None = None,
     on_step: StepCallback | None = None,
+    stats: dict[str, int] | None = None,
 ) -> torch.Tensor:
     """Fill ``cfg.gen_length`` positions after each prompt: LongTensor[B, P + gen_length].
 
     ``max_length`` defaults to the model's ``max_seq_len`` when it has one. ``eos_id`` is needed only
-    for ``cfg.stop_at_eos``. Random draws cover the generated positions only, so with one generator
-    per row a row's output does not depend on the prompt lengths of the rows batched with it.
+    for ``cfg.stop_at_eos``. Random draws cover the current block only, so with one generator per
+    row a row's output does not depend on the rows batched with it. Rows with nothing left to do in
+    the current block (finished early, or stopped at EOS) are left out of the model calls. If given,
+    ``stats["model_calls"]`` receives the number of model calls (forward passes over the batch).
     """
     if max_length is None:
         max_length = getattr(model, "max_seq_len", None)
     _validate(prompt_ids_BP, cfg, mask_id, attention_mask, max_length)
     if cfg.stop_at_eos and eos_id is None:
         raise ValueError("stop_at_eos needs eos_id")
+    if cfg.cache != "none":
+        if not hasattr(model, "prefill") or not hasattr(model, "forward_window"):
+            raise ValueError("cache needs a model with prefill() and forward_window(), like dlm_ray.model.Denoiser")
+        if cfg.cfg_scale:
+            raise ValueError("cache is not supported with cfg_scale > 0")
     B, P = prompt_ids_BP.shape
+    if not (generator is None or isinstance(generator, torch.Generator)) and len(generator) != B:
+        raise ValueError(f"got {len(generator)} generators for a batch of {B}")
     device = prompt_ids_BP.device
     x_BT = torch.cat([prompt_ids_BP, torch.full((B, cfg.gen_length), mask_id, dtype=torch.long, device=device)], 1)
     am_BT = None
@@ -146,32 +156,71 @@ def generate(
         prompt_real_BT[:, :P] = True
 
     steps_per_block = cfg.steps // cfg.num_blocks
-    step = 0
+    num_calls = step = 0
     for blk in range(cfg.num_blocks):
         start, end = P + blk * cfg.block_length, P + (blk + 1) * cfg.block_length
         counts_BS = num_transfer_tokens((x_BT[:, start:end] == mask_id).sum(-1), steps_per_block)
+        cache, cache_rows = None, None
         for i in range(steps_per_block):
-            # Only the generated region [P, T) ever changes: proposals and scores are computed there.
-            gen_BG = x_BT[:, P:]
-            logits_BGV = exclude_mask_logit(
-                _logits(model, x_BT, am_BT, prompt_real_BT, cfg.cfg_scale, mask_id)[:, P:], mask_id)
-            x0_BG = propose(logits_BGV, cfg.temperature, generator)
-            if cfg.remasking == "low_confidence":
-                conf_BG = logits_BGV.softmax(-1).gather(-1, x0_BG[..., None]).squeeze(-1).double()
+            rows_A = (x_BT[:, start:end] == mask_id).any(-1).nonzero().squeeze(-1)
+            if rows_A.numel() == 0:
+                break  # the block is done in every row
+            every = rows_A.numel() == B  # no gather when all rows are still at work
+            xa_AT = x_BT if every else x_BT[rows_A]
+            ama_AT = am_BT if every or am_BT is None else am_BT[rows_A]
+            refresh = i == 0 or (cfg.refresh_every is not None and i % cfg.refresh_every == 0)
+            if cfg.cache == "none":
+                pr_AT = prompt_real_BT if every else prompt_real_BT[rows_A]
+                logits_ALV = _logits(model, xa_AT, ama_AT, pr_AT, cfg.cfg_scale, mask_id)[:, start:end]
+            elif refresh:
+                logits_ATV, cache = model.prefill(xa_AT, ama_AT)  # type: ignore[attr-defined]
+                cache_rows, logits_ALV = rows_A, logits_ATV[:, start:end]
             else:
-                conf_BG = uniform(tuple(gen_BG.shape), generator, device)
-            # Only masked positions of the current block compete.
-            conf_BG[:, end - P:] = float("-inf")
-            conf_BG = conf_BG.masked_fill(gen_BG != mask_id, float("-inf"))
-            commit_BG = _top_n(conf_BG, counts_BS[:, i])
-            x_BT[:, P:] = torch.where(commit_BG, x0_BG, gen_BG)
+                if not torch.equal(cache_rows, rows_A):  # some rows finished the block: drop them
+                    cache, cache_rows = cache.rows(torch.searchsorted(cache_rows, rows_A)), rows_A
+                stop = x_BT.shape[1] if cfg.cache == "prefix" else end
+                logits_ALV = model.forward_window(xa_AT[:, start:stop], start, cache)[:, :end - start]  # type: ignore
+            num_calls += 1
+            logits_ALV = exclude_mask_logit(logits_ALV, mask_id)
+            gen = generator if generator is None or isinstance(generator, torch.Generator) \
+                else [generator[r] for r in rows_A.tolist()]
+            x0_AL = propose(logits_ALV, cfg.temperature, gen)
+            if cfg.remasking == "low_confidence":
+                conf_AL = logits_ALV.softmax(-1).gather(-1, x0_AL[..., None]).squeeze(-1).double()
+            else:
+                conf_AL = uniform(tuple(x0_AL.shape), gen, device)
+            block_AL = xa_AT[:, start:end]
+            conf_AL = conf_AL.masked_fill(block_AL != mask_id, float("-inf"))  # only masks compete
+            commit_AL = _top_n(conf_AL, _num_commits(conf_AL, counts_BS[rows_A, i], cfg))
+            x_BT[rows_A, start:end] = torch.where(commit_AL, x0_AL, block_AL)
             if on_step is not None:
                 on_step(step, x_BT)
             step += 1
-        if cfg.stop_at_eos and _all_finished(x_BT, P, end, eos_id, mask_id):  # type: ignore[arg-type]
-            x_BT[:, end:] = eos_id
-            break
+        if cfg.stop_at_eos:
+            done_B = _finished_rows(x_BT[:, P:end], eos_id, mask_id)  # type: ignore[arg-type]
+            # A finished row's later blocks are EOS: it costs no more model calls.
+            x_BT[done_B, end:] = eos_id
+            if done_B.all():
+                break
+    if stats is not None:
+        stats["model_calls"] = num_calls
     return x_BT
+
+
+def _num_commits(conf_AL: torch.Tensor, schedule_A: torch.Tensor, cfg: SampleConfig) -> torch.Tensor:
+    """How many positions each row commits this step: the reference schedule's count, raised by the
+    threshold or factor rule (and to at least one), never above the number of masks left."""
+    num_masked_A = torch.isfinite(conf_AL).sum(-1)
+    if cfg.threshold is not None:
+        fast_A = (conf_AL >= cfg.threshold).sum(-1)
+    elif cfg.factor is not None:
+        sorted_AL = conf_AL.sort(-1, descending=True).values
+        k_L = torch.arange(1, conf_AL.shape[1] + 1, device=conf_AL.device, dtype=conf_AL.dtype)
+        ok_AL = sorted_AL >= 1 - cfg.factor / (k_L + 1)
+        fast_A = ok_AL.long().cumprod(-1).sum(-1)  # the longest run from the most confident
+    else:
+        return torch.minimum(schedule_A, num_masked_A)
+    return torch.minimum(torch.maximum(schedule_A, fast_A.clamp(min=1)), num_masked_A)
 
 
 def _top_n(conf_BT: torch.Tensor, n_B: torch.Tensor) -> torch.Tensor:
@@ -186,15 +235,12 @@ def _top_n(conf_BT: torch.Tensor, n_B: torch.Tensor) -> torch.Tensor:
     return commit_BT
 
 
-def _all_finished(x_BT: torch.Tensor, P: int, end: int, eos_id: int, mask_id: int) -> bool:
-    """Every row has an EOS in its generated part with no mask before it."""
-    gen = x_BT[:, P:end]
-    is_eos = gen == eos_id
-    if not is_eos.any(-1).all():
-        return False
-    first_eos_B = is_eos.float().argmax(-1)
-    before_BL = torch.arange(gen.shape[1], device=gen.device)[None, :] < first_eos_B[:, None]
-    return not ((gen == mask_id) & before_BL).any()
+def _finished_rows(gen_BL: torch.Tensor, eos_id: int, mask_id: int) -> torch.Tensor:
+    """Bool [B]: the row has committed an EOS with no mask before it."""
+    is_eos_BL = gen_BL == eos_id
+    first_eos_B = torch.where(is_eos_BL.any(-1), is_eos_BL.float().argmax(-1), gen_BL.shape[1])
+    before_BL = torch.arange(gen_BL.shape[1], device=gen_BL.device)[None, :] < first_eos_B[:, None]
+    return is_eos_BL.any(-1) & ~((gen_BL == mask_id) & before_BL).any(-1)
 
 
 def trim_after_eos(ids: list[int], eos_id: int) -> list[int]:

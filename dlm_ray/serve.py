@@ -60,6 +60,7 @@ class CompletionRequest(BaseModel):
     cfg_scale: float | None = Field(None, ge=0)
     threshold: float | None = Field(None, gt=0)
     factor: float | None = Field(None, gt=0)
+    cache: Literal["none", "prefix", "dual"] | None = None
 
 
 @dataclass
@@ -81,7 +82,8 @@ def resolve_sample(req: CompletionRequest, default: SampleConfig) -> SampleConfi
         blocks = gen // block
         steps = max(1, round(gen * default.steps / default.gen_length / blocks)) * blocks
     fields = {"gen_length": gen, "block_length": block, "steps": steps or gen, "temperature": req.temperature,
-              "remasking": req.remasking, "cfg_scale": req.cfg_scale, "threshold": req.threshold, "factor": req.factor}
+              "remasking": req.remasking, "cfg_scale": req.cfg_scale, "threshold": req.threshold, "factor": req.factor,
+              "cache": req.cache}
     update = {k: v for k, v in fields.items() if v is not None}
     # A request's fast-decoding rule replaces the server's default rule, whichever that is.
     if req.factor is not None and req.threshold is None:
@@ -226,20 +228,14 @@ class DenoiserServer:
 
     def _generate(self, items: list[Item], on_step: Any = None) -> tuple[list[list[int]], int]:
         ids, am = left_pad([it.prompt_ids for it in items], self.tok.pad_id)
-        calls = 0
-
-        def model(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-            nonlocal calls
-            calls += 1
-            return self.model(x, mask)
-
+        stats: dict[str, int] = {}
         gens = [torch.Generator(device=self.device).manual_seed(it.seed) for it in items]
         step = None if on_step is None else (lambda i, x: on_step(i, x[0, ids.shape[1]:].tolist()))
         with self._model_lock:
-            x = generate(model, ids.to(self.device), items[0].sample, mask_id=self.tok.mask_id,
+            x = generate(self.model, ids.to(self.device), items[0].sample, mask_id=self.tok.mask_id,
                          attention_mask=am.to(self.device), generator=gens, eos_id=self.tok.eos_id,
-                         max_length=self.max_seq_len, on_step=step)
-        return x[:, ids.shape[1]:].tolist(), calls
+                         on_step=step, stats=stats)
+        return x[:, ids.shape[1]:].tolist(), stats["model_calls"]
 
     def render(self, gen_ids: list[int]) -> str:
         """The canvas as text, each still-masked position shown as MASK_GLYPH."""
