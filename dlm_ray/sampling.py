@@ -193,15 +193,15 @@ def generate(
             conf_AL = conf_AL.masked_fill(block_AL != mask_id, float("-inf"))  # only masks compete
             commit_AL = _top_n(conf_AL, _num_commits(conf_AL, counts_BS[rows_A, i], cfg))
             x_BT[rows_A, start:end] = torch.where(commit_AL, x0_AL, block_AL)
+            if cfg.stop_at_eos:
+                # A row with an EOS and no mask before it is finished: its remaining masks become
+                # EOS at once, so it costs no more model calls (mid-block too).
+                gen_BG = x_BT[:, P:]
+                done_B = _finished_rows(gen_BG, eos_id, mask_id)  # type: ignore[arg-type]
+                gen_BG[done_B] = gen_BG[done_B].masked_fill(gen_BG[done_B] == mask_id, eos_id)  # type: ignore
             if on_step is not None:
                 on_step(step, x_BT)
             step += 1
-        if cfg.stop_at_eos:
-            done_B = _finished_rows(x_BT[:, P:end], eos_id, mask_id)  # type: ignore[arg-type]
-            # A finished row's later blocks are EOS: it costs no more model calls.
-            x_BT[done_B, end:] = eos_id
-            if done_B.all():
-                break
     if stats is not None:
         stats["model_calls"] = num_calls
     return x_BT

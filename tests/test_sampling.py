@@ -132,7 +132,7 @@ def test_stop_at_eos():
 
     cfg = SampleConfig(gen_length=32, steps=16, block_length=8, stop_at_eos=True)
     out = generate(eos_model, torch.randint(0, 250, (2, 3)), cfg, mask_id=MASK, eos_id=EOS)
-    assert len(calls) == 4  # one block of 4 steps, then stop
+    assert len(calls) <= 4  # done within the first block of 4 steps, not 16 steps
     assert (out[:, 3:] == EOS).all()
     assert trim_after_eos([5, 6, EOS, 7], EOS) == [5, 6]
 

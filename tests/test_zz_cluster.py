@@ -1,4 +1,4 @@
-"""Multi-node on one machine: a node lost mid-run, and the `ray job submit` path.
+"""Multi-node on one machine: a node lost mid-run, and both jobs through `ray job submit` on 3 nodes.
 
 These start clusters of their own, so they run last (file order) after the session's local Ray
 is shut down.
@@ -70,24 +70,54 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_ray_job_submit_against_a_head_node(own_ray, tmp_path):
+def test_ray_job_submit_on_three_nodes_pretrain_then_generate(own_ray, tmp_path):
+    """`ray start --head` plus two `ray start --address` nodes on this machine; the pretraining
+    job's two workers need a `trainer_slot` each, which only the two added nodes have."""
     ray_bin = str(Path(sys.executable).with_name("ray"))
     gcs, dash = _free_port(), _free_port()
     # The head enables token authentication; the CLI then sends the token from ~/.ray.
     env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token"}
-    subprocess.run([ray_bin, "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}",
-                    "--dashboard-host=127.0.0.1", "--num-cpus=4", "--include-dashboard=true",
-                    "--disable-usage-stats"], check=True, env=env, capture_output=True, timeout=120)
+    start = lambda *args: subprocess.run([ray_bin, "start", *args, "--disable-usage-stats"],  # noqa: E731
+                                         check=True, env=env, capture_output=True, timeout=120)
+    start("--head", f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--num-cpus=2",
+          "--include-dashboard=true")
     try:
+        for _ in range(2):
+            start(f"--address=127.0.0.1:{gcs}", "--num-cpus=1", '--resources={"trainer_slot": 1}')
+
+        def submit(*argv: str) -> str:
+            cmd = [ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
+                   "--", sys.executable, *argv]
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+            out = proc.stdout + proc.stderr
+            assert proc.returncode == 0 and "succeeded" in out.lower(), out[-4000:]
+            return out
+
         storage = tmp_path / "runs"
-        cmd = [ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", str(ROOT), "--",
-               sys.executable, "jobs/pretrain.py", "--run_name=submitted", f"--storage_path={storage}",
-               "--train.max_steps=10", "--train.checkpoint_every=10", "--train.eval_every=10",
-               "--data.builtin_docs=2000", "--eval.num_prompts_per_family=4", "--eval.num_nelbo_docs=16"]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        assert "succeeded" in (proc.stdout + proc.stderr).lower()
+        submit("jobs/pretrain.py", "--run_name=submitted", f"--storage_path={storage}", "--train.max_steps=10",
+               "--train.checkpoint_every=10", "--train.eval_every=10", "--train.cpus_per_worker=1",
+               "--train.worker_resources={trainer_slot: 1}", "--data.builtin_docs=2000",
+               "--eval.num_prompts_per_family=4", "--eval.num_nelbo_docs=16")
         summary = json.loads((storage / "submitted" / "summary.json").read_text())
         assert summary["steps"] == 10 and Path(summary["export"], "model.safetensors").is_file()
+        assert any((storage / "submitted").glob("checkpoint_*"))
+
+        out = tmp_path / "generations"
+        submit("jobs/generate.py", f"--checkpoint={summary['export']}", "--input=builtin:60", f"--output={out}",
+               "--actors=[2, 2]", "--cpus_per_actor=0.5", "--batch_size=16", "--progress_bars=false")
+        gen = json.loads((out / "_summary.json").read_text())
+        assert gen["rows"] == gen["unique_ids"] == 60 and gen["duplicate_ids"] == 0 and gen["rows_errored"] == 0
+
+        # Where the Train workers ran (Ray's state API, through the CLI with the cluster's token):
+        # two distinct nodes, neither of them the head.
+        def state(*args: str) -> list[dict]:
+            proc = subprocess.run([ray_bin, "list", *args, f"--address=http://127.0.0.1:{dash}", "--format=json",
+                                   "--limit=200"], env=env, capture_output=True, text=True, timeout=120, check=True)
+            return json.loads(proc.stdout)
+
+        head = {n["node_id"] for n in state("nodes") if n["is_head_node"]}
+        nodes = {a["node_id"] for a in state("actors", "--filter", "class_name=RayTrainWorker")}
+        assert len(nodes) == 2 and not nodes & head, nodes
     finally:
+        own_ray.shutdown()
         subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
