@@ -27,11 +27,10 @@ import torch
 from dlm_ray.checkpoint import load_inference, save_inference
 from dlm_ray.config import CorpusConfig, GenerateConfig, ModelConfig, SampleConfig
 from dlm_ray.corpus import take_examples
-from dlm_ray.evaluate import left_pad
 from dlm_ray.generate import run
 from dlm_ray.model import Denoiser
 from dlm_ray.prompts import BUILTIN_SEED
-from dlm_ray.sampling import generate
+from dlm_ray.sampling import generate_rows, trim_after_eos
 
 
 def direct_loop(checkpoint: str, prompts: list[str], sc: SampleConfig, batch_size: int, threads: int,
@@ -43,10 +42,10 @@ def direct_loop(checkpoint: str, prompts: list[str], sc: SampleConfig, batch_siz
         prompts = sorted(prompts, key=len)
     outs = []
     for i in range(0, len(prompts), batch_size):
-        ids, am = left_pad([[tok.eos_id, *tok.encode(p)] for p in prompts[i:i + batch_size]], tok.pad_id)
-        gens = [torch.Generator().manual_seed(i + k) for k in range(len(ids))]
-        x = generate(model, ids, sc, mask_id=tok.mask_id, attention_mask=am, generator=gens, eos_id=tok.eos_id)
-        outs += [tok.decode(row[ids.shape[1]:].tolist()) for row in x]
+        chunk = [[tok.eos_id, *tok.encode(p)] for p in prompts[i:i + batch_size]]
+        gen, _ = generate_rows(model, chunk, sc, seeds=list(range(i, i + len(chunk))), pad_id=tok.pad_id,
+                               mask_id=tok.mask_id, eos_id=tok.eos_id)
+        outs += [tok.decode(trim_after_eos(g, tok.eos_id)) for g in gen]
     assert len(outs) == len(prompts)
     return time.perf_counter() - t0
 

@@ -24,8 +24,8 @@ import torch
 from dlm_ray.checkpoint import load_inference
 from dlm_ray.config import CorpusConfig, SampleConfig
 from dlm_ray.corpus import check_answer, take_examples
-from dlm_ray.evaluate import HELDOUT_SEED, left_pad
-from dlm_ray.sampling import generate, trim_after_eos
+from dlm_ray.evaluate import HELDOUT_SEED
+from dlm_ray.sampling import generate, left_pad, trim_after_eos
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = 32

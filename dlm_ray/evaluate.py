@@ -15,7 +15,7 @@ import torch
 from dlm_ray.config import EvalConfig, SampleConfig
 from dlm_ray.corpus import check_answer, check_document, take_examples
 from dlm_ray.diffusion import estimate_nelbo, nats_to_bits
-from dlm_ray.sampling import ModelFn, generate, trim_after_eos
+from dlm_ray.sampling import ModelFn, generate, left_pad, trim_after_eos
 from dlm_ray.tokenizer import ByteTokenizer, HFTokenizer
 
 Tok = ByteTokenizer | HFTokenizer
@@ -33,18 +33,6 @@ def corpus_rows(tok: Tok, families: dict[str, float], num_docs: int, seq_len: in
                 split: str) -> np.ndarray:
     docs = take_examples(families, num_docs, seed=seed, split=split)
     return pack_stream([tok.encode(d.text) for d in docs], seq_len, tok.eos_id)
-
-
-def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ids [B, P] and attention mask [B, P] (1 = real token)."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    am = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            ids[i, width - len(s):] = torch.tensor(s)
-            am[i, width - len(s):] = 1
-    return ids, am
 
 
 @torch.no_grad()

@@ -26,7 +26,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import ray
-import torch
 from ray.data import ActorPoolStrategy, DataContext
 from ray.data.checkpoint import CheckpointConfig
 
@@ -34,9 +33,8 @@ from dlm_ray.checkpoint import checkpoint_hash, inference_placement, load_infere
 from dlm_ray.config import GenerateConfig, ModelConfig, SampleConfig
 from dlm_ray.corpus import check_answer
 from dlm_ray.data import PaceScheduler
-from dlm_ray.evaluate import left_pad
 from dlm_ray.prompts import PromptSource, builtin_count, prepare_batch
-from dlm_ray.sampling import generate, trim_after_eos
+from dlm_ray.sampling import generate_rows, trim_after_eos
 from dlm_ray.sources import filesystem_for
 
 OUTPUT_SCHEMA = pa.schema([
@@ -83,8 +81,9 @@ class Completer:
             rows.sort(key=lambda i: len(batch["prompt_ids"][i]))
             for k in range(0, len(rows), self.cfg.batch_size):
                 chunk = rows[k:k + self.cfg.batch_size]
-                out, num_calls = self._generate([batch["prompt_ids"][i] for i in chunk],
-                                                [int(batch["seed"][i]) for i in chunk], sc)
+                out, num_calls = generate_rows(
+                    self.model, [batch["prompt_ids"][i] for i in chunk], sc, seeds=[batch["seed"][i] for i in chunk],
+                    pad_id=self.tok.pad_id, mask_id=self.tok.mask_id, eos_id=self.tok.eos_id, device=self.device)
                 for i, gen in zip(chunk, out):
                     comp_ids[i] = trim_after_eos(gen, self.tok.eos_id)
                     completion[i] = self.tok.decode(comp_ids[i])
@@ -95,14 +94,6 @@ class Completer:
             "sample": batch["sample"], "checkpoint": [self.hash] * n, "source": batch["where"],
             "error": batch["error"],
         }, schema=OUTPUT_SCHEMA)
-
-    def _generate(self, prompts: list[list[int]], seeds: list[int], sc: SampleConfig) -> tuple[list[list[int]], int]:
-        ids, am = left_pad(prompts, self.tok.pad_id)
-        stats: dict[str, int] = {}
-        gens = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
-        x = generate(self.model, ids.to(self.device), sc, mask_id=self.tok.mask_id, attention_mask=am.to(self.device),
-                     generator=gens, eos_id=self.tok.eos_id, stats=stats)
-        return x[:, ids.shape[1]:].tolist(), stats["model_calls"]
 
 
 # ------------------------------------------------------------------------------------------ driver

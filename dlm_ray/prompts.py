@@ -25,7 +25,7 @@ from ray.data.block import BlockMetadata
 
 from dlm_ray.config import CorpusConfig, GenerateConfig, SampleConfig
 from dlm_ray.corpus import iter_examples
-from dlm_ray.sources import BadInputError, file_format, filesystem_for, list_files
+from dlm_ray.sources import BadInputError, file_format, filesystem_for, iter_lines, list_files
 
 # Per-row sampler overrides: input columns with these names, when present and not null.
 OVERRIDE_FIELDS = (*SampleConfig.model_fields, "seed")
@@ -66,10 +66,8 @@ def _records(fmt: str, uri: str, columns: set[str]) -> Iterator[tuple[int, dict[
                     yield n, record, None
                     n += 1
         return
-    with filesystem.open_input_stream(path, compression="detect") as f:
-        data = f.read()
     n = 0
-    for line in data.split(b"\n"):
+    for line in iter_lines(uri):
         if not line.strip():
             continue  # blank lines are not records (and do not take a row number)
         try:

@@ -243,6 +243,32 @@ def _finished_rows(gen_BL: torch.Tensor, eos_id: int, mask_id: int) -> torch.Ten
     return is_eos_BL.any(-1) & ~((gen_BL == mask_id) & before_BL).any(-1)
 
 
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids [B, P] and attention mask [B, P] (1 = real token)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    am = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(s)
+            am[i, width - len(s):] = 1
+    return ids, am
+
+
+def generate_rows(
+    model: ModelFn, prompts: list[list[int]], cfg: SampleConfig, *, seeds: list[int], pad_id: int, mask_id: int,
+    eos_id: int, device: torch.device | str = "cpu", on_step: StepCallback | None = None,
+) -> tuple[list[list[int]], int]:
+    """``generate`` for a list of token-id prompts of any lengths, each row seeded on its own:
+    the generated ids of each row (EOS not trimmed) and the number of model calls."""
+    ids, am = left_pad(prompts, pad_id)
+    stats: dict[str, int] = {}
+    gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    x = generate(model, ids.to(device), cfg, mask_id=mask_id, attention_mask=am.to(device), generator=gens,
+                 eos_id=eos_id, on_step=on_step, stats=stats)
+    return x[:, ids.shape[1]:].tolist(), stats["model_calls"]
+
+
 def trim_after_eos(ids: list[int], eos_id: int) -> list[int]:
     """The generated ids up to (not including) the first EOS."""
     return ids[: ids.index(eos_id)] if eos_id in ids else ids

@@ -33,8 +33,7 @@ from ray import serve
 
 from dlm_ray.checkpoint import inference_placement, load_inference
 from dlm_ray.config import SampleConfig, ServeConfig
-from dlm_ray.evaluate import left_pad
-from dlm_ray.sampling import generate, trim_after_eos
+from dlm_ray.sampling import generate_rows, trim_after_eos
 
 MASK_GLYPH = "_"
 
@@ -227,15 +226,11 @@ class DenoiserServer:
         return out
 
     def _generate(self, items: list[Item], on_step: Any = None) -> tuple[list[list[int]], int]:
-        ids, am = left_pad([it.prompt_ids for it in items], self.tok.pad_id)
-        stats: dict[str, int] = {}
-        gens = [torch.Generator(device=self.device).manual_seed(it.seed) for it in items]
-        step = None if on_step is None else (lambda i, x: on_step(i, x[0, ids.shape[1]:].tolist()))
+        step = None if on_step is None else (lambda i, x: on_step(i, x[0, -items[0].sample.gen_length:].tolist()))
         with self._model_lock:
-            x = generate(self.model, ids.to(self.device), items[0].sample, mask_id=self.tok.mask_id,
-                         attention_mask=am.to(self.device), generator=gens, eos_id=self.tok.eos_id,
-                         on_step=step, stats=stats)
-        return x[:, ids.shape[1]:].tolist(), stats["model_calls"]
+            return generate_rows(self.model, [it.prompt_ids for it in items], items[0].sample,
+                                 seeds=[it.seed for it in items], pad_id=self.tok.pad_id, mask_id=self.tok.mask_id,
+                                 eos_id=self.tok.eos_id, device=self.device, on_step=step)
 
     def render(self, gen_ids: list[int]) -> str:
         """The canvas as text, each still-masked position shown as MASK_GLYPH."""

@@ -151,7 +151,8 @@ def _check_text(value: Any) -> tuple[str | None, str | None]:
     return value, None
 
 
-def _lines(uri: str) -> Iterator[bytes]:
+def iter_lines(uri: str) -> Iterator[bytes]:
+    """The raw lines of a (possibly compressed) file, streamed in chunks: no file is read whole."""
     filesystem, path = filesystem_for(uri)
     with filesystem.open_input_stream(path, compression="detect") as f:
         rest = b""
@@ -167,7 +168,7 @@ def _raw_documents(item: dict[str, Any], cfg: DataConfig) -> Iterator[tuple[str,
     """(where, raw value) pairs before validation; raw may be bytes, str, None or a JSON error marker."""
     fmt, uri = item["format"], item.get("path", "")
     if fmt == "text" and cfg.text_unit == "line":
-        for n, line in enumerate(_lines(uri), 1):
+        for n, line in enumerate(iter_lines(uri), 1):
             yield f"line {n}", line.rstrip(b"\r")
     elif fmt == "text":
         filesystem, path = filesystem_for(uri)
@@ -179,7 +180,7 @@ def _raw_documents(item: dict[str, Any], cfg: DataConfig) -> Iterator[tuple[str,
             for n, value in enumerate(fast):
                 yield f"record {n}", value
             return
-        for n, line in enumerate(_lines(uri), 1):
+        for n, line in enumerate(iter_lines(uri), 1):
             if not line.strip():
                 continue  # blank lines between records are not records
             try:

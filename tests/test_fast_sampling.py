@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from dlm_ray.config import SampleConfig
-from dlm_ray.evaluate import left_pad
 from dlm_ray.model import Denoiser
-from dlm_ray.sampling import _num_commits, generate
+from dlm_ray.sampling import _num_commits, generate, left_pad
 
 MASK, PAD, EOS = 258, 256, 257
 

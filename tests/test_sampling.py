@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from dlm_ray.config import SampleConfig
-from dlm_ray.evaluate import left_pad
 from dlm_ray.model import Denoiser
-from dlm_ray.sampling import generate, num_transfer_tokens, trim_after_eos
+from dlm_ray.sampling import generate, left_pad, num_transfer_tokens, trim_after_eos
 
 MASK, PAD, EOS = 258, 256, 257
 
