@@ -313,7 +313,7 @@ class GenerateConfig(Config):
     # Unique per row; without it a row's id is "<file relative to the input root>:<row number>".
     id_column: str | None = None
     sample: SampleConfig = Field(default_factory=lambda: SampleConfig(gen_length=24, steps=24, block_length=24))
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, lt=2**63)
     # Precede each prompt with EOS, the document separator the model saw in training.
     prepend_eos: bool = True
     batch_size: int = Field(32, gt=0)  # prompts per generate() call

@@ -189,8 +189,8 @@ def resolve_row(overrides_json: str | None, defaults: SampleConfig) -> tuple[Sam
     """The row's sampler settings and its own seed (if given); raises ValueError naming the field."""
     overrides = json.loads(overrides_json) if overrides_json else {}
     seed = overrides.pop("seed", None)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
     try:
         return SampleConfig.model_validate({**defaults.to_dict(), **overrides}), seed
     except ValidationError as exc:

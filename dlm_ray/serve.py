@@ -48,7 +48,7 @@ class CompletionRequest(BaseModel):
     max_tokens: int | None = Field(None, gt=0)  # → gen_length
     temperature: float | None = Field(None, ge=0)
     n: int = Field(1, gt=0)
-    seed: int | None = Field(None, ge=0)
+    seed: int | None = Field(None, ge=0, lt=2**63)
     stop: str | list[str] | None = None
     stream: bool = False
     user: str | None = None

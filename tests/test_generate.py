@@ -33,6 +33,7 @@ BAD_ROWS = [
     ({"prompt": "ok", "steps": 5, "block_length": 8}, "not divisible"),
     ({"prompt": "ok", "temperature": -1}, "temperature"),
     ({"prompt": "ok", "seed": "abc"}, "seed must be"),
+    ({"prompt": "ok", "seed": 2**64}, "seed must be"),
     ({"prompt": "ok", "no_such_setting": 1}, None),  # unknown columns are ignored, not errors
 ]
 
@@ -93,7 +94,7 @@ def test_every_id_once_schema_errors_and_reproducible(ray_cluster, checkpoint, p
             assert fragment in row["error"] and row["completion"] is None and row["completion_ids"] is None
     assert "bad JSON" in rows[f"b/part.jsonl:{bad_start + len(BAD_ROWS)}"]["error"]
     good = [r for r in rows.values() if r["error"] is None]
-    assert summary["rows_errored"] == len(rows) - len(good) == 8
+    assert summary["rows_errored"] == len(rows) - len(good) == 9
     for r in good:
         settings = json.loads(r["sample"])
         assert r["num_generated_tokens"] == settings["gen_length"] and r["num_model_calls"] == settings["steps"]

@@ -121,6 +121,7 @@ BAD = [
     ({"prompt": "s1=", "max_tokens": 0}, 400, "max_tokens"),
     ({"prompt": "s1=", "max_tokens": 10000}, 400, "exceeds the model's context"),
     ({"prompt": "s1=", "temperature": "hot"}, 400, "temperature"),
+    ({"prompt": "s1=", "seed": 2**64}, 400, "seed"),
     ({"prompt": "s1=", "n": 99}, 400, "at most"),
     ({"prompt": "s1=", "max_tokens": 16, "block_length": 8, "steps": 5}, 400, "not divisible"),
     ({"prompt": "s1=", "remasking": "best"}, 400, "remasking"),
