@@ -3,8 +3,9 @@
     python benchmarks/batch_generate.py [--checkpoint runs/tiny/export] [--prompts 1024] [--threads 1]
 
 (a) one process: tokenize, batch, ``sampling.generate``, decode; no Ray, no Parquet; once in input
-order and once with the prompts sorted by length (the job groups rows by length); and two such
-loops in two processes on half the prompts each, the scaling bound for 2 actors on this machine.
+order and once with the job's batches (sorted by length within each group of rows an actor
+receives); and two such loops in two processes on half the prompts each, the scaling bound for 2
+actors on this machine.
 (b) ``dlm_ray.generate.run`` with 1 actor, then (c) with 2 actors, each actor holding ``--threads``
 torch threads, as (a) does. Same checkpoint, prompts, batch size and sampler settings. The job's
 time is wall-clock from the call to the summary, so it includes actor start-up, model loading and
@@ -34,12 +35,14 @@ from dlm_ray.sampling import generate_rows, trim_after_eos
 
 
 def direct_loop(checkpoint: str, prompts: list[str], sc: SampleConfig, batch_size: int, threads: int,
-                by_length: bool) -> float:
+                window: int | None) -> float:
+    """With ``window``, prompts are sorted by length within each run of ``window`` prompts: the
+    job's actors do exactly that with each group of rows they receive."""
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     model, tok, _ = load_inference(checkpoint)
-    if by_length:  # what the job's actors do within each group of rows
-        prompts = sorted(prompts, key=len)
+    if window:
+        prompts = [p for i in range(0, len(prompts), window) for p in sorted(prompts[i:i + window], key=len)]
     outs = []
     for i in range(0, len(prompts), batch_size):
         chunk = [[tok.eos_id, *tok.encode(p)] for p in prompts[i:i + batch_size]]
@@ -51,10 +54,11 @@ def direct_loop(checkpoint: str, prompts: list[str], sc: SampleConfig, batch_siz
 
 
 def _half(args: tuple) -> float:
-    return direct_loop(*args, by_length=True)
+    return direct_loop(*args)
 
 
-def parallel_direct(checkpoint: str, prompts: list[str], sc: SampleConfig, batch_size: int, threads: int) -> float:
+def parallel_direct(checkpoint: str, prompts: list[str], sc: SampleConfig, batch_size: int, threads: int,
+                    window: int) -> float:
     """Two independent processes, each the length-sorted loop on half the prompts: what 2 workers
     can reach on this machine with no coordination at all (the scaling bound for 2 actors)."""
     import multiprocessing as mp
@@ -62,7 +66,7 @@ def parallel_direct(checkpoint: str, prompts: list[str], sc: SampleConfig, batch
     halves = [prompts[::2], prompts[1::2]]
     t0 = time.perf_counter()
     with mp.get_context("spawn").Pool(2) as pool:
-        pool.map(_half, [(checkpoint, h, sc, batch_size, threads) for h in halves])
+        pool.map(_half, [(checkpoint, h, sc, batch_size, threads, window) for h in halves])
     return time.perf_counter() - t0
 
 
@@ -85,9 +89,10 @@ def main() -> None:
     src = tmp / "prompts.jsonl"
     src.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
 
-    direct_s = direct_loop(checkpoint, prompts, sc, args.batch_size, args.threads, by_length=False)
-    sorted_s = direct_loop(checkpoint, prompts, sc, args.batch_size, args.threads, by_length=True)
-    parallel_s = parallel_direct(checkpoint, prompts, sc, args.batch_size, args.threads)
+    window = args.batch_size * GenerateConfig().group_batches  # the rows one actor call receives
+    direct_s = direct_loop(checkpoint, prompts, sc, args.batch_size, args.threads, window=None)
+    sorted_s = direct_loop(checkpoint, prompts, sc, args.batch_size, args.threads, window=window)
+    parallel_s = parallel_direct(checkpoint, prompts, sc, args.batch_size, args.threads, window // 2)
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     results = {}
     # Warm-up: a new cluster's first job also pays for starting Ray's worker processes (importing
@@ -103,10 +108,10 @@ def main() -> None:
         assert summary["rows"] == args.prompts and summary["duplicate_ids"] == 0
         results[actors] = summary["seconds"]
     ray.shutdown()
-    # This machine's speed drifts by up to ~20% over minutes: time the sorted loop again after the
+    # This machine's speed drifts by up to ~20% over minutes: time that loop again after the
     # jobs and compare them with the mean of the two.
-    sorted_again = direct_loop(checkpoint, prompts, sc, args.batch_size, args.threads, by_length=True)
-    print(f"length-sorted loop before / after the jobs: {sorted_s:.1f} s / {sorted_again:.1f} s")
+    sorted_again = direct_loop(checkpoint, prompts, sc, args.batch_size, args.threads, window=window)
+    print(f"loop with the job's batches, before / after the jobs: {sorted_s:.1f} s / {sorted_again:.1f} s")
     sorted_s = (sorted_s + sorted_again) / 2
 
     tokens = args.prompts * args.gen_length
@@ -116,14 +121,14 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- |")
     print(f"| direct generate() loop, 1 process | {direct_s:.1f} | {args.prompts / direct_s:.1f} | "
           f"{tokens / direct_s:.0f} | 1.00x |")
-    print(f"| direct loop, prompts sorted by length (mean) | {sorted_s:.1f} | {args.prompts / sorted_s:.1f} | "
+    print(f"| direct loop, the job's batches (mean) | {sorted_s:.1f} | {args.prompts / sorted_s:.1f} | "
           f"{tokens / sorted_s:.0f} | {sorted_s / direct_s:.2f}x time |")
-    print(f"| 2 direct loops in 2 processes, sorted | {parallel_s:.1f} | {args.prompts / parallel_s:.1f} | "
+    print(f"| 2 direct loops in 2 processes | {parallel_s:.1f} | {args.prompts / parallel_s:.1f} | "
           f"{tokens / parallel_s:.0f} | {parallel_s / direct_s:.2f}x time |")
     for actors, s in results.items():
         print(f"| job, {actors} actor{'s' if actors > 1 else ''} | {s:.1f} | {args.prompts / s:.1f} | "
               f"{tokens / s:.0f} | {s / direct_s:.2f}x time |")
-    print(f"\njob at 1 actor vs direct loop: {results[1] / direct_s - 1:+.1%} time; vs the length-sorted loop: "
+    print(f"\njob at 1 actor vs direct loop: {results[1] / direct_s - 1:+.1%} time; vs the loop with the job's batches: "
           f"{results[1] / sorted_s - 1:+.1%}; 2 actors vs 1: {results[1] / results[2]:.2f}x "
           f"(2 processes vs 1 loop, the machine's bound: {sorted_s / parallel_s:.2f}x)")
     rate = args.prompts / results[2]
