@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,7 @@ from dlm_ray.config import GenerateConfig, ModelConfig, SampleConfig
 from dlm_ray.corpus import check_answer
 from dlm_ray.data import PaceScheduler
 from dlm_ray.prompts import PromptSource, builtin_count, prepare_batch
-from dlm_ray.sampling import generate_rows, trim_after_eos
+from dlm_ray.sampling import generate_many, trim_after_eos
 from dlm_ray.sources import filesystem_for
 
 OUTPUT_SCHEMA = pa.schema([
@@ -71,23 +70,16 @@ class Completer:
         comp_ids: list[list[int] | None] = [None] * n
         calls = np.zeros(n, dtype=np.int32)
         gen_tokens = np.zeros(n, dtype=np.int32)
-        groups: dict[str, list[int]] = defaultdict(list)
-        for i in range(n):
-            if batch["error"][i] is None:
-                groups[batch["sample"][i]].append(i)
-        for sample_json, rows in groups.items():
-            sc = SampleConfig.model_validate_json(sample_json)
-            # Similar lengths share a generate() call, so little of it is padding.
-            rows.sort(key=lambda i: len(batch["prompt_ids"][i]))
-            for k in range(0, len(rows), self.cfg.batch_size):
-                chunk = rows[k:k + self.cfg.batch_size]
-                out, num_calls = generate_rows(
-                    self.model, [batch["prompt_ids"][i] for i in chunk], sc, seeds=[batch["seed"][i] for i in chunk],
-                    pad_id=self.tok.pad_id, mask_id=self.tok.mask_id, eos_id=self.tok.eos_id, device=self.device)
-                for i, gen in zip(chunk, out):
-                    comp_ids[i] = trim_after_eos(gen, self.tok.eos_id)
-                    completion[i] = self.tok.decode(comp_ids[i])
-                    calls[i], gen_tokens[i] = num_calls, sc.gen_length
+        ok = [i for i in range(n) if batch["error"][i] is None]
+        parsed = {j: SampleConfig.model_validate_json(j) for j in {batch["sample"][i] for i in ok}}
+        results = generate_many(self.model, [batch["prompt_ids"][i] for i in ok],
+                                [parsed[batch["sample"][i]] for i in ok], seeds=[batch["seed"][i] for i in ok],
+                                batch_size=self.cfg.batch_size, pad_id=self.tok.pad_id, mask_id=self.tok.mask_id,
+                                eos_id=self.tok.eos_id, device=self.device)
+        for i, (gen, num_calls) in zip(ok, results):
+            comp_ids[i] = trim_after_eos(gen, self.tok.eos_id)
+            completion[i] = self.tok.decode(comp_ids[i])
+            calls[i], gen_tokens[i] = num_calls, len(gen)
         return pa.table({
             "id": batch["id"], "prompt": batch["prompt"], "completion": completion, "completion_ids": comp_ids,
             "num_model_calls": calls, "num_generated_tokens": gen_tokens, "seed": batch["seed"],

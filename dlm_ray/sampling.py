@@ -269,6 +269,29 @@ def generate_rows(
     return x[:, ids.shape[1]:].tolist(), stats["model_calls"]
 
 
+def generate_many(
+    model: ModelFn, prompts: list[list[int]], samples: list[SampleConfig], *, seeds: list[int], batch_size: int,
+    pad_id: int, mask_id: int, eos_id: int, device: torch.device | str = "cpu",
+) -> list[tuple[list[int], int]]:
+    """Rows with their own settings: rows with equal settings share ``generate_rows`` calls of at most
+    ``batch_size``, sorted by length so little of each call is padding. Per row, in input order:
+    (generated ids, model calls of the call that made them)."""
+    out: list[tuple[list[int], int]] = [([], 0)] * len(prompts)
+    groups: dict[str, list[int]] = {}
+    for i, sc in enumerate(samples):
+        groups.setdefault(sc.model_dump_json(), []).append(i)
+    for rows in groups.values():
+        rows.sort(key=lambda i: len(prompts[i]))
+        for k in range(0, len(rows), batch_size):
+            chunk = rows[k:k + batch_size]
+            gen, calls = generate_rows(model, [prompts[i] for i in chunk], samples[chunk[0]],
+                                       seeds=[seeds[i] for i in chunk], pad_id=pad_id, mask_id=mask_id,
+                                       eos_id=eos_id, device=device)
+            for i, g in zip(chunk, gen):
+                out[i] = (g, calls)
+    return out
+
+
 def trim_after_eos(ids: list[int], eos_id: int) -> list[int]:
     """The generated ids up to (not including) the first EOS."""
     return ids[: ids.index(eos_id)] if eos_id in ids else ids

@@ -33,7 +33,7 @@ from ray import serve
 
 from dlm_ray.checkpoint import inference_placement, load_inference
 from dlm_ray.config import SampleConfig, ServeConfig
-from dlm_ray.sampling import generate_rows, trim_after_eos
+from dlm_ray.sampling import generate_many, generate_rows, trim_after_eos
 
 MASK_GLYPH = "_"
 
@@ -215,15 +215,10 @@ class DenoiserServer:
         return await asyncio.to_thread(self._run_batch, items)
 
     def _run_batch(self, items: list[Item]) -> list[tuple[list[int], int]]:
-        out: list[tuple[list[int], int]] = [([], 0)] * len(items)
-        groups: dict[str, list[int]] = {}
-        for i, it in enumerate(items):
-            groups.setdefault(it.sample.model_dump_json(), []).append(i)
-        for rows in groups.values():
-            gen_ids, calls = self._generate([items[i] for i in rows])
-            for i, g in zip(rows, gen_ids):
-                out[i] = (g, calls)
-        return out
+        with self._model_lock:
+            return generate_many(self.model, [it.prompt_ids for it in items], [it.sample for it in items],
+                                 seeds=[it.seed for it in items], batch_size=len(items), pad_id=self.tok.pad_id,
+                                 mask_id=self.tok.mask_id, eos_id=self.tok.eos_id, device=self.device)
 
     def _generate(self, items: list[Item], on_step: Any = None) -> tuple[list[list[int]], int]:
         step = None if on_step is None else (lambda i, x: on_step(i, x[0, -items[0].sample.gen_length:].tolist()))
