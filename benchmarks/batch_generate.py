@@ -28,6 +28,7 @@ import torch
 from dlm_ray.checkpoint import load_inference, save_inference
 from dlm_ray.config import CorpusConfig, GenerateConfig, ModelConfig, SampleConfig
 from dlm_ray.corpus import take_examples
+from dlm_ray.data import init_ray
 from dlm_ray.generate import run
 from dlm_ray.model import Denoiser
 from dlm_ray.prompts import BUILTIN_SEED
@@ -93,7 +94,7 @@ def main() -> None:
     direct_s = direct_loop(checkpoint, prompts, sc, args.batch_size, args.threads, window=None)
     sorted_s = direct_loop(checkpoint, prompts, sc, args.batch_size, args.threads, window=window)
     parallel_s = parallel_direct(checkpoint, prompts, sc, args.batch_size, args.threads, window // 2)
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    init_ray(num_cpus=4, include_dashboard=False, log_to_driver=False)  # as jobs/generate.py starts it
     results = {}
     # Warm-up: a new cluster's first job also pays for starting Ray's worker processes (importing
     # torch on 2 cores takes seconds), a one-off cost that a long job does not see per prompt.

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
-import ray
 
 from dlm_ray.config import GenerateConfig, load_config
+from dlm_ray.data import init_ray
 from dlm_ray.generate import run
 
 
@@ -25,9 +24,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--config", default=None)
     args, overrides = ap.parse_known_args(argv)
     cfg = load_config(GenerateConfig, args.config, overrides)
-    if not ray.is_initialized():
-        # Under `ray job submit` RAY_ADDRESS names the cluster; locally start one.
-        ray.init(**({} if "RAY_ADDRESS" in os.environ else {"address": "local", "num_cpus": 2 * (os.cpu_count() or 2)}))
+    init_ray()
     summary = run(cfg)
     print(json.dumps(summary))
     return summary

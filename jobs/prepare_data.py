@@ -16,7 +16,7 @@ import json
 import ray
 
 from dlm_ray.config import PretrainConfig, load_config
-from dlm_ray.data import prepare
+from dlm_ray.data import init_ray, prepare
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -26,8 +26,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--overwrite", action="store_true")
     args, overrides = ap.parse_known_args(argv)
     cfg = load_config(PretrainConfig, args.config, overrides)
-    if not ray.is_initialized():
-        ray.init()
+    init_ray()
     ray.data.DataContext.get_current().enable_progress_bars = True  # an offline job: show its progress
     manifest = prepare(cfg.data, cfg.tokenizer, args.output, overwrite=args.overwrite)
     print(json.dumps({"output": args.output, **manifest["splits"]}))

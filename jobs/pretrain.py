@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
-import ray
 import torch
 
 from dlm_ray.checkpoint import export, load_inference
 from dlm_ray.config import PretrainConfig, load_config
+from dlm_ray.data import init_ray
 from dlm_ray.evaluate import score
 from dlm_ray.model import Denoiser, num_params
 from dlm_ray.tokenizer import load_tokenizer
@@ -39,10 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
     args, overrides = ap.parse_known_args(argv)
     cfg = load_config(PretrainConfig, args.config, overrides)  # fails here, before any worker starts
     t0 = time.time()
-    if not ray.is_initialized():
-        # Under `ray job submit` RAY_ADDRESS names the cluster. Locally, 2 logical CPUs per core
-        # leave the data pipeline room beside the Train workers.
-        ray.init(**({} if "RAY_ADDRESS" in os.environ else {"address": "local", "num_cpus": 2 * (os.cpu_count() or 2)}))
+    init_ray()
     print(f"model: {num_params(cfg.model) / 1e6:.2f}M params; run {run_dir(cfg)}", flush=True)
     builtin = cfg.data.source == "builtin"
     tok = load_tokenizer(cfg.tokenizer)
