@@ -125,12 +125,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_iter = ray.train.get_dataset_shard("train").iter_torch_batches(
         batch_size=tc.micro_batch_size, drop_last=True, local_shuffle_buffer_size=cfg.data.local_shuffle_buffer or None,
         local_shuffle_seed=tc.seed if cfg.data.local_shuffle_buffer else None)
-    window_t, window_tokens, window_loss, micro = time.perf_counter(), 0, [], 0
-    data_wait, step_end = 0.0, time.perf_counter()
+    window_t, window_tokens, window_loss, micro, data_wait = time.perf_counter(), 0, [], 0, 0.0
     if rank == 0:
         print(f"[train] torch threads {torch.get_num_threads()}, device {device}", flush=True)
-    for batch in train_iter:
-        data_wait += time.perf_counter() - step_end
+    for waited, batch in _timed(train_iter):
+        data_wait += waited
         if int(batch["epoch"][0]) < state["epoch"]:
             continue
         if skip:
@@ -151,7 +150,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         engine.step()
         micro += 1
         window_loss.append(loss.item())
-        step_end = time.perf_counter()
         window_tokens += int(n_real) * world
         if micro % tc.grad_accum:
             continue
@@ -186,6 +184,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             _fail_once(cfg, rank)
         if step >= tc.max_steps:
             break
+
+
+def _timed(batches: Any) -> Any:
+    """(seconds spent waiting for the batch, batch): the data-wait metric counts only this wait,
+    not evaluation or checkpointing between steps."""
+    it = iter(batches)
+    while True:
+        t = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        yield time.perf_counter() - t, batch
 
 
 class InjectedFault(RuntimeError):

@@ -39,6 +39,9 @@ def test_zero_stages_train_and_export(ray_cluster, tmp_path, stage):
     assert np.mean([curve[s] for s in range(16, 21)]) < 0.8 * np.mean([curve[s] for s in range(1, 6)])
     vals = [h["val_nelbo_bits"] for h in result.metrics["history"] if "val_nelbo_bits" in h]
     assert len(vals) == 2 and all(np.isfinite(vals))
+    for h in result.metrics["history"]:
+        assert h["tokens_per_s"] > 0 and h["mfu"] > 0 and h["lr"] > 0 and np.isfinite(h["grad_norm"])
+        assert 0 <= h["data_wait_frac"] < 1
     # Export consolidates every rank's shard (ZeRO-3 too) into weights that load and run.
     with result.checkpoint.as_directory() as ckpt:
         out = export(ckpt, tmp_path / "export")
