@@ -5,7 +5,9 @@
 A bounded load generator (asyncio + httpx): ``c`` clients each send requests back to back until
 ``--requests`` (at least 2c) have been answered. The same app is deployed twice, one after the
 other on the same local Ray: with ``max_batch_size`` = ``--batch`` and with 1. Prints requests/s,
-p50/p99 latency and the count of non-200 answers; asserts nothing.
+p50/p99 latency and the count of non-200 answers. First it times the same requests' sampling in
+this process (no HTTP, no Serve) at batch ``--batch`` and at 1: the most batching can gain from
+compute alone on this machine. Asserts nothing.
 """
 
 from __future__ import annotations
@@ -23,11 +25,29 @@ import ray
 import torch
 from ray import serve
 
-from dlm_ray.checkpoint import save_inference
-from dlm_ray.config import CorpusConfig, ModelConfig
+from dlm_ray.checkpoint import inference_placement, load_inference, save_inference
+from dlm_ray.config import CorpusConfig, ModelConfig, SampleConfig
 from dlm_ray.corpus import take_examples
 from dlm_ray.model import Denoiser
+from dlm_ray.sampling import generate_many
 from dlm_ray.serve import build_app
+
+MAX_TOKENS = 24  # each request's max_tokens: one block of 24 tokens in 24 steps
+
+
+def compute_bound(checkpoint: str, prompts: list[str], batch: int, threads: int, dtype: str) -> tuple[float, float]:
+    """Seconds to sample ``prompts`` in this process at batch ``batch`` and at batch 1."""
+    _, torch_dtype = inference_placement(False, dtype, threads)
+    model, tok, _ = load_inference(checkpoint, dtype=torch_dtype)
+    ids = [tok.encode(p) for p in prompts]
+    sc = SampleConfig(gen_length=MAX_TOKENS, steps=MAX_TOKENS, block_length=MAX_TOKENS)
+    times = []
+    for b in (batch, 1):
+        t = time.perf_counter()
+        generate_many(model, ids, [sc] * len(ids), seeds=list(range(len(ids))), batch_size=b, pad_id=tok.pad_id,
+                      mask_id=tok.mask_id, eos_id=tok.eos_id)
+        times.append(time.perf_counter() - t)
+    return times[0], times[1]
 
 
 async def load(url: str, model: str, prompts: list[str], concurrency: int, total: int) -> dict:
@@ -40,7 +60,7 @@ async def load(url: str, model: str, prompts: list[str], concurrency: int, total
         while next_k < total:
             k = next_k
             next_k += 1
-            body = {"model": model, "prompt": prompts[k % len(prompts)], "seed": k, "max_tokens": 24}
+            body = {"model": model, "prompt": prompts[k % len(prompts)], "seed": k, "max_tokens": MAX_TOKENS}
             t = time.perf_counter()
             r = await http.post(f"{url}/v1/completions", json=body)
             latencies.append(time.perf_counter() - t)
@@ -48,13 +68,18 @@ async def load(url: str, model: str, prompts: list[str], concurrency: int, total
 
     limits = httpx.Limits(max_connections=concurrency)
     async with httpx.AsyncClient(timeout=300, limits=limits) as http:
-        await http.post(f"{url}/v1/completions", json={"model": model, "prompt": prompts[0], "max_tokens": 24})
+        await http.post(f"{url}/v1/completions", json={"model": model, "prompt": prompts[0], "max_tokens": MAX_TOKENS})
         t0 = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(concurrency)))
         wall = time.perf_counter() - t0
     lat = np.asarray(latencies)
     return {"rps": len(codes) / wall, "p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)),
             "errors": sum(c != 200 for c in codes), "n": len(codes)}
+
+
+def batch_sizes(url: str) -> dict[int, int]:
+    """The replica's histogram of batch sizes so far (``/v1/stats``)."""
+    return {int(k): v for k, v in httpx.get(f"{url}/v1/stats").json()["batch_sizes"].items()}
 
 
 def main() -> None:
@@ -64,6 +89,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32, help="max_batch_size of the batched deployment")
     ap.add_argument("--threads", type=int, default=1, help="torch threads in the replica")
     ap.add_argument("--wait", type=float, default=0.02, help="batch_wait_timeout_s of the batched deployment")
+    ap.add_argument("--dtype", default="auto", help="the replica's dtype (auto: float32 on CPU)")
     args = ap.parse_args()
     checkpoint = args.checkpoint
     if checkpoint is None:
@@ -71,6 +97,7 @@ def main() -> None:
         checkpoint = str(save_inference(Denoiser(ModelConfig(preset="tiny")).eval(), {"kind": "byte"},
                                         Path(tempfile.mkdtemp(prefix="bench_serve_")) / "ckpt"))
     prompts = [e.prompt for e in take_examples(CorpusConfig().families, 64, seed=7, split="heldout")]
+    bound = compute_bound(checkpoint, prompts[:args.batch] * 2, args.batch, args.threads, args.dtype)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -81,24 +108,31 @@ def main() -> None:
     for batch in (args.batch, 1):
         serve.run(build_app({"checkpoint": checkpoint, "model_name": "bench", "max_batch_size": batch,
                              "batch_wait_timeout_s": args.wait if batch > 1 else 0.0, "torch_threads": args.threads,
+                             "dtype": args.dtype,
                              "autoscaling": {"min_replicas": 1, "max_replicas": 1}}), name="bench", route_prefix="/")
         for c in (1, 8, 32):
+            before = batch_sizes(url)
             table[(batch, c)] = asyncio.run(load(url, "bench", prompts, c, max(args.requests, 2 * c)))
-        sizes = httpx.get(f"{url}/v1/stats").json()["batch_sizes"]
-        mean = sum(int(k) * v for k, v in sizes.items()) / sum(sizes.values())
-        print(f"max_batch_size {batch}: {sum(sizes.values())} batches, mean size {mean:.1f}", flush=True)
+            after = batch_sizes(url)
+            n = {k: after[k] - before.get(k, 0) for k in after}
+            table[(batch, c)]["mean_batch"] = sum(k * v for k, v in n.items()) / max(1, sum(n.values()))
         serve.delete("bench")
     serve.shutdown()
     ray.shutdown()
 
-    print(f"\ntiny model, 1 replica ({args.threads} torch thread), max_tokens 24 in 24 steps, {args.requests}+ "
-          "requests per cell\n")
-    print("| max_batch_size | concurrency | req/s | p50 s | p99 s | non-200 |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print(f"\ntiny model, 1 replica ({args.threads} torch thread, dtype {args.dtype}), max_tokens {MAX_TOKENS} in "
+          f"{MAX_TOKENS} steps, {args.requests}+ requests per cell\n")
+    print("| max_batch_size | concurrency | req/s | p50 s | p99 s | non-200 | mean batch |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for (batch, c), r in table.items():
-        print(f"| {batch} | {c} | {r['rps']:.1f} | {r['p50']:.3f} | {r['p99']:.3f} | {r['errors']} |")
+        print(f"| {batch} | {c} | {r['rps']:.1f} | {r['p50']:.3f} | {r['p99']:.3f} | {r['errors']} | "
+              f"{r['mean_batch']:.1f} |")
     for c in (1, 8, 32):
         print(f"batching speed-up at concurrency {c}: {table[(args.batch, c)]['rps'] / table[(1, c)]['rps']:.2f}x")
+    n = 2 * args.batch
+    print(f"in-process sampling of {n} of these prompts, no HTTP: batch {args.batch} {bound[0]:.2f} s "
+          f"({n / bound[0]:.1f}/s), batch 1 {bound[1]:.2f} s ({n / bound[1]:.1f}/s): at most {bound[1] / bound[0]:.2f}x "
+          "from batching on this machine's compute")
 
 
 if __name__ == "__main__":
