@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -114,7 +115,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as d:
             state = load_training(Path(d), engine, rank=rank)
         if rank == 0:
-            print(f"[train] resumed at step {state['step']} (epoch {state['epoch']})", flush=True)
+            _say(f"[train] resumed at step {state['step']} (epoch {state['epoch']})")
     flops_tok = flops_per_token(cfg.model, cfg.data.seq_len)
     peak = tc.peak_flops or CPU_PEAK_FLOPS
     val_shard = ray.train.get_dataset_shard("val")
@@ -127,7 +128,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         local_shuffle_seed=tc.seed if cfg.data.local_shuffle_buffer else None)
     window_t, window_tokens, window_loss, micro, data_wait = time.perf_counter(), 0, [], 0, 0.0
     if rank == 0:
-        print(f"[train] torch threads {torch.get_num_threads()}, device {device}", flush=True)
+        _say(f"[train] torch threads {torch.get_num_threads()}, device {device}")
     for waited, batch in _timed(train_iter):
         data_wait += waited
         if int(batch["epoch"][0]) < state["epoch"]:
@@ -171,8 +172,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if metrics:
             state["history"].append(metrics)
             if rank == 0:
-                print("[train] " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                            for k, v in metrics.items()), flush=True)
+                _say("[train] " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                           for k, v in metrics.items()))
         if step % tc.checkpoint_every == 0 or step == tc.max_steps:
             with tempfile.TemporaryDirectory() as d:
                 save_training(Path(d), engine, rank=rank, state=state, cfg=cfg)
@@ -184,6 +185,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             _fail_once(cfg, rank)
         if step >= tc.max_steps:
             break
+
+
+def _say(line: str) -> None:
+    """A line on the worker's stdout, which the driver shows. Not ``print``: Ray Train patches it to
+    log the line as well, and the driver then shows it twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def _timed(batches: Any) -> Any:
