@@ -94,7 +94,7 @@ def main() -> None:
     direct_s = direct_loop(checkpoint, prompts, sc, args.batch_size, args.threads, window=None)
     sorted_s = direct_loop(checkpoint, prompts, sc, args.batch_size, args.threads, window=window)
     parallel_s = parallel_direct(checkpoint, prompts, sc, args.batch_size, args.threads, window // 2)
-    init_ray(num_cpus=4, include_dashboard=False, log_to_driver=False)  # as jobs/generate.py starts it
+    init_ray(num_cpus=4, include_dashboard=False, log_to_driver=False)
     results = {}
     # Warm-up: a new cluster's first job also pays for starting Ray's worker processes (importing
     # torch on 2 cores takes seconds), a one-off cost that a long job does not see per prompt.

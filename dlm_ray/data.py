@@ -41,14 +41,11 @@ ROW_COLUMNS = ("input_ids", "attention_mask", "row_id")  # plus "doc_ids" with d
 
 
 def init_ray(**kwargs: Any) -> None:
-    """Join the cluster named by ``RAY_ADDRESS`` (``ray job submit`` sets it), else start a local one.
+    """Join the cluster named by ``RAY_ADDRESS`` (``ray job submit`` sets it), else start a local one
+    (``address="local"`` never joins a stale cluster left by a killed run).
 
     A local cluster gets 2 logical CPUs per core, so the data pipeline has room beside the Train
-    workers, and its workers run at normal CPU priority. Ray starts workers at nice 15 to keep its
-    own daemons responsive; on a CPU-only machine that hands the trainer's cores to every one of
-    Ray Train's dozen control actors whenever they wake (measured by benchmarks/train_step.py on
-    2 cores: the Ray Train path took 1.29x a plain loop's step at nice 15, 1.13x at nice 0).
-    ``kwargs`` go to ``ray.init`` for a local cluster.
+    workers; ``kwargs`` go to ``ray.init`` for it.
     """
     if ray.is_initialized():
         return
@@ -56,8 +53,7 @@ def init_ray(**kwargs: Any) -> None:
         ray.init()
         return
     kwargs.setdefault("num_cpus", 2 * (os.cpu_count() or 2))
-    system = {"worker_niceness": 0, **kwargs.pop("_system_config", {})}
-    ray.init(address="local", _system_config=system, **kwargs)
+    ray.init(address="local", **kwargs)
 
 
 def stable_id(*parts: Any) -> int:
