@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import ray
@@ -194,7 +194,7 @@ def _say(line: str) -> None:
     sys.stdout.flush()
 
 
-def _timed(batches: Any) -> Any:
+def _timed(batches: Iterable[dict[str, torch.Tensor]]) -> Iterator[tuple[float, dict[str, torch.Tensor]]]:
     """(seconds spent waiting for the batch, batch): the data-wait metric counts only this wait,
     not evaluation or checkpointing between steps."""
     it = iter(batches)

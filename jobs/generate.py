@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 
-
 from dlm_ray.config import GenerateConfig, load_config
 from dlm_ray.data import init_ray
 from dlm_ray.generate import run
