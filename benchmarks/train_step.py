@@ -139,20 +139,20 @@ def main() -> None:
     for stage in (1, 2):
         rows.append((f"DeepSpeed engine ZeRO-{stage}", deepspeed_engine(cfg, data, args.device, stage)))
     torch.distributed.destroy_process_group()
-    base = rows[0][1]
+    base, base_note = rows[0][1], ""
     if not args.skip_ray and args.device == "cpu":
         rows.append(("Ray Train + Data + DeepSpeed ZeRO-2, 1 worker", ray_train(cfg, args.threads)))
         # Timings on a shared 2-core machine drift over minutes: time the baseline again after the
         # Ray run and compare everything against the mean of both.
         rows.append(("plain PyTorch AdamW, again", plain(cfg.model, data, args.device, dtype)))
-        base = (rows[0][1] + rows[-1][1]) / 2
+        base, base_note = (rows[0][1] + rows[-1][1]) / 2, ", the mean of both plain runs"
     print(f"preset {args.preset}, batch {args.batch} x {args.seq_len} tokens, {args.threads} threads, {args.device}")
     print(f"{'path':<46} {'s/step':>8} {'tokens/s':>10} {'vs plain':>9} {'MFU':>7}")
     fpt = flops_per_token(cfg.model, args.seq_len)
     for name, t in rows:
         mfu = tokens / t * fpt / args.peak_flops if args.device == "cuda" else float("nan")
         print(f"{name:<46} {t:>8.4f} {tokens / t:>10.0f} {t / base:>8.2f}x {mfu:>7.1%}")
-    print(f"'vs plain' is against {base:.4f} s/step" + (", the mean of both plain runs" if len(rows) > 4 else ""))
+    print(f"'vs plain' is against {base:.4f} s/step{base_note}")
 
 
 if __name__ == "__main__":

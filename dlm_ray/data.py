@@ -281,8 +281,10 @@ class PaceScheduler(ExecutionCallback):
         if cap <= 0:
             return
         progress = _progress(executor)
-        if progress is None or progress != self._last:
-            self._ms = self.MIN_MS if progress is not None else min(10.0, cap)
+        if progress is None:  # this Ray version hides the counters: a fixed pause
+            self._ms = min(10.0, cap)
+        elif progress != self._last:
+            self._ms = self.MIN_MS
         else:
             self._ms = min(2 * self._ms, cap)
         self._last = progress

@@ -53,10 +53,10 @@ def _row(id_: str, where: str, prompt: Any, overrides: dict[str, Any], error: st
 
 def _records(fmt: str, uri: str, columns: set[str]) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
     """(row number, record or None, parse error) of one file, only the columns we use."""
-    filesystem, path = filesystem_for(uri)
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
+        filesystem, path = filesystem_for(uri)
         with filesystem.open_input_file(path) as f:
             pf = pq.ParquetFile(f)
             cols = [c for c in pf.schema_arrow.names if c in columns]
