@@ -11,9 +11,11 @@ This module imports neither torch nor Ray, so a config can be checked anywhere.
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Callable, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -430,14 +432,43 @@ def _parse_value(raw: str) -> Any:
     return yaml.safe_load(raw) if raw != "" else ""
 
 
-def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+def _section(cls: type[Config], key: str) -> type[Config] | None:
+    """The config class of field ``key`` of ``cls`` if it is a nested section, else None."""
+    field = cls.model_fields.get(key)
+    ann = getattr(field, "annotation", None)
+    return ann if isinstance(ann, type) and issubclass(ann, Config) else None
+
+
+def merge(cls: type[Config], base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``update`` laid over ``base``: nested sections merge field by field; any other value (a
+    scalar, a list, a dict-valued field such as ``data.corpus.families``) is replaced whole."""
     merged = dict(base)
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
+        sub = _section(cls, key)
+        if sub is not None and isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(sub, merged[key], value)
         else:
             merged[key] = value
     return merged
+
+
+def explicit_dict(cfg: Config) -> dict[str, Any]:
+    """The settings that make ``cfg`` what it is: fields set explicitly (by a file, an override or a
+    section's own default such as ``GenerateConfig.sample``'s 24/24/24), every nested section
+    recursively. Validating it gives ``cfg`` back, and overrides merged into it change only the
+    fields they name."""
+    out: dict[str, Any] = {}
+    for name in type(cfg).model_fields:
+        value = getattr(cfg, name)
+        if isinstance(value, Config):
+            out[name] = explicit_dict(value)
+        elif name in cfg.model_fields_set:
+            out[name] = cfg.model_dump(mode="json", include={name})[name]
+    if isinstance(cfg, ModelConfig) and cfg.preset is not None:
+        # Fields the preset filled stay the preset's: changing the preset changes them too.
+        preset = MODEL_PRESETS[cfg.preset]
+        out = {k: v for k, v in out.items() if not (k in preset and preset[k] == v)}
+    return out
 
 
 def build_config(cls: type[C], data: dict[str, Any], *, source: str = "config") -> C:
@@ -453,8 +484,10 @@ def build_config(cls: type[C], data: dict[str, Any], *, source: str = "config") 
 
 
 def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
-    """Defaults <- YAML file <- dotted overrides, validated once at the end."""
-    data: dict[str, Any] = {}
+    """Defaults <- YAML file <- dotted overrides. Each layer lands on the one below it field by field:
+    ``--sample.temperature=1`` changes that one field and keeps the file's (or the section's
+    default) ``gen_length``, ``steps``, ... The result is validated once at the end."""
+    data = explicit_dict(cls())
     source = "defaults"
     if path is not None:
         path = Path(path)
@@ -463,8 +496,43 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
-        data, source = loaded, str(path)
+        data, source = merge(cls, data, loaded), str(path)
     if overrides:
-        data = deep_merge(data, parse_overrides(overrides))
+        data = merge(cls, data, parse_overrides(overrides))
         source += " + overrides"
     return build_config(cls, data, source=source)
+
+
+def describe_fields(cfg: Config, prefix: str = "") -> list[str]:
+    """``--section.field=value  (type)`` for every field, nested sections expanded: the ``--help``
+    listing of a job."""
+    lines = []
+    for name, field in type(cfg).model_fields.items():
+        value = getattr(cfg, name)
+        if isinstance(value, Config):
+            lines += describe_fields(value, f"{prefix}{name}.")
+            continue
+        ann = field.annotation
+        kind = ann.__name__ if isinstance(ann, type) else str(ann).replace("typing.", "")
+        shown = json.dumps(cfg.model_dump(mode="json", include={name})[name])
+        lines.append(f"  --{prefix}{name}={shown}  ({kind})")
+    return lines
+
+
+def parse_job_args(cls: type[C], argv: list[str] | None, description: str,
+                   extra: Callable[[argparse.ArgumentParser], None] | None = None) -> tuple[C, argparse.Namespace]:
+    """A job's command line: ``--config FILE``, the job's own ``extra`` arguments, and dotted
+    overrides of any config field. ``--help`` lists every field with its value after the file."""
+    ap = argparse.ArgumentParser(description=description, add_help=False)
+    ap.add_argument("--config", default=None, help="a YAML file of this job's config")
+    ap.add_argument("-h", "--help", action="store_true")
+    if extra is not None:
+        extra(ap)
+    args, overrides = ap.parse_known_args(argv)
+    if args.help:
+        ap.print_help()
+        cfg = load_config(cls, args.config)
+        print(f"\nconfig fields (override any with --name=value; values after {args.config or 'the defaults'}):")
+        print("\n".join(describe_fields(cfg)))
+        raise SystemExit(0)
+    return load_config(cls, args.config, overrides), args

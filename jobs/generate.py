@@ -10,19 +10,15 @@ default generates for 1000 held-out prompts of the built-in corpus with the chec
 
 from __future__ import annotations
 
-import argparse
 import json
 
-from dlm_ray.config import GenerateConfig, load_config
+from dlm_ray.config import GenerateConfig, parse_job_args
 from dlm_ray.data import init_ray
 from dlm_ray.generate import run
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default=None)
-    args, overrides = ap.parse_known_args(argv)
-    cfg = load_config(GenerateConfig, args.config, overrides)
+    cfg, args = parse_job_args(GenerateConfig, argv, __doc__.splitlines()[0])
     init_ray()
     summary = run(cfg)
     print(json.dumps(summary))

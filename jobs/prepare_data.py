@@ -15,17 +15,19 @@ import json
 
 import ray
 
-from dlm_ray.config import PretrainConfig, load_config
+from dlm_ray.config import PretrainConfig, parse_job_args
 from dlm_ray.data import init_ray, prepare
 
 
+def _job_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--output", help="directory for the prepared Parquet shards and manifest.json")
+    ap.add_argument("--overwrite", action="store_true", help="replace an output prepared with other settings")
+
+
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default=None)
-    ap.add_argument("--output", required=True)
-    ap.add_argument("--overwrite", action="store_true")
-    args, overrides = ap.parse_known_args(argv)
-    cfg = load_config(PretrainConfig, args.config, overrides)
+    cfg, args = parse_job_args(PretrainConfig, argv, __doc__.splitlines()[0], _job_args)
+    if not args.output:
+        raise SystemExit("prepare_data.py: --output DIR is required")
     init_ray()
     ray.data.DataContext.get_current().enable_progress_bars = True  # an offline job: show its progress
     manifest = prepare(cfg.data, cfg.tokenizer, args.output, overwrite=args.overwrite)

@@ -10,7 +10,6 @@ trained model next to the untrained one, and a few decoded samples.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 
 from dlm_ray.checkpoint import export, load_inference
-from dlm_ray.config import PretrainConfig, load_config
+from dlm_ray.config import PretrainConfig, parse_job_args
 from dlm_ray.data import init_ray
 from dlm_ray.evaluate import score
 from dlm_ray.model import Denoiser, num_params
@@ -32,11 +31,8 @@ def report(label: str, s: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default=None)
-    ap.add_argument("--export-dir", default=None, help="default: <run dir>/export (local storage)")
-    args, overrides = ap.parse_known_args(argv)
-    cfg = load_config(PretrainConfig, args.config, overrides)  # fails here, before any worker starts
+    cfg, args = parse_job_args(PretrainConfig, argv, __doc__.splitlines()[0],
+                               lambda ap: ap.add_argument("--export-dir", help="default: <run dir>/export"))
     t0 = time.time()
     init_ray()
     print(f"model: {num_params(cfg.model) / 1e6:.2f}M params; run {run_dir(cfg)}", flush=True)

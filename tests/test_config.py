@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from dlm_ray.config import (
-    ConfigError, ModelConfig, PretrainConfig, SampleConfig, load_config, parse_overrides,
+    ConfigError, GenerateConfig, ModelConfig, PretrainConfig, SampleConfig, load_config, parse_job_args,
+    parse_overrides,
 )
 
 
@@ -55,3 +56,42 @@ def test_preset_fields_can_be_overridden():
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(PretrainConfig, tmp_path / "nope.yaml")
+
+
+def test_an_override_changes_only_the_field_it_names(tmp_path):
+    # GenerateConfig's sample section defaults to 24/24/24, not SampleConfig's 32/32/32.
+    cfg = load_config(GenerateConfig, None, ["--sample.temperature=1"])
+    assert (cfg.sample.gen_length, cfg.sample.steps, cfg.sample.block_length, cfg.sample.temperature) == (24, 24, 24, 1)
+    path = tmp_path / "g.yaml"
+    path.write_text("sample:\n  gen_length: 64\n  steps: 16\n  block_length: 16\n")
+    cfg = load_config(GenerateConfig, path, ["--sample.cache=dual"])
+    assert (cfg.sample.gen_length, cfg.sample.steps, cfg.sample.block_length, cfg.sample.cache) == (64, 16, 16, "dual")
+    # The same for every nested section of every config.
+    base = load_config(PretrainConfig, None)
+    for override, changed in [("--eval.sample.temperature=0.5", ("eval", "sample", "temperature")),
+                              ("--train.lr=0.01", ("train", "lr")), ("--data.corpus.seed=3", ("data", "corpus", "seed"))]:
+        cfg = load_config(PretrainConfig, None, [override])
+        a, b = base.to_dict(), cfg.to_dict()
+        node_a, node_b = a, b
+        for key in changed[:-1]:
+            node_a, node_b = node_a[key], node_b[key]
+        assert node_a.pop(changed[-1]) != node_b.pop(changed[-1])
+        assert a == b, override
+
+
+def test_dict_fields_are_replaced_and_presets_follow_the_preset(tmp_path):
+    cfg = load_config(PretrainConfig, None, ["--data.corpus.families={sudoku: 1}"])
+    assert cfg.data.corpus.families == {"sudoku": 1.0}  # not merged into the default three
+    path = tmp_path / "p.yaml"
+    path.write_text("model:\n  preset: tiny\n  n_layers: 2\n")
+    cfg = load_config(PretrainConfig, path, ["--model.preset=small"])
+    assert cfg.model.d_model == 768 and cfg.model.n_layers == 2  # the preset's shape, the file's own field
+
+
+def test_help_lists_every_field(capsys):
+    with pytest.raises(SystemExit):
+        parse_job_args(GenerateConfig, ["--help"], "gen")
+    out = capsys.readouterr().out
+    assert "--sample.gen_length=24" in out and "--actors=[1, 2]" in out
+    cfg, _ = parse_job_args(GenerateConfig, ["--sample.steps=12"], "gen")
+    assert cfg.sample.steps == 12 and cfg.sample.gen_length == 24
