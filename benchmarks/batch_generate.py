@@ -27,12 +27,11 @@ import torch
 
 from dlm_ray.checkpoint import load_inference, save_inference
 from dlm_ray.config import CorpusConfig, GenerateConfig, ModelConfig, SampleConfig
-from dlm_ray.corpus import take_examples
-from dlm_ray.data import init_ray
+from dlm_ray.corpus import HELDOUT_SEED, take_examples
 from dlm_ray.generate import run
 from dlm_ray.model import Denoiser
-from dlm_ray.prompts import BUILTIN_SEED
-from dlm_ray.sampling import generate_rows, trim_after_eos
+from dlm_ray.inference import complete_texts
+from dlm_ray.runtime import init_ray
 
 
 def direct_loop(checkpoint: str, prompts: list[str], sc: SampleConfig, batch_size: int, threads: int,
@@ -46,10 +45,8 @@ def direct_loop(checkpoint: str, prompts: list[str], sc: SampleConfig, batch_siz
         prompts = [p for i in range(0, len(prompts), window) for p in sorted(prompts[i:i + window], key=len)]
     outs = []
     for i in range(0, len(prompts), batch_size):
-        chunk = [[tok.eos_id, *tok.encode(p)] for p in prompts[i:i + batch_size]]
-        gen, _ = generate_rows(model, chunk, sc, seeds=list(range(i, i + len(chunk))), pad_id=tok.pad_id,
-                               mask_id=tok.mask_id, eos_id=tok.eos_id)
-        outs += [tok.decode(trim_after_eos(g, tok.eos_id)) for g in gen]
+        chunk = prompts[i:i + batch_size]  # one generate() call each, in this order
+        outs += complete_texts(model, tok, chunk, sc, list(range(i, i + len(chunk))), batch_size=len(chunk))
     assert len(outs) == len(prompts)
     return time.perf_counter() - t0
 
@@ -86,7 +83,7 @@ def main() -> None:
     if checkpoint is None:
         torch.manual_seed(0)
         checkpoint = str(save_inference(Denoiser(ModelConfig(preset="tiny")).eval(), {"kind": "byte"}, tmp / "ckpt"))
-    prompts = [e.prompt for e in take_examples(CorpusConfig().families, args.prompts, seed=BUILTIN_SEED, split="heldout")]
+    prompts = [e.prompt for e in take_examples(CorpusConfig().families, args.prompts, seed=HELDOUT_SEED, split="heldout")]
     src = tmp / "prompts.jsonl"
     src.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
 

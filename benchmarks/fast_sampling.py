@@ -23,9 +23,8 @@ import torch
 
 from dlm_ray.checkpoint import load_inference
 from dlm_ray.config import CorpusConfig, SampleConfig
-from dlm_ray.corpus import check_answer, take_examples
-from dlm_ray.evaluate import HELDOUT_SEED
-from dlm_ray.sampling import generate, left_pad, trim_after_eos
+from dlm_ray.corpus import HELDOUT_SEED, check_answer, take_examples
+from dlm_ray.inference import complete_texts
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = 32
@@ -50,11 +49,10 @@ def run_variant(model, tok, prompts: list[str], cfg: SampleConfig, batch_size: i
     calls, comps = 0, []
     t0 = time.perf_counter()
     for i in range(0, len(prompts), batch_size):
-        ids, am = left_pad([[tok.eos_id, *tok.encode(p)] for p in prompts[i:i + batch_size]], tok.pad_id)
-        stats: dict[str, int] = {}
-        x = generate(model, ids, cfg, mask_id=tok.mask_id, attention_mask=am, eos_id=tok.eos_id, stats=stats)
-        calls += stats["model_calls"]
-        comps += [tok.decode(trim_after_eos(row[ids.shape[1]:].tolist(), tok.eos_id)) for row in x]
+        chunk = prompts[i:i + batch_size]  # one generate() call each
+        out = complete_texts(model, tok, chunk, cfg, list(range(i, i + len(chunk))), batch_size=len(chunk))
+        calls += out[0].num_model_calls
+        comps += [c.text for c in out]
     return time.perf_counter() - t0, calls, comps
 
 

@@ -29,7 +29,7 @@ from dlm_ray.checkpoint import inference_placement, load_inference, save_inferen
 from dlm_ray.config import CorpusConfig, ModelConfig, SampleConfig
 from dlm_ray.corpus import take_examples
 from dlm_ray.model import Denoiser
-from dlm_ray.sampling import generate_many
+from dlm_ray.inference import complete_ids, encode_prompt
 from dlm_ray.serve import build_app
 
 MAX_TOKENS = 24  # each request's max_tokens: one block of 24 tokens in 24 steps
@@ -39,13 +39,12 @@ def compute_bound(checkpoint: str, prompts: list[str], batch: int, threads: int,
     """Seconds to sample ``prompts`` in this process at batch ``batch`` and at batch 1."""
     _, torch_dtype = inference_placement(False, dtype, threads)
     model, tok, _ = load_inference(checkpoint, dtype=torch_dtype)
-    ids = [tok.encode(p) for p in prompts]
+    ids = [encode_prompt(tok, p) for p in prompts]
     sc = SampleConfig(gen_length=MAX_TOKENS, steps=MAX_TOKENS, block_length=MAX_TOKENS)
     times = []
     for b in (batch, 1):
         t = time.perf_counter()
-        generate_many(model, ids, [sc] * len(ids), seeds=list(range(len(ids))), batch_size=b, pad_id=tok.pad_id,
-                      mask_id=tok.mask_id, eos_id=tok.eos_id)
+        complete_ids(model, tok, ids, sc, list(range(len(ids))), batch_size=b)
         times.append(time.perf_counter() - t)
     return times[0], times[1]
 

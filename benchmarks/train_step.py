@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from dlm_ray.config import DiffusionConfig, ModelConfig, PretrainConfig, load_config
-from dlm_ray.diffusion import diffusion_loss, mask_batch
+from dlm_ray.diffusion import diffusion_loss, mask_rows
 from dlm_ray.model import Denoiser, flops_per_token
 
 MASK = 258
@@ -34,8 +34,10 @@ def batches(n: int, batch: int, seq_len: int, vocab: int, device: str):
     rng = np.random.default_rng(0)
     x0 = rng.integers(0, min(vocab, 256), (batch, seq_len))
     out = []
-    for _ in range(n):
-        b = mask_batch(x0, np.ones_like(x0, bool), DiffusionConfig(), rng, mask_id=MASK)
+    for k in range(n):
+        rows = {"input_ids": x0, "attention_mask": np.ones_like(x0), "epoch": np.full(batch, k),
+                "row_id": np.arange(batch), "row_index": np.arange(batch)}
+        b = mask_rows(rows, DiffusionConfig(), seed=0, mask_id=MASK, strata=batch)
         out.append({k: torch.as_tensor(v).to(device) for k, v in
                     {"x0": x0, "xt": b["noisy_ids"], "m": b["loss_mask"], "p": b["p_mask"]}.items()})
     return out
@@ -94,7 +96,7 @@ def deepspeed_engine(cfg: PretrainConfig, data, device: str, stage: int) -> floa
 def ray_train(cfg: PretrainConfig, threads: int) -> float:
     import ray
 
-    from dlm_ray.data import init_ray
+    from dlm_ray.runtime import init_ray
     from dlm_ray.train import fit
 
     init_ray(num_cpus=threads + 2, include_dashboard=False, log_to_driver=False)

@@ -1,31 +1,39 @@
 """The one owner of the checkpoint formats.
 
+A run lives in ``<storage_path>/<run_name>/`` (``run_dir``), a local path or an ``s3://`` / ``gs://``
+URI; Ray Train's ``checkpoint_*`` folders sit there, and ``latest_checkpoint`` finds the newest.
+
 Training checkpoint (one Ray Train checkpoint directory, every rank writing its own files into it):
 
     ds/                    DeepSpeed ``save_checkpoint`` output: ``latest`` + ``<tag>/`` with the
                            model and ZeRO optimizer shards of every rank (ZeRO-3 included)
-    trainer_state.json     step, tokens seen, data position (epoch, batches into it), metrics history
+    trainer_state.json     step, tokens seen, data position ([epoch, item, row]: the first row not trained on)
     rng_rank<r>.pt         each rank's torch / numpy / python RNG states
     run_config.json        the full PretrainConfig, so a checkpoint explains itself
 
 Inference checkpoint (``export``): ``model.safetensors`` (consolidated fp32 weights) + ``config.json``
 (model, diffusion and tokenizer config, plus where it came from) + ``tokenizer.json`` for HF
-tokenizers. Batch generation and Serve read only this format.
+tokenizers. Batch generation and Serve read only this format, from a local directory or a URI
+(a remote one is copied to a local cache directory once per process).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import random
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
 from dlm_ray.config import DiffusionConfig, ModelConfig, PretrainConfig
 from dlm_ray.model import Denoiser
+from dlm_ray.sources import filesystem_for
 from dlm_ray.tokenizer import HFTokenizer, load_tokenizer
 
 DS_DIR = "ds"
@@ -37,6 +45,84 @@ CONFIG_FILE = "config.json"
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or corrupt; the message says which file."""
+
+
+# ------------------------------------------------------------------------------------------- runs
+
+
+def run_dir(cfg: PretrainConfig) -> str:
+    """The run's directory: ``<storage_path>/<run_name>``, local paths made absolute."""
+    base = cfg.storage_path if "://" in cfg.storage_path else str(Path(cfg.storage_path).resolve())
+    return f"{base.rstrip('/')}/{cfg.run_name}"
+
+
+def latest_checkpoint(cfg: PretrainConfig) -> tuple[str, dict[str, Any]] | None:
+    """(path, trainer state) of the newest complete checkpoint of the run, or None for a new run.
+
+    A run directory with checkpoint folders but no readable state is an error: resuming must never
+    quietly become a fresh start over an existing run.
+    """
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem_for(run_dir(cfg))
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return None
+    entries = fs.get_file_info(pafs.FileSelector(path))
+    ckpts = sorted(e.path for e in entries if e.type == pafs.FileType.Directory and e.base_name.startswith("checkpoint_"))
+    best: tuple[str, dict[str, Any]] | None = None
+    for ck in ckpts:
+        try:
+            with fs.open_input_stream(f"{ck}/{STATE_FILE}") as f:
+                state = json.loads(f.read())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"checkpoint {ck} is incomplete or corrupt ({exc}); remove it to resume "
+                                  f"from an earlier one, or choose a new run_name") from exc
+        if best is None or state["step"] > best[1]["step"]:
+            best = (ck, state)
+    return best
+
+
+def _is_uri(path: str | Path) -> bool:
+    return "://" in str(path)
+
+
+def upload_dir(local: str | Path, uri: str) -> None:
+    """Copy a local directory's files to ``uri`` (any pyarrow filesystem)."""
+    from pyarrow import fs as pafs
+
+    filesystem, root = filesystem_for(uri)
+    filesystem.create_dir(root, recursive=True)
+    pafs.copy_files(str(local), root, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=filesystem)
+
+
+@functools.lru_cache(maxsize=8)
+def local_copy(uri: str) -> Path:
+    """A local directory holding the files of a remote checkpoint ``uri``: copied once per process."""
+    from pyarrow import fs as pafs
+
+    filesystem, root = filesystem_for(uri)
+    if filesystem.get_file_info(root).type != pafs.FileType.Directory:
+        raise CheckpointError(f"{uri}: no such checkpoint directory")
+    local = Path(tempfile.mkdtemp(prefix="dlm-ckpt-"))
+    pafs.copy_files(root, str(local), source_filesystem=filesystem, destination_filesystem=pafs.LocalFileSystem())
+    return local
+
+
+def local_path(path: str | Path) -> Path:
+    """``path`` itself if local, else a local copy of the remote directory it names."""
+    return local_copy(str(path).rstrip("/")) if _is_uri(path) else Path(path)
+
+
+@contextlib.contextmanager
+def staged(out: str | Path) -> Iterator[Path]:
+    """A local directory to write into; for a URI its files are uploaded there on success."""
+    if not _is_uri(out):
+        Path(out).mkdir(parents=True, exist_ok=True)
+        yield Path(out)
+        return
+    with tempfile.TemporaryDirectory(prefix="dlm-stage-") as d:
+        yield Path(d)
+        upload_dir(d, str(out))
 
 
 # ---------------------------------------------------------------------------------- training state
@@ -93,11 +179,17 @@ def consolidated_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tenso
     return {k.removeprefix("module."): v.contiguous() for k, v in sd.items()}
 
 
-def export(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
-    """Turn a (possibly ZeRO-3 sharded) training checkpoint into an inference checkpoint."""
+def export(checkpoint_dir: str | Path, out_dir: str | Path) -> str:
+    """Turn a (possibly ZeRO-3 sharded) training checkpoint into an inference checkpoint. Either may
+    be a local directory or a URI; returns where the export went."""
+    with staged(out_dir) as out:
+        _export(local_path(checkpoint_dir), out)
+    return str(out_dir)
+
+
+def _export(src: Path, out: Path) -> None:
     from safetensors.torch import save_file
 
-    src, out = Path(checkpoint_dir), Path(out_dir)
     if not (src / RUN_CONFIG_FILE).is_file():
         raise CheckpointError(f"{src} has no {RUN_CONFIG_FILE}: not a dlm-ray training checkpoint")
     cfg = PretrainConfig.model_validate(json.loads((src / RUN_CONFIG_FILE).read_text()))
@@ -112,26 +204,24 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
     meta = {"model": cfg.model.to_dict(), "diffusion": cfg.diffusion.to_dict(), "tokenizer": tok_cfg,
             "source": {"run_name": cfg.run_name, "step": state["step"], "tokens_seen": state.get("tokens_seen")}}
     (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
-    return out
 
 
 def save_inference(model: Denoiser, tokenizer_cfg: dict[str, Any], out_dir: str | Path,
-                   diffusion: DiffusionConfig | None = None) -> Path:
+                   diffusion: DiffusionConfig | None = None) -> str | Path:
     """Write a model held in memory (e.g. an untrained one for tests) in the inference format."""
     from safetensors.torch import save_file
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / WEIGHTS_FILE))
-    meta = {"model": model.config.to_dict(), "diffusion": (diffusion or DiffusionConfig()).to_dict(),
-            "tokenizer": tokenizer_cfg, "source": {"run_name": None, "step": 0}}
-    (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
-    return out
+    with staged(out_dir) as out:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / WEIGHTS_FILE))
+        meta = {"model": model.config.to_dict(), "diffusion": (diffusion or DiffusionConfig()).to_dict(),
+                "tokenizer": tokenizer_cfg, "source": {"run_name": None, "step": 0}}
+        (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+    return out_dir
 
 
 def read_inference_config(directory: str | Path) -> tuple[dict[str, Any], Any]:
     """(config.json contents, tokenizer) of an inference checkpoint, without loading the weights."""
-    d = Path(directory)
+    d = local_path(directory)
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (d / name).is_file():
             raise CheckpointError(f"{d} has no {name}: export a training checkpoint with jobs/export.py first")
@@ -144,10 +234,11 @@ def read_inference_config(directory: str | Path) -> tuple[dict[str, Any], Any]:
 
 def load_inference(directory: str | Path, *, device: str | torch.device = "cpu",
                    dtype: torch.dtype = torch.float32) -> tuple[Denoiser, Any, dict[str, Any]]:
-    """(model in eval mode, tokenizer, config.json contents) from an inference checkpoint."""
+    """(model in eval mode, tokenizer, config.json contents) from an inference checkpoint, local or
+    at a URI."""
     from safetensors.torch import load_file
 
-    d = Path(directory)
+    d = local_path(directory)
     meta, tok = read_inference_config(d)
     model = Denoiser(ModelConfig.model_validate(meta["model"]))
     try:
@@ -170,7 +261,7 @@ def inference_placement(want_gpu: bool, dtype: str, cpu_threads: int) -> tuple[t
 def checkpoint_hash(directory: str | Path) -> str:
     """Identity of an inference checkpoint: SHA-256 over its files (config, weights, tokenizer),
     first 16 hex digits. Outputs record it so every generated row names the weights behind it."""
-    d = Path(directory)
+    d = local_path(directory)
     h = hashlib.sha256()
     for name in (CONFIG_FILE, WEIGHTS_FILE, "tokenizer.json"):
         if not (d / name).is_file():

@@ -33,7 +33,7 @@ class Config(BaseModel):
 # --------------------------------------------------------------------------------------------- model
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
-    # CPU-sized debug model used by every test and the default job (~1.1M parameters).
+    # CPU-sized debug model used by every test and the default job (0.92M parameters).
     "tiny": dict(vocab_size=264, d_model=128, n_layers=4, n_heads=4, d_mlp=384, max_seq_len=256),
     # GPT-2-small scale.
     "small": dict(vocab_size=32768, d_model=768, n_layers=12, n_heads=12, d_mlp=2048, max_seq_len=2048),
@@ -193,9 +193,12 @@ class DataConfig(Config):
     shuffle: Literal["none", "files", "rows"] = "files"
     local_shuffle_buffer: int = Field(0, ge=0)
     seed: int = 0
-    # Bad rows (null/empty text, bad JSON, non-UTF-8) and unreadable files: counted and skipped,
-    # or with strict=True an error naming the file and row.
+    # Bad rows (null/empty text, bad JSON, non-UTF-8, text that encodes to the mask or pad token) and
+    # unreadable files: counted and skipped, or with strict=True an error naming the file and row.
     strict: bool = False
+    # Backing Ray Data's scheduling loop off while the feed is stalled (dlm_ray.runtime); "auto": on
+    # for a local CPU-only cluster, where the spinning loop takes CPU from the trainer.
+    pacing: Literal["auto", "on", "off"] = "auto"
 
     @model_validator(mode="after")
     def _check_actors(self) -> DataConfig:
@@ -239,8 +242,10 @@ class TrainConfig(Config):
     checkpoint_every: int = Field(400, gt=0)
     num_to_keep: int = Field(2, gt=0)
     max_failures: int = Field(2, ge=-1)
-    # For MFU: peak FLOP/s of one worker's device (989e12: H100 dense bf16).
+    # For MFU: peak FLOP/s of one worker's device (989e12: H100 dense bf16); unset, no MFU is reported.
     peak_flops: float | None = Field(None, gt=0)
+    # TensorBoard event files under <run dir>/tensorboard as well as metrics.jsonl (the [tensorboard] extra).
+    tensorboard: bool = False
     # Fault drill: every worker raises once right after this step (a marker file in the run
     # directory makes it once per run), to exercise restarts and resume.
     fail_once_at_step: int | None = Field(None, gt=0)
@@ -329,6 +334,7 @@ class GenerateConfig(Config):
     rows_per_file: int = Field(100_000, gt=0)
     strict: bool = False  # fail on the first bad row instead of writing an error row
     progress_bars: bool = True
+    pacing: Literal["auto", "on", "off"] = "auto"  # see DataConfig.pacing
     # Tests only: the first actor call that finds this path missing creates it and kills its process.
     fail_once_marker: str | None = None
 

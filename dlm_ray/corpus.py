@@ -4,8 +4,8 @@ Each document is ``prompt + answer`` in plain ASCII, short enough for the byte t
 checker decides exactly whether a document (or an answer to a given prompt) is valid, so sample
 quality is a number. Families, by difficulty:
 
-- ``reverse``: ``r4721=1274``: the digits reversed (local, position-to-position copying);
-- ``sort``: ``s93142=12349``: the digits sorted (needs the whole multiset, still learnable on a CPU);
+- ``reverse``: ``r472190=091274``: the digits reversed (local, position-to-position copying);
+- ``sort``: ``s931420=012349``: the digits sorted (needs the whole multiset, still learnable on a CPU);
 - ``sudoku``: ``q1.3..2.4...3..1=1234...``: a 4x4 Sudoku (2x2 boxes) with blanks as ``.``, answered
   by the full solved grid. Every cell constrains others across the grid: correctness needs global
   context, the kind of task where diffusion models are reported to beat autoregressive ones.
@@ -24,6 +24,8 @@ from typing import Callable, Iterator
 NUM_DIGITS = (6, 6)  # inclusive range of list lengths for reverse/sort
 SUDOKU_GIVENS = 6
 HELDOUT_MODULUS = 10  # one document in ten is held out
+# The draw of held-out prompts that evaluation, the batch job's ``builtin:N`` and the benchmarks share.
+HELDOUT_SEED = 12345
 
 
 @dataclass(frozen=True)

@@ -1,65 +1,65 @@
 """Ray Data corpus pipeline: read → tokenize → pack → mask, streamed to Ray Train workers.
 
-    work items (files, or shards of the built-in corpus) × epochs
-      └─ map_batches(TokenizePack, ActorPoolStrategy): read a file, tokenize, pack into rows,
-         then mask_rows (forward diffusion: t and a masked copy) in the same actor, which saves
-         a stage's copy of every row
+    work items (files, or shards of the built-in corpus) × epochs, from a start position
+      └─ map_batches(TokenizePack, ActorPoolStrategy): read an item, tokenize, pack into rows
+         (``dlm_ray.packing``), then mask them (``dlm_ray.diffusion.mask_rows``) in the same actor,
+         which saves a stage's copy of every row
 
 One work item is one file (or one shard of the built-in corpus), read start to end by one actor
 that holds the tokenizer, so packing never depends on scheduling: every row has a stable
-``row_id`` and its mask is a function of (seed, epoch, row_id) alone. Each epoch repeats the work
-items with a fresh mask draw, so one pass over the dataset is the whole run.
+``row_id`` and a ``row_index`` within its item, and its mask is a function of (seed, epoch, row)
+alone. Each epoch repeats the items (reshuffled) with a fresh mask draw.
 
-Packing concatenates documents, each followed by EOS, into ``seq_len`` rows. No token is dropped:
-a file's last partial row is padded (attention_mask 0), and rows cut short for LLaDA's
-random-length training hand their remaining tokens to the next row. So
-``tokens in (documents + one EOS each) == sum(attention_mask)``, exactly.
+A training run's place in this stream is a ``DataPosition`` (epoch, item in that epoch's order,
+row in that item). Resuming builds the stream from there: earlier epochs and items are never
+opened, a prepared Parquet file is read from the row group holding the row, and a raw file or
+built-in shard is re-packed from its start (packing is sequential) with the rows before the
+position left out. So resuming at step N costs at most one item's reading, whatever N is.
 
 Bad input never disappears: unreadable files and bad rows (missing/null text, bad JSON, non-UTF-8,
-empty) are skipped and counted by reason in a ``PipelineStats`` actor, or with ``strict`` raise an
-error that names the file and the row.
+empty, text that encodes to the mask or pad token) are skipped and counted by reason in a
+``PipelineStats`` actor, or with ``strict`` raise an error that names the file and the row.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import time
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
 import ray
-from ray.data._internal.execution.execution_callback import ExecutionCallback
 
 from dlm_ray.config import DataConfig, DiffusionConfig
-from dlm_ray.sources import BadInputError, iter_documents, resolve_items
+from dlm_ray.diffusion import mask_rows
+from dlm_ray.packing import Packer, stable_id
+from dlm_ray.sources import BadInputError, filesystem_for, iter_documents, resolve_items
 from dlm_ray.tokenizer import load_tokenizer
 
 ROW_COLUMNS = ("input_ids", "attention_mask", "row_id")  # plus "doc_ids" with data.document_ids
+# Where a row sits in the stream: its epoch, its item's place in that epoch's order, its row in the item.
+POSITION_COLUMNS = ("epoch", "item_index", "row_index")
 
 
-def init_ray(**kwargs: Any) -> None:
-    """Join the cluster named by ``RAY_ADDRESS`` (``ray job submit`` sets it), else start a local one
-    (``address="local"`` never joins a stale cluster left by a killed run).
+@dataclass(frozen=True, order=True)
+class DataPosition:
+    """A place in the training stream: the first row not yet consumed. Ordered like the stream."""
 
-    A local cluster gets 2 logical CPUs per core, so the data pipeline has room beside the Train
-    workers; ``kwargs`` go to ``ray.init`` for it.
-    """
-    if ray.is_initialized():
-        return
-    if "RAY_ADDRESS" in os.environ:
-        ray.init()
-        return
-    kwargs.setdefault("num_cpus", 2 * (os.cpu_count() or 2))
-    ray.init(address="local", **kwargs)
+    epoch: int = 0
+    item: int = 0
+    row: int = 0
 
+    def to_list(self) -> list[int]:
+        return [self.epoch, self.item, self.row]
 
-def stable_id(*parts: Any) -> int:
-    """A 63-bit id from the parts' text: the same on every machine and run."""
-    digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
+    @classmethod
+    def after_rows(cls, rows: dict[str, Any]) -> DataPosition:
+        """The position just after the furthest of these rows (the last one, unless shuffled)."""
+        e, i, r = (np.asarray(rows[c], dtype=np.int64) for c in POSITION_COLUMNS)
+        k = np.lexsort((r, i, e))[-1]
+        return cls(int(e[k]), int(i[k]), int(r[k]) + 1)
+
 
 
 @ray.remote(num_cpus=0)
@@ -79,60 +79,6 @@ class PipelineStats:
 # -------------------------------------------------------------------------------------------- pack
 
 
-class Packer:
-    """Cuts a stream of documents into fixed-length rows, carrying the remainder between calls."""
-
-    def __init__(self, seq_len: int, eos_id: int, pad_id: int, *, key: str, random_length_fraction: float = 0.0,
-                 seed: int = 0) -> None:
-        self.seq_len, self.eos_id, self.pad_id = seq_len, eos_id, pad_id
-        self.key, self.fraction = key, random_length_fraction
-        self.tokens: list[np.ndarray] = []
-        self.docs: list[np.ndarray] = []
-        self.num_docs = 0
-        self.num_rows = 0
-        self.rng = np.random.default_rng([seed, stable_id(key)])
-
-    def add(self, docs: list[np.ndarray]) -> None:
-        """Append documents (token id arrays), each followed by EOS."""
-        if not docs:
-            return
-        lens = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
-        flat = np.insert(np.concatenate(docs).astype(np.int32), np.cumsum(lens), self.eos_id)
-        self.tokens.append(flat)
-        self.docs.append(np.repeat(np.arange(self.num_docs, self.num_docs + len(docs), dtype=np.int32), lens + 1))
-        self.num_docs += len(docs)
-
-    def rows(self, *, final: bool = False) -> dict[str, np.ndarray] | None:
-        """Every full row now available (and with ``final``, the padded tail)."""
-        if not self.tokens:
-            return None
-        tokens, docs = np.concatenate(self.tokens), np.concatenate(self.docs)
-        L, n = self.seq_len, len(tokens)
-        lengths, pos = [], 0
-        while n - pos >= L or (final and pos < n):
-            take = L
-            if self.fraction and self.rng.random() < self.fraction:
-                take = int(self.rng.integers(1, L))
-            take = min(take, n - pos)
-            lengths.append(take)
-            pos += take
-        self.tokens, self.docs = [tokens[pos:]], [docs[pos:]]
-        if not lengths:
-            return None
-        R = len(lengths)
-        ids = np.full((R, L), self.pad_id, dtype=np.int32)
-        am = np.zeros((R, L), dtype=np.int8)
-        doc = np.full((R, L), -1, dtype=np.int32)
-        starts = np.cumsum([0, *lengths[:-1]])
-        for r, (a, k) in enumerate(zip(starts, lengths)):
-            ids[r, :k] = tokens[a:a + k]
-            am[r, :k] = 1
-            doc[r, :k] = docs[a:a + k] - docs[a]  # documents numbered from 0 within each row
-        row_ids = np.asarray([stable_id(self.key, self.num_rows + i) for i in range(R)], dtype=np.int64)
-        self.num_rows += R
-        return {"input_ids": ids, "attention_mask": am, "doc_ids": doc, "row_id": row_ids}
-
-
 def _to_numpy(column: Any) -> np.ndarray:
     """A Parquet column of fixed-length rows (Ray's tensor extension, or plain lists) as a 2-D array."""
     arr = column.combine_chunks()
@@ -143,51 +89,67 @@ def _to_numpy(column: Any) -> np.ndarray:
 
 
 class TokenizePack:
-    """Actor UDF: one work item in, its packed rows out (streamed in batches). Loads the tokenizer once."""
+    """Actor UDF: one work item in, its packed (and masked) rows out, streamed. Loads the tokenizer once."""
 
     def __init__(self, data_cfg: dict[str, Any], tokenizer_cfg: dict[str, Any] | str, stats: Any,
-                 diffusion: dict[str, Any] | None = None) -> None:
+                 diffusion: dict[str, Any] | None = None, strata: int = 1) -> None:
         self.cfg = DataConfig.model_validate(data_cfg)
         self.tok = load_tokenizer(tokenizer_cfg)
         self.stats = stats
-        self.diffusion = diffusion
+        self.diffusion = None if diffusion is None else DiffusionConfig.model_validate(diffusion)
+        self.strata = strata
+        self.forbidden = np.asarray(sorted({self.tok.mask_id, self.tok.pad_id}))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
-        for item_json, epoch in zip(batch["item"], batch["epoch"]):
+        for item_json, epoch, index, skip in zip(batch["item"], batch["epoch"], batch["index"], batch["skip_rows"]):
             item = json.loads(str(item_json))
-            for rows in self._item(item, int(epoch)):
-                rows["epoch"] = np.full(len(rows["row_id"]), epoch, dtype=np.int32)
+            skipped = 0
+            for rows in self._item(item, int(epoch), int(skip)):
+                keep = rows["row_index"] >= skip
+                if not keep.all():  # rows a resumed run already trained on
+                    skipped += int((~keep).sum())
+                    rows = {k: v[keep] for k, v in rows.items()}
+                    if not len(rows["row_id"]):
+                        continue
+                n = len(rows["row_id"])
+                rows["epoch"] = np.full(n, epoch, dtype=np.int32)
+                rows["item_index"] = np.full(n, index, dtype=np.int32)
                 if not self.cfg.document_ids:
                     rows.pop("doc_ids", None)  # a quarter of the bytes per row, unused unless asked for
                 if self.diffusion is not None:
-                    # Masking here, in the actor that packed the rows, saves a stage's copy of the data.
-                    rows = mask_rows(rows, diffusion=self.diffusion, seed=self.cfg.seed, mask_id=self.tok.mask_id)
+                    rows = mask_rows(rows, self.diffusion, seed=self.cfg.seed, mask_id=self.tok.mask_id,
+                                     item_id=stable_id(item["key"]), strata=self.strata)
                 yield rows
+            self.stats.add.remote({"resume.rows_passed_over": skipped})
 
-    def _item(self, item: dict[str, Any], epoch: int) -> Iterator[dict[str, np.ndarray]]:
-        cfg, counts = self.cfg, Counter()
+    def _item(self, item: dict[str, Any], epoch: int, skip: int) -> Iterator[dict[str, np.ndarray]]:
         if item["format"] == "prepared":
-            # Already tokenized and packed by jobs/prepare_data.py: pass the rows through.
-            import pyarrow.parquet as pq
-
-            names = pq.read_schema(item["path"]).names
-            table = pq.read_table(item["path"], columns=[c for c in (*ROW_COLUMNS, "doc_ids") if c in names])
-            rows = {c: _to_numpy(table[c]) for c in table.column_names}
-            if epoch == 0:
-                self.stats.add.remote({"rows": table.num_rows, "tokens": int(rows["attention_mask"].sum())})
-            yield rows
+            yield from self._prepared(item, epoch, skip)
             return
+        cfg, counts = self.cfg, Counter()
         packer = Packer(cfg.seq_len, self.tok.eos_id, self.tok.pad_id, key=item["key"],
                         random_length_fraction=cfg.random_length_fraction, seed=cfg.seed)
         counts["files"] += 1
         texts: list[str] = []
+        wheres: list[str] = []
 
         def flush() -> None:
             docs = self.tok.encode_batch(texts)
+            good = []
+            for where, doc in zip(wheres, docs):
+                # Content must never become the mask (or pad) token: a masked target equal to the mask
+                # has infinite loss, and an unmasked one looks like a hole to fill.
+                if np.isin(doc, self.forbidden).any():
+                    if cfg.strict:
+                        raise BadInputError(f"{item['where']}: {where}: encodes to the mask or pad token")
+                    counts["skipped.special_token"] += 1
+                else:
+                    good.append(doc)
             texts.clear()
-            counts["documents"] += len(docs)
-            counts["tokens"] += sum(len(d) + 1 for d in docs)
-            packer.add(docs)
+            wheres.clear()
+            counts["documents"] += len(good)
+            counts["tokens"] += sum(len(d) + 1 for d in good)
+            packer.add(good)
 
         try:
             for where, text, reason in iter_documents(item, cfg):
@@ -197,6 +159,7 @@ class TokenizePack:
                     counts[f"skipped.{reason}"] += 1
                     continue
                 texts.append(text)
+                wheres.append(where)
                 if len(texts) == cfg.docs_per_batch:
                     flush()
                     if (rows := packer.rows()) is not None:
@@ -212,136 +175,89 @@ class TokenizePack:
         if (rows := packer.rows(final=True)) is not None:
             counts["rows"] += len(rows["row_id"])
             yield rows
-        if epoch == 0:  # count documents once, not once per epoch
+        if epoch == 0 and not skip:  # count each document once: not again per epoch, nor on a resume
             self.stats.add.remote(dict(counts))
 
+    def _prepared(self, item: dict[str, Any], epoch: int, skip: int) -> Iterator[dict[str, np.ndarray]]:
+        """Rows tokenized and packed by ``jobs/prepare_data.py``, from the row group holding row ``skip``."""
+        import pyarrow.parquet as pq
 
-# -------------------------------------------------------------------------------------------- mask
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    x = x + np.uint64(0x9E3779B97F4A7C15)
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
-def counter_uniforms(seed: int, epoch: np.ndarray, row_id: np.ndarray, num: int) -> np.ndarray:
-    """Uniforms in [0, 1), shape [rows, num], a pure function of (seed, epoch, row_id, column).
-
-    A counter-based generator (splitmix64 of the mixed counters), vectorised over the batch: the
-    same row gets the same numbers whatever batch it lands in, at numpy speed.
-    """
-    with np.errstate(over="ignore"):
-        key = _splitmix64(np.uint64(seed) ^ _splitmix64(epoch.astype(np.uint64) ^ _splitmix64(row_id.astype(np.uint64))))
-        x = _splitmix64(key[:, None] + np.arange(num, dtype=np.uint64)[None, :] * np.uint64(0xD1B54A32D192ED03))
-    return (x >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
-
-
-def mask_rows(batch: dict[str, np.ndarray], *, diffusion: dict[str, Any], seed: int, mask_id: int) -> dict[str, np.ndarray]:
-    """Forward diffusion per row, deterministic from (seed, epoch, row_id): the same row gets the
-    same mask on a rerun, and a fresh one each epoch. t is drawn per row (i.i.d.), since rows are
-    batched for training only later."""
-    # Imported here, not at the top: the tokenizer actors then start without loading torch.
-    from dlm_ray.diffusion import apply_mask, mask_probability
-
-    cfg = DiffusionConfig.model_validate(diffusion)
-    x0 = batch["input_ids"]
-    L = x0.shape[1]
-    u = counter_uniforms(seed, batch["epoch"], batch["row_id"], L + 1)
-    t = cfg.eps + (1 - cfg.eps) * u[:, L]
-    p = mask_probability(t, cfg)
-    noisy, masked = apply_mask(x0, p, u[:, :L], batch["attention_mask"].astype(bool), mask_id)
-    return {**batch, "noisy_ids": noisy.astype(np.int32), "loss_mask": masked,
-            "t": t.astype(np.float32), "p_mask": p.astype(np.float32)}
+        filesystem, path = filesystem_for(item["path"])
+        with filesystem.open_input_file(path) as f:
+            pf = pq.ParquetFile(f)
+            names = pf.schema_arrow.names
+            sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
+            starts = np.cumsum([0, *sizes])
+            first = max(0, int(np.searchsorted(starts, skip, side="right")) - 1)
+            groups = list(range(first, pf.num_row_groups))
+            table = pf.read_row_groups(groups, columns=[c for c in (*ROW_COLUMNS, "doc_ids") if c in names])
+        rows = {c: _to_numpy(table[c]) for c in table.column_names}
+        rows["row_index"] = np.arange(starts[first], starts[first] + table.num_rows, dtype=np.int64)
+        real = rows["attention_mask"].astype(bool)
+        bad = (np.isin(rows["input_ids"], self.forbidden) & real).any(1)
+        counts = {"resume.rows_read": table.num_rows}
+        if bad.any():
+            if self.cfg.strict:
+                raise BadInputError(f"{item['where']}: row {int(rows['row_index'][bad][0])}: holds the mask or pad token")
+            rows = {k: v[~bad] for k, v in rows.items()}
+            counts["skipped.special_token_rows"] = int(bad.sum())
+        if epoch == 0 and not skip:
+            counts.update(rows=len(rows["row_id"]), tokens=int(rows["attention_mask"].sum()))
+        self.stats.add.remote(counts)
+        yield rows
 
 
 # ----------------------------------------------------------------------------------------- dataset
 
 
-class PaceScheduler(ExecutionCallback):
-    """Backs Ray Data's scheduling loop off while it makes no progress.
-
-    When the training feed is backpressured (the trainer is the bottleneck, as it should be) the
-    loop has no task to wait on and spins: measured here at about half a core of a 2-core machine,
-    taken from the trainer; a fixed 10 ms pause still left 13% of a core. So the pause doubles, from
-    1 ms up to ``DLM_RAY_SCHEDULER_SLEEP_MS`` (default 100; 0 turns pacing off), for as long as
-    no task is submitted or finished and no output is taken, and drops back at the first change.
-    A consumer that drains the buffer waits at most that long for the loop to refill it.
-    """
-
-    MIN_MS = 1.0
-
-    def __init__(self) -> None:
-        self._last: tuple[int, ...] | None = None
-        self._ms = self.MIN_MS
-
-    def on_execution_step(self, executor: Any) -> None:
-        cap = float(os.environ.get("DLM_RAY_SCHEDULER_SLEEP_MS", "100"))
-        if cap <= 0:
-            return
-        progress = _progress(executor)
-        if progress is None:  # this Ray version hides the counters: a fixed pause
-            self._ms = min(10.0, cap)
-        elif progress != self._last:
-            self._ms = self.MIN_MS
-        else:
-            self._ms = min(2 * self._ms, cap)
-        self._last = progress
-        time.sleep(self._ms / 1000)
-
-
-def _progress(executor: Any) -> tuple[int, ...] | None:
-    """Counters that move whenever the loop does work; None if this Ray version hides them."""
-    try:
-        out: list[int] = []
-        for op, state in executor._topology.items():
-            m = op.metrics
-            out += [m.num_tasks_submitted, m.num_tasks_finished, m.num_outputs_taken, len(state.output_queue)]
-        return tuple(out)
-    except (AttributeError, TypeError):
-        return None
-
-
-def work_items(cfg: DataConfig, split: str, num_epochs: int, start_epoch: int = 0) -> list[dict[str, Any]]:
-    """The (item, epoch) rows that drive one pass; file order reshuffled per epoch when asked."""
+def work_items(cfg: DataConfig, split: str, num_epochs: int, start: DataPosition = DataPosition()) -> list[dict[str, Any]]:
+    """The (item, epoch, index, skip_rows) rows that drive the stream from ``start`` on; the item order
+    is reshuffled per epoch when asked (a function of (seed, epoch), so a resume sees the same order).
+    Items before ``start`` are left out without being opened."""
     items = resolve_items(cfg, split)
     out = []
-    for epoch in range(start_epoch, num_epochs):
+    for epoch in range(start.epoch, num_epochs):
         order = list(range(len(items)))
         if cfg.shuffle != "none":
             np.random.default_rng([cfg.seed, epoch]).shuffle(order)
-        out += [{"item": json.dumps(items[i]), "epoch": epoch} for i in order]
+        for index, i in enumerate(order):
+            if epoch == start.epoch and index < start.item:
+                continue
+            skip = start.row if (epoch, index) == (start.epoch, start.item) else 0
+            out.append({"item": json.dumps(items[i]), "epoch": epoch, "index": index, "skip_rows": skip})
     return out
 
 
 def packed_dataset(cfg: DataConfig, tokenizer_cfg: dict[str, Any] | str, split: str, *, num_epochs: int = 1,
-                   start_epoch: int = 0, stats: Any = None, diffusion: DiffusionConfig | None = None) -> ray.data.Dataset:
-    """Read → tokenize → pack: rows of ``input_ids``, ``attention_mask``, ``row_id``, ``epoch`` (and
-    ``doc_ids``, each position's document number within its row, with ``data.document_ids``).
+                   start: DataPosition = DataPosition(), stats: Any = None, diffusion: DiffusionConfig | None = None,
+                   strata: int = 1) -> ray.data.Dataset:
+    """Read → tokenize → pack: rows of ``input_ids``, ``attention_mask``, ``row_id`` and the position
+    columns ``epoch``, ``item_index``, ``row_index`` (and ``doc_ids``, each position's document number
+    within its row, with ``data.document_ids``), from ``start`` on.
 
-    With ``diffusion`` the rows are masked too (see ``mask_rows``)."""
+    With ``diffusion`` the rows are masked too (``mask_rows``, t stratified over ``strata`` rows)."""
     stats = stats if stats is not None else PipelineStats.remote()
     lo, hi = cfg.tokenizer_actors
-    ds = ray.data.from_items(work_items(cfg, split, num_epochs, start_epoch))
+    ds = ray.data.from_items(work_items(cfg, split, num_epochs, start))
     ds = ds.map_batches(
         TokenizePack, batch_size=1, compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
         fn_constructor_kwargs={"data_cfg": cfg.to_dict(), "tokenizer_cfg": tokenizer_cfg, "stats": stats,
-                               "diffusion": None if diffusion is None else diffusion.to_dict()},
+                               "diffusion": None if diffusion is None else diffusion.to_dict(), "strata": strata},
         num_cpus=0.5,
     )
     if cfg.shuffle == "rows":
         ds = ds.random_shuffle(seed=cfg.seed)
-    if PaceScheduler not in ds.context.custom_execution_callback_classes:
-        ds.context.custom_execution_callback_classes.append(PaceScheduler)
     return ds
 
 
 def masked_dataset(cfg: DataConfig, tokenizer_cfg: dict[str, Any] | str, diffusion: DiffusionConfig, split: str, *,
-                   num_epochs: int = 1, start_epoch: int = 0, stats: Any = None) -> ray.data.Dataset:
-    """The training feed: packed rows plus ``noisy_ids``, ``loss_mask``, ``t`` and ``p_mask``."""
-    return packed_dataset(cfg, tokenizer_cfg, split, num_epochs=num_epochs, start_epoch=start_epoch, stats=stats,
-                          diffusion=diffusion)
+                   num_epochs: int = 1, start: DataPosition = DataPosition(), stats: Any = None,
+                   strata: int = 1) -> ray.data.Dataset:
+    """The training feed: packed rows plus ``noisy_ids``, ``loss_mask``, ``t`` and ``p_mask``. With
+    ``time_sampling: low_discrepancy``, ``strata`` (the micro-batch size) consecutive rows of an item
+    spread their t evenly."""
+    return packed_dataset(cfg, tokenizer_cfg, split, num_epochs=num_epochs, start=start, stats=stats,
+                          diffusion=diffusion, strata=strata)
 
 
 # ------------------------------------------------------------------------------------- prepare once
@@ -349,36 +265,40 @@ def masked_dataset(cfg: DataConfig, tokenizer_cfg: dict[str, Any] | str, diffusi
 
 def prepare(cfg: DataConfig, tokenizer_cfg: dict[str, Any] | str, output: str, *, overwrite: bool = False,
             rows_per_file: int = 100_000) -> dict[str, Any]:
-    """Tokenize and pack both splits to Parquet under ``output/{train,val}`` plus ``manifest.json``.
+    """Tokenize and pack both splits to Parquet under ``output/{train,val}`` plus ``manifest.json``
+    (a local path or an ``s3://`` / ``gs://`` URI).
 
     Training reads the result directly (``data.source=<output>``). An existing output with the same
     settings is kept (returns its manifest); one with other settings is refused unless ``overwrite``.
     """
-    import shutil
-    from pathlib import Path
+    from pyarrow import fs as pafs
 
-    out = Path(output)
-    manifest_path = out / "manifest.json"
+    filesystem, root = filesystem_for(output)
+    manifest_path = f"{root}/manifest.json"
     settings = {"data": cfg.to_dict(), "tokenizer": tokenizer_cfg}
-    if manifest_path.exists() and not overwrite:
-        manifest = json.loads(manifest_path.read_text())
+    if filesystem.get_file_info(manifest_path).type == pafs.FileType.File and not overwrite:
+        with filesystem.open_input_stream(manifest_path) as f:
+            manifest = json.loads(f.read())
         if manifest.get("settings") == settings:
-            print(f"{out} is already prepared with these settings; skipping (pass --overwrite to redo)")
+            print(f"{output} is already prepared with these settings; skipping (pass --overwrite to redo)")
             return manifest
-        raise FileExistsError(f"{out} holds data prepared with other settings; pass --overwrite to replace it")
-    if out.exists() and overwrite:
-        shutil.rmtree(out)
-    elif out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not a prepared dataset; choose an empty directory")
+        raise FileExistsError(f"{output} holds data prepared with other settings; pass --overwrite to replace it")
+    existing = filesystem.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    if existing and overwrite:
+        filesystem.delete_dir_contents(root)
+    elif existing:
+        raise FileExistsError(f"{output} exists and is not a prepared dataset; choose an empty directory")
     manifest: dict[str, Any] = {"settings": settings, "seq_len": cfg.seq_len, "splits": {}}
     for split in ("train", "val"):
         stats = PipelineStats.remote()
-        ds = packed_dataset(cfg, tokenizer_cfg, split, stats=stats).drop_columns(["epoch"])
-        ds.write_parquet(str(out / split), max_rows_per_file=rows_per_file)
+        ds = packed_dataset(cfg, tokenizer_cfg, split, stats=stats).drop_columns(list(POSITION_COLUMNS))
+        ds.write_parquet(f"{output.rstrip('/')}/{split}", max_rows_per_file=rows_per_file)
         counts = ray.get(stats.get.remote())
-        manifest["splits"][split] = counts
+        manifest["splits"][split] = {k: v for k, v in counts.items() if not k.startswith("resume.")}
         print(f"[prepare] {split}: {summary_line(counts)}")
-    manifest_path.write_text(json.dumps(manifest, indent=2))
+    filesystem.create_dir(root, recursive=True)
+    with filesystem.open_output_stream(manifest_path) as f:
+        f.write(json.dumps(manifest, indent=2).encode())
     return manifest
 
 

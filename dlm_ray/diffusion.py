@@ -4,8 +4,8 @@ Forward process: each real token of x0 becomes ``mask_id`` independently with pr
 Training loss: cross-entropy on the masked positions, weighted by 1/p(t), summed and divided by the
 number of real tokens: the negative ELBO per token, an upper bound on the NLL.
 
-The masking functions accept numpy arrays as well as torch tensors, so the Ray Data pipeline can
-mask rows in its workers with the exact code the loss assumes.
+``mask_rows`` is the one forward process: the Ray Data pipeline masks the training rows with it in
+its workers, and the tests check it directly.
 
 Shape legend:  B batch, L sequence length, V vocab.
 """
@@ -28,13 +28,45 @@ ModelFn = Callable[..., torch.Tensor]
 # ------------------------------------------------------------------------------------- noise levels
 
 
-def sample_times(num: int, cfg: DiffusionConfig, rng: np.random.Generator) -> np.ndarray:
-    """t in [eps, 1] for ``num`` sequences; low-discrepancy spreads them evenly (MDLM)."""
-    if cfg.time_sampling == "low_discrepancy":
-        u = (rng.random() + np.arange(num)) / num % 1.0
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def counter_uniforms(seed: int, epoch_R: np.ndarray, key_R: np.ndarray, num: int) -> np.ndarray:
+    """Uniforms in [0, 1), shape [R, num], a pure function of (seed, epoch, key, column).
+
+    A counter-based generator (splitmix64 of the mixed counters), vectorised over the rows: a row
+    gets the same numbers whatever batch or worker it lands in, at numpy speed.
+    """
+    epoch_R, key_R = np.asarray(epoch_R), np.asarray(key_R)
+    with np.errstate(over="ignore"):
+        key = _splitmix64(np.uint64(seed) ^ _splitmix64(epoch_R.astype(np.uint64) ^ _splitmix64(key_R.astype(np.uint64))))
+        x = _splitmix64(key[:, None] + np.arange(num, dtype=np.uint64)[None, :] * np.uint64(0xD1B54A32D192ED03))
+    return (x >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def sample_times(cfg: DiffusionConfig, *, seed: int, epoch_R: np.ndarray, item_id: int, row_index_R: np.ndarray,
+                 row_id_R: np.ndarray, strata: int) -> np.ndarray:
+    """t in [eps, 1] per row, a function of (seed, epoch, row) alone.
+
+    ``uniform``: i.i.d. per row. ``low_discrepancy`` (MDLM): the rows of a work item, in order, form
+    groups of ``strata``; row j of a group gets t in the j-th of ``strata`` equal slices, at one
+    random offset shared by the group. Any ``strata`` consecutive rows of an item therefore cover
+    every slice once, so a micro-batch of consecutive rows has evenly spread t: lower-variance
+    gradients than i.i.d. draws, with the same marginal distribution.
+    """
+    if cfg.time_sampling == "uniform" or strata <= 1:
+        u_R = counter_uniforms(seed, epoch_R, row_id_R, 1)[:, 0]
     else:
-        u = rng.random(num)
-    return (1.0 - cfg.eps) * u + cfg.eps
+        row_index_R = np.asarray(row_index_R, dtype=np.int64)
+        group_R = row_index_R // strata
+        # The group's key mixes the item in, so groups of different items get unrelated offsets.
+        offset_R = counter_uniforms(seed, epoch_R, group_R.astype(np.uint64) ^ np.uint64(item_id), 1)[:, 0]
+        u_R = (offset_R + row_index_R % strata) / strata
+    return (1.0 - cfg.eps) * u_R + cfg.eps
 
 
 def mask_probability(t: Array, cfg: DiffusionConfig) -> Array:
@@ -47,8 +79,7 @@ def mask_probability(t: Array, cfg: DiffusionConfig) -> Array:
 def apply_mask(x0_BL: Array, p_B: Array, u_BL: Array, maskable_BL: Array, mask_id: int) -> tuple[Array, Array]:
     """Mask position (b, i) iff it is maskable and u[b, i] < p[b]. Returns (xt_BL, masked_BL).
 
-    The uniforms ``u_BL`` come from the caller, so it owns the randomness (a seeded numpy Generator
-    per row in the data pipeline, a torch Generator in tests). Works on numpy and torch alike.
+    The uniforms ``u_BL`` come from the caller, so it owns the randomness. Works on numpy and torch.
     """
     masked_BL = (u_BL < p_B[:, None]) & maskable_BL
     if isinstance(x0_BL, torch.Tensor):
@@ -56,29 +87,29 @@ def apply_mask(x0_BL: Array, p_B: Array, u_BL: Array, maskable_BL: Array, mask_i
     return np.where(masked_BL, mask_id, x0_BL).astype(x0_BL.dtype), masked_BL
 
 
-def mask_batch(
-    x0_BL: np.ndarray,
-    real_BL: np.ndarray,
-    cfg: DiffusionConfig,
-    rng: np.random.Generator,
-    *,
-    mask_id: int,
-    prompt_len_B: np.ndarray | None = None,
-) -> dict[str, np.ndarray]:
-    """One forward-diffusion draw for a numpy batch: t, p(t), masked ids and the mask.
+def mask_rows(rows: dict[str, np.ndarray], cfg: DiffusionConfig, *, seed: int, mask_id: int, item_id: int = 0,
+              strata: int = 1, prompt_len_R: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The forward diffusion training uses: rows plus ``noisy_ids``, ``loss_mask``, ``t``, ``p_mask``.
 
-    ``real_BL`` marks real tokens (padding is never masked). With ``prompt_len_B`` (the SFT variant)
-    the first ``prompt_len`` tokens of each row are never masked either.
+    ``rows`` holds ``input_ids`` and ``attention_mask`` [R, L] and per row ``epoch``, ``row_id``
+    (stable across runs) and ``row_index`` (its position within its work item, ``item_id``). Every
+    draw is a function of (seed, epoch, row): a rerun masks a row the same way, each epoch afresh,
+    whichever batch or worker it lands in. Padding is never masked; with ``prompt_len_R`` (the SFT
+    variant) nor are the first ``prompt_len`` tokens of a row.
     """
-    B, L = x0_BL.shape
-    t_B = sample_times(B, cfg, rng)
-    p_B = mask_probability(t_B, cfg)
-    maskable_BL = real_BL.astype(bool)
-    if prompt_len_B is not None:
-        maskable_BL = maskable_BL & (np.arange(L)[None, :] >= np.asarray(prompt_len_B)[:, None])
-    xt_BL, masked_BL = apply_mask(x0_BL, p_B, rng.random((B, L)), maskable_BL, mask_id)
-    return {"t": t_B.astype(np.float32), "p_mask": p_B.astype(np.float32), "noisy_ids": xt_BL,
-            "loss_mask": masked_BL}
+    x0_RL = rows["input_ids"]
+    R, L = x0_RL.shape
+    t_R = sample_times(cfg, seed=seed, epoch_R=rows["epoch"], item_id=item_id, row_index_R=rows["row_index"],
+                       row_id_R=rows["row_id"], strata=strata)
+    p_R = mask_probability(t_R, cfg)
+    maskable_RL = rows["attention_mask"].astype(bool)
+    if prompt_len_R is not None:
+        maskable_RL = maskable_RL & (np.arange(L)[None, :] >= np.asarray(prompt_len_R)[:, None])
+    # Column 0 of the per-row draws is left to sample_times' i.i.d. case; positions use 1..L.
+    u_RL = counter_uniforms(seed, rows["epoch"], rows["row_id"], L + 1)[:, 1:]
+    noisy_RL, masked_RL = apply_mask(x0_RL, p_R, u_RL, maskable_RL, mask_id)
+    return {**rows, "noisy_ids": noisy_RL.astype(np.int32), "loss_mask": masked_RL,
+            "t": t_R.astype(np.float32), "p_mask": p_R.astype(np.float32)}
 
 
 # --------------------------------------------------------------------------------------------- loss

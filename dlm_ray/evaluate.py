@@ -13,13 +13,10 @@ import numpy as np
 import torch
 
 from dlm_ray.config import EvalConfig, SampleConfig
-from dlm_ray.corpus import check_answer, check_document, take_examples
+from dlm_ray.corpus import HELDOUT_SEED, check_answer, check_document, take_examples
 from dlm_ray.diffusion import estimate_nelbo, nats_to_bits
-from dlm_ray.sampling import ModelFn, generate, left_pad, trim_after_eos
-from dlm_ray.tokenizer import ByteTokenizer, HFTokenizer
-
-Tok = ByteTokenizer | HFTokenizer
-HELDOUT_SEED = 12345
+from dlm_ray.inference import Tok, complete_texts
+from dlm_ray.sampling import ModelFn
 
 
 def pack_stream(token_lists: list[list[int]], seq_len: int, eos_id: int) -> np.ndarray:
@@ -63,16 +60,10 @@ def validity(model: ModelFn, tok: Tok, families: list[str], cfg: SampleConfig, *
     """
     rates: dict[str, float] = {}
     samples: dict[str, list[tuple[str, str, bool]]] = {}
-    gen = torch.Generator().manual_seed(seed)
 
     def complete(prompts: list[str], cfg: SampleConfig) -> list[str]:
-        out = []
-        for i in range(0, len(prompts), batch_size):
-            chunk = [[tok.eos_id, *tok.encode(p)] for p in prompts[i:i + batch_size]]
-            ids, am = left_pad(chunk, tok.pad_id)
-            x = generate(model, ids, cfg, mask_id=tok.mask_id, attention_mask=am, generator=gen, eos_id=tok.eos_id)
-            out += [tok.decode(trim_after_eos(row[ids.shape[1]:].tolist(), tok.eos_id)) for row in x]
-        return out
+        seeds = [seed + i for i in range(len(prompts))]
+        return [c.text for c in complete_texts(model, tok, prompts, cfg, seeds, batch_size=batch_size)]
 
     for fam in families:
         exs = take_examples({fam: 1.0}, num_prompts, seed=seed, split="heldout", family=fam)

@@ -31,9 +31,9 @@ from ray.data.checkpoint import CheckpointConfig
 from dlm_ray.checkpoint import checkpoint_hash, inference_placement, load_inference, read_inference_config
 from dlm_ray.config import GenerateConfig, ModelConfig, SampleConfig
 from dlm_ray.corpus import check_answer
-from dlm_ray.data import PaceScheduler
 from dlm_ray.prompts import PromptSource, builtin_count, prepare_batch
-from dlm_ray.sampling import generate_many, trim_after_eos
+from dlm_ray.inference import complete_ids
+from dlm_ray.runtime import pace_scheduling
 from dlm_ray.sources import filesystem_for
 
 OUTPUT_SCHEMA = pa.schema([
@@ -72,14 +72,11 @@ class Completer:
         gen_tokens = np.zeros(n, dtype=np.int32)
         ok = [i for i in range(n) if batch["error"][i] is None]
         parsed = {j: SampleConfig.model_validate_json(j) for j in {batch["sample"][i] for i in ok}}
-        results = generate_many(self.model, [batch["prompt_ids"][i] for i in ok],
-                                [parsed[batch["sample"][i]] for i in ok], seeds=[batch["seed"][i] for i in ok],
-                                batch_size=self.cfg.batch_size, pad_id=self.tok.pad_id, mask_id=self.tok.mask_id,
-                                eos_id=self.tok.eos_id, device=self.device)
-        for i, (gen, num_calls) in zip(ok, results):
-            comp_ids[i] = trim_after_eos(gen, self.tok.eos_id)
-            completion[i] = self.tok.decode(comp_ids[i])
-            calls[i], gen_tokens[i] = num_calls, len(gen)
+        results = complete_ids(self.model, self.tok, [batch["prompt_ids"][i] for i in ok],
+                               [parsed[batch["sample"][i]] for i in ok], [batch["seed"][i] for i in ok],
+                               batch_size=self.cfg.batch_size, device=self.device)
+        for i, c in zip(ok, results):
+            completion[i], comp_ids[i], calls[i], gen_tokens[i] = c.text, c.ids, c.num_model_calls, c.num_generated
         return pa.table({
             "id": batch["id"], "prompt": batch["prompt"], "completion": completion, "completion_ids": comp_ids,
             "num_model_calls": calls, "num_generated_tokens": gen_tokens, "seed": batch["seed"],
@@ -138,9 +135,8 @@ def build_dataset(cfg: GenerateConfig, ckpt_hash: str) -> ray.data.Dataset:
     ds = ds.map_batches(prepare_batch, batch_format="pyarrow", batch_size=cfg.batch_size * cfg.group_batches,
                         fn_kwargs={"cfg": cfg, "tokenizer": tokenizer, "max_seq_len": max_seq_len})
     lo, hi = cfg.actors
-    # The loop waits on a few long actor calls: without pacing it would spin on a core they need.
-    if PaceScheduler not in ds.context.custom_execution_callback_classes:
-        ds.context.custom_execution_callback_classes.append(PaceScheduler)
+    # The loop waits on a few long actor calls: on a small CPU machine it would spin on a core they need.
+    pace_scheduling(ds.context, cfg.pacing)
     return ds.map_batches(
         Completer, fn_constructor_kwargs={"cfg": cfg.to_dict(), "ckpt_hash": ckpt_hash},
         batch_format="pyarrow", batch_size=cfg.batch_size * cfg.group_batches,

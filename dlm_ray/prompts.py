@@ -24,12 +24,12 @@ from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 
 from dlm_ray.config import CorpusConfig, GenerateConfig, SampleConfig
-from dlm_ray.corpus import iter_examples
+from dlm_ray.corpus import HELDOUT_SEED, iter_examples
+from dlm_ray.inference import encode_prompt
 from dlm_ray.sources import BadInputError, file_format, filesystem_for, iter_lines, list_files
 
 # Per-row sampler overrides: input columns with these names, when present and not null.
 OVERRIDE_FIELDS = (*SampleConfig.model_fields, "seed")
-BUILTIN_SEED = 12345  # the held-out prompts the pretraining job scores
 ROWS_PER_BLOCK = 1024
 BUILTIN_SHARD = 500
 
@@ -105,7 +105,7 @@ def _read_file(uri: str, name: str, fmt: str, cfg: GenerateConfig) -> Iterator[p
 
 
 def _read_builtin(start: int, stop: int, families: dict[str, float]) -> Iterator[pa.Table]:
-    stream = iter_examples(families, seed=BUILTIN_SEED, split="heldout")
+    stream = iter_examples(families, seed=HELDOUT_SEED, split="heldout")
     rows = []
     for k, (index, ex) in enumerate(stream):
         if k >= stop:
@@ -211,13 +211,12 @@ def prepare_batch(batch: pa.Table, *, cfg: GenerateConfig, tokenizer: Any, max_s
     samples: list[str | None] = []
     seeds: list[int] = []
     errors = rows["error"]
-    encoded = tokenizer.encode_batch([p if isinstance(p, str) else "" for p in rows["prompt"]])
-    prefix = [tokenizer.eos_id] if cfg.prepend_eos else []
     for i in range(n):
-        ids = [*prefix, *encoded[i].tolist()]
+        ids: list[int] = []
         sample, seed = None, 0
         if errors[i] is None:
             try:
+                ids = encode_prompt(tokenizer, rows["prompt"][i], prepend_eos=cfg.prepend_eos)
                 sc, own_seed = resolve_row(rows["overrides"][i], cfg.sample)
                 seed = own_seed if own_seed is not None else row_seed(cfg.seed, rows["id"][i])
                 if len(ids) + sc.gen_length > max_seq_len:

@@ -123,6 +123,7 @@ def generate(
     max_length: int | None = None,
     on_step: StepCallback | None = None,
     stats: dict[str, int] | None = None,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
     """Fill ``cfg.gen_length`` positions after each prompt: LongTensor[B, P + gen_length].
 
@@ -131,6 +132,9 @@ def generate(
     row a row's output does not depend on the rows batched with it. Rows with nothing left to do in
     the current block (finished early, or stopped at EOS) are left out of the model calls. If given,
     ``stats["model_calls"]`` receives the number of model calls (forward passes over the batch).
+    ``vocab_size`` (the tokenizer's) limits proposals to ids below it: a model's head may be wider
+    than its tokenizer (the tiny preset: 264 logits, 259 byte-tokenizer ids), and an id the tokenizer
+    cannot decode must never be committed.
     """
     if max_length is None:
         max_length = getattr(model, "max_seq_len", None)
@@ -181,6 +185,8 @@ def generate(
                 stop = x_BT.shape[1] if cfg.cache == "prefix" else end
                 logits_ALV = model.forward_window(xa_AT[:, start:stop], start, cache)[:, :end - start]  # type: ignore
             num_calls += 1
+            if vocab_size is not None:
+                logits_ALV = logits_ALV[..., :vocab_size]  # softmax and argmax over real tokens only
             logits_ALV = exclude_mask_logit(logits_ALV, mask_id)
             gen = generator if generator is None or isinstance(generator, torch.Generator) \
                 else [generator[r] for r in rows_A.tolist()]
@@ -257,7 +263,7 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 
 def generate_rows(
     model: ModelFn, prompts: list[list[int]], cfg: SampleConfig, *, seeds: list[int], pad_id: int, mask_id: int,
-    eos_id: int, device: torch.device | str = "cpu", on_step: StepCallback | None = None,
+    eos_id: int, device: torch.device | str = "cpu", on_step: StepCallback | None = None, vocab_size: int | None = None,
 ) -> tuple[list[list[int]], int]:
     """``generate`` for a list of token-id prompts of any lengths, each row seeded on its own:
     the generated ids of each row (EOS not trimmed) and the number of model calls."""
@@ -265,13 +271,13 @@ def generate_rows(
     stats: dict[str, int] = {}
     gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
     x = generate(model, ids.to(device), cfg, mask_id=mask_id, attention_mask=am.to(device), generator=gens,
-                 eos_id=eos_id, on_step=on_step, stats=stats)
+                 eos_id=eos_id, on_step=on_step, stats=stats, vocab_size=vocab_size)
     return x[:, ids.shape[1]:].tolist(), stats["model_calls"]
 
 
 def generate_many(
     model: ModelFn, prompts: list[list[int]], samples: list[SampleConfig], *, seeds: list[int], batch_size: int,
-    pad_id: int, mask_id: int, eos_id: int, device: torch.device | str = "cpu",
+    pad_id: int, mask_id: int, eos_id: int, device: torch.device | str = "cpu", vocab_size: int | None = None,
 ) -> list[tuple[list[int], int]]:
     """Rows with their own settings: rows with equal settings share ``generate_rows`` calls of at most
     ``batch_size``, sorted by length so little of each call is padding. Per row, in input order:
@@ -286,7 +292,7 @@ def generate_many(
             chunk = rows[k:k + batch_size]
             gen, calls = generate_rows(model, [prompts[i] for i in chunk], samples[chunk[0]],
                                        seeds=[seeds[i] for i in chunk], pad_id=pad_id, mask_id=mask_id,
-                                       eos_id=eos_id, device=device)
+                                       eos_id=eos_id, device=device, vocab_size=vocab_size)
             for i, g in zip(chunk, gen):
                 out[i] = (g, calls)
     return out

@@ -33,7 +33,8 @@ from ray import serve
 
 from dlm_ray.checkpoint import inference_placement, load_inference
 from dlm_ray.config import SampleConfig, ServeConfig
-from dlm_ray.sampling import generate_many, generate_rows, trim_after_eos
+from dlm_ray.inference import Completion, PromptError, complete_ids, encode_prompt
+from dlm_ray.sampling import generate_rows, trim_after_eos
 
 MASK_GLYPH = "_"
 
@@ -166,7 +167,10 @@ class DenoiserServer:
         stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
         self._check(prompts, req, stops)
         base_seed = req.seed if req.seed is not None else secrets.randbits(62)
-        ids = [[self.tok.eos_id, *self.tok.encode(p)] for p in prompts]
+        try:
+            ids = [encode_prompt(self.tok, p) for p in prompts]
+        except PromptError as exc:
+            raise HTTPException(400, str(exc)) from None
         for k, p in enumerate(ids):
             if len(p) + sample.gen_length > self.max_seq_len:
                 raise HTTPException(400, f"prompt {k} is {len(p)} tokens; with max_tokens {sample.gen_length} that "
@@ -177,14 +181,13 @@ class DenoiserServer:
             return StreamingResponse(self._stream(rid, items[0], stops), media_type="text/event-stream")
         outs = await asyncio.gather(*(self.complete_batch(it) for it in items))
         choices, completion_tokens = [], 0
-        for index, (gen_ids, calls) in enumerate(outs):
-            tokens = trim_after_eos(gen_ids, self.tok.eos_id)
-            text, stopped = cut_at_stop(self.tok.decode(tokens), stops)
-            completion_tokens += len(tokens)
-            finished = stopped or len(tokens) < len(gen_ids)
+        for index, c in enumerate(outs):
+            text, stopped = cut_at_stop(c.text, stops)
+            completion_tokens += len(c.ids)
             # model_calls: of the generate() batch that made this choice (a call serves the whole batch).
             choices.append({"index": index, "text": text, "logprobs": None,
-                            "finish_reason": "stop" if finished else "length", "model_calls": calls})
+                            "finish_reason": "stop" if stopped or c.finished else "length",
+                            "model_calls": c.num_model_calls})
         prompt_tokens = sum(len(p) for p in ids) * req.n
         return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": self.cfg.model_name,
                 "choices": choices, "seed": base_seed,
@@ -209,23 +212,23 @@ class DenoiserServer:
     # ------------------------------------------------------------------------------- sampling
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def complete_batch(self, items: list[Item]) -> list[tuple[list[int], int]]:
+    async def complete_batch(self, items: list[Item]) -> list[Completion]:
         self.batch_sizes[len(items)] += 1
         # In a thread, so the replica keeps answering health checks and queueing requests meanwhile.
         return await asyncio.to_thread(self._run_batch, items)
 
-    def _run_batch(self, items: list[Item]) -> list[tuple[list[int], int]]:
+    def _run_batch(self, items: list[Item]) -> list[Completion]:
         with self._model_lock:
-            return generate_many(self.model, [it.prompt_ids for it in items], [it.sample for it in items],
-                                 seeds=[it.seed for it in items], batch_size=len(items), pad_id=self.tok.pad_id,
-                                 mask_id=self.tok.mask_id, eos_id=self.tok.eos_id, device=self.device)
+            return complete_ids(self.model, self.tok, [it.prompt_ids for it in items], [it.sample for it in items],
+                                [it.seed for it in items], batch_size=len(items), device=self.device)
 
     def _generate(self, items: list[Item], on_step: Any = None) -> tuple[list[list[int]], int]:
         step = None if on_step is None else (lambda i, x: on_step(i, x[0, -items[0].sample.gen_length:].tolist()))
         with self._model_lock:
             return generate_rows(self.model, [it.prompt_ids for it in items], items[0].sample,
                                  seeds=[it.seed for it in items], pad_id=self.tok.pad_id, mask_id=self.tok.mask_id,
-                                 eos_id=self.tok.eos_id, device=self.device, on_step=step)
+                                 eos_id=self.tok.eos_id, device=self.device, on_step=step,
+                                 vocab_size=self.tok.vocab_size)
 
     def render(self, gen_ids: list[int]) -> str:
         """The canvas as text, each still-masked position shown as MASK_GLYPH."""

@@ -95,6 +95,16 @@ def _hf_files(spec: str, split: str) -> tuple[list[str], bool]:
     return files, own_val
 
 
+def _is_prepared(source: str) -> bool:
+    """A directory written by ``jobs/prepare_data.py`` (it holds ``manifest.json``), local or remote."""
+    from pyarrow import fs as pafs
+
+    if any(ch in source for ch in "*?["):
+        return False
+    filesystem, path = filesystem_for(source)
+    return filesystem.get_file_info(f"{path.rstrip('/')}/manifest.json").type == pafs.FileType.File
+
+
 def resolve_items(cfg: DataConfig, split: str) -> list[dict[str, Any]]:
     """The work items of a split. ``split`` is ``train`` or ``val``."""
     if split not in ("train", "val"):
@@ -109,8 +119,7 @@ def resolve_items(cfg: DataConfig, split: str) -> list[dict[str, Any]]:
         source, holdout = cfg.val_source, "none"
     elif cfg.val_source is not None:
         holdout = "none"
-    if cfg.format == "prepared" or (cfg.format == "auto" and "://" not in source
-                                    and (Path(source) / "manifest.json").is_file()):
+    if cfg.format == "prepared" or (cfg.format == "auto" and _is_prepared(source)):
         files = list_files(f"{source.rstrip('/')}/{split}")
         return [{"format": "prepared", "path": uri, "key": uri, "where": uri, "split": split} for uri, _ in files]
     if source.startswith("hf:") or cfg.format == "hf":

@@ -5,7 +5,12 @@ Both expose the same small surface (``encode``, ``decode``, ``vocab_size``, ``pa
 canonical mask id: the data pipeline, the loss and the samplers all take it from here.
 
 A masked diffusion model needs a mask token that the tokenizer never produces from text; the HF
-loader adds one (and pad/EOS) when the file lacks it, always offline from a local path.
+loader adds one (and pad/EOS) when the file lacks it, always offline from a local path, and encodes
+text with special-token matching off, so a document holding the literal text ``<|mdm_mask|>`` (or
+``[MASK]``, ``<pad>``, ...) is encoded as ordinary text, never as the mask or pad id.
+
+``decode`` never drops a token silently: special tokens are written out as their text, and an id
+outside the vocabulary is an error.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ class Tokenizer(Protocol):
 class ByteTokenizer:
     """UTF-8 bytes 0..255, then pad, EOS and mask. Needs no file and no download."""
 
+    SPECIAL_TEXT = {256: "<|pad|>", 257: "<|endoftext|>", 258: "<|mdm_mask|>"}
+
     def __init__(self) -> None:
         self.pad_id, self.eos_id, self.mask_id = 256, 257, 258
         self.vocab_size = 259
@@ -47,8 +54,17 @@ class ByteTokenizer:
         return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in texts]
 
     def decode(self, ids: list[int]) -> str:
-        # Special ids are dropped; a cut multi-byte character decodes to U+FFFD instead of raising.
-        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+        """Bytes as UTF-8 (a cut multi-byte character becomes U+FFFD), special ids as their names."""
+        out, run = [], bytearray()
+        for i in ids:
+            if 0 <= i < 256:
+                run.append(i)
+                continue
+            if i not in self.SPECIAL_TEXT:
+                raise ValueError(f"token id {i} is outside the byte tokenizer's vocabulary of {self.vocab_size}")
+            out.append(run.decode("utf-8", errors="replace") + self.SPECIAL_TEXT[i])
+            run = bytearray()
+        return "".join(out) + run.decode("utf-8", errors="replace")
 
     def to_config(self) -> dict[str, Any]:
         return {"kind": "byte"}
@@ -84,7 +100,8 @@ class HFTokenizer:
         if len({self.mask_id, self.eos_id, self.pad_id}) != 3:
             raise ValueError(f"{path}: pad, EOS and mask must be distinct tokens")
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        self._special = {self.pad_id, self.eos_id, self.mask_id}
+        # Text is text: "<|mdm_mask|>" written in a document must not become the mask id.
+        self._tok.encode_special_tokens = True
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -94,7 +111,10 @@ class HFTokenizer:
         return [np.asarray(e.ids, dtype=np.int32) for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: list[int]) -> str:
-        return self._tok.decode([i for i in ids if i not in self._special], skip_special_tokens=True)
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary of {self.vocab_size} ({self.path})")
+        return self._tok.decode(list(ids), skip_special_tokens=False)
 
     def save(self, directory: str | Path) -> Path:
         """Write the tokenizer, with the tokens added here, so a checkpoint is self-contained."""

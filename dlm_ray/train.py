@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -24,13 +26,13 @@ import ray
 import ray.train
 import torch
 
+from dlm_ray.checkpoint import latest_checkpoint, run_dir
 from dlm_ray.config import PretrainConfig, TrainConfig
-from dlm_ray.data import masked_dataset
+from dlm_ray.data import DataPosition, masked_dataset
 from dlm_ray.diffusion import diffusion_loss, estimate_nelbo, nats_to_bits
+from dlm_ray.metrics import MetricsLog, console_line
 from dlm_ray.model import Denoiser, flops_per_token
-from dlm_ray.sources import filesystem_for
-
-CPU_PEAK_FLOPS = 1e11  # rough peak for a 2-core CPU worker; set train.peak_flops for real hardware
+from dlm_ray.runtime import pace_scheduling, quiet_third_party
 
 
 def lr_at(step: int, tc: TrainConfig) -> float:
@@ -92,14 +94,33 @@ def _evaluate(engine: Any, val_shard: Any, cfg: PretrainConfig, mask_id: int, de
     return float(nats_to_bits(total[0] / total[1].clamp_min(1)))
 
 
+def _quiet_worker(use_gpu: bool) -> None:
+    """Keep third-party noise out of the console, at its source and scoped to it: DeepSpeed's
+    accelerator guess (it warns on every rank when it finds no GPU) and the deprecation warnings
+    torch.distributed raises for the collectives DeepSpeed calls."""
+    if not use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    quiet_third_party()
+
+
+def _global_position(local: DataPosition, device: torch.device) -> DataPosition:
+    """The earliest position any worker has not consumed: every row before it was trained on."""
+    mine = torch.tensor(local.to_list(), dtype=torch.int64, device=device)
+    every = [torch.zeros_like(mine) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(every, mine)
+    return min(DataPosition(*map(int, p.tolist())) for p in every)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    cfg = PretrainConfig.model_validate(config["cfg"])
+    tc = cfg.train
+    _quiet_worker(tc.use_gpu)
     import deepspeed
 
     from dlm_ray.checkpoint import load_training, save_training
     from dlm_ray.tokenizer import load_tokenizer
 
-    cfg = PretrainConfig.model_validate(config["cfg"])
-    tc = cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -109,38 +130,32 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = Denoiser(cfg.model)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                            config=deepspeed_config(tc, use_gpu=tc.use_gpu))
-    state = {"step": 0, "tokens_seen": 0, "epoch": 0, "batches_into_epoch": 0, "history": []}
+    state: dict[str, Any] = {"step": 0, "tokens_seen": 0, "position": DataPosition().to_list()}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
             state = load_training(Path(d), engine, rank=rank)
-        if rank == 0:
-            _say(f"[train] resumed at step {state['step']} (epoch {state['epoch']})")
+    position = DataPosition(*state["position"])
+    if checkpoint and rank == 0:
+        _say(f"[train] resumed at step {state['step']}, data position {position}")
+    log = MetricsLog(run_dir(cfg), resume_step=state["step"], tensorboard=tc.tensorboard) if rank == 0 else None
     flops_tok = flops_per_token(cfg.model, cfg.data.seq_len)
-    peak = tc.peak_flops or CPU_PEAK_FLOPS
     val_shard = ray.train.get_dataset_shard("val")
-    # Resume at the epoch in progress and skip this worker's batches already taken from it. fit()
-    # starts the stream at that epoch; after an in-run restart the stream starts over, and earlier
-    # epochs are passed over here.
-    skip = state["batches_into_epoch"] * tc.grad_accum
     train_iter = ray.train.get_dataset_shard("train").iter_torch_batches(
         batch_size=tc.micro_batch_size, drop_last=True, local_shuffle_buffer_size=cfg.data.local_shuffle_buffer or None,
         local_shuffle_seed=tc.seed if cfg.data.local_shuffle_buffer else None)
-    window_t, window_tokens, window_loss, micro, data_wait = time.perf_counter(), 0, [], 0, 0.0
-    if rank == 0:
-        _say(f"[train] torch threads {torch.get_num_threads()}, device {device}")
+    window_t, window_tokens, micro, data_wait = time.perf_counter(), 0, 0, 0.0
+    start_t, start_step = time.perf_counter(), state["step"]
+    consumed = position
+    loss_sum = torch.zeros((), dtype=torch.float32, device=device)
     for waited, batch in _timed(train_iter):
         data_wait += waited
-        if int(batch["epoch"][0]) < state["epoch"]:
-            continue
-        if skip:
-            skip -= 1
-            continue
+        after = DataPosition.after_rows({c: batch[c].numpy() for c in ("epoch", "item_index", "row_index")})
+        if after <= position:
+            continue  # an in-run restart replays the stream from where fit() started it
         if state["step"] >= tc.max_steps:
             break
-        epoch = int(batch["epoch"][0])
-        if epoch != state["epoch"]:
-            state["epoch"], state["batches_into_epoch"] = epoch, 0
+        consumed = max(consumed, after)
         b = _to_device(batch, device)
         for group in engine.optimizer.param_groups:
             group["lr"] = lr_at(state["step"], tc)
@@ -150,41 +165,44 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         engine.backward(loss)
         engine.step()
         micro += 1
-        window_loss.append(loss.item())
-        window_tokens += int(n_real) * world
+        loss_sum += loss.detach()  # summed on the device: no host sync until the log window
+        window_tokens += int(batch["attention_mask"].sum()) * world  # the host copy: no device sync
         if micro % tc.grad_accum:
             continue
         state["step"] += 1
-        state["batches_into_epoch"] += 1
         state["tokens_seen"] += tc.batch_size * cfg.data.seq_len
-        metrics: dict[str, Any] = {}
         step = state["step"]
+        record: dict[str, Any] = {}
         if step % tc.log_every == 0 or step == tc.max_steps:
             dt = time.perf_counter() - window_t
             tps = window_tokens / dt
-            metrics = {"step": step, "loss": float(np.mean(window_loss)), "lr": lr_at(step - 1, tc),
-                       "grad_norm": float(engine.get_global_grad_norm() or 0.0), "tokens_per_s": tps,
-                       "mfu": tps * flops_tok / (peak * world), "tokens_seen": state["tokens_seen"],
-                       "epoch": state["epoch"], "data_wait_frac": data_wait / dt}
-            window_t, window_tokens, window_loss, data_wait = time.perf_counter(), 0, [], 0.0
+            record = {"step": step, "loss": float(loss_sum) / max(1, micro), "lr": lr_at(step - 1, tc),
+                      "grad_norm": float(engine.get_global_grad_norm() or 0.0), "tokens_per_s": tps,
+                      "mfu": tps * flops_tok / (tc.peak_flops * world) if tc.peak_flops else None,
+                      "tokens_seen": state["tokens_seen"], "epoch": consumed.epoch, "data_wait_frac": data_wait / dt}
+            window_t, window_tokens, micro, data_wait = time.perf_counter(), 0, 0, 0.0
+            loss_sum.zero_()
         if step % tc.eval_every == 0 or step == tc.max_steps:
-            metrics = {**metrics, "step": step, "val_nelbo_bits": _evaluate(engine, val_shard, cfg, tok.mask_id, device)}
-        if metrics:
-            state["history"].append(metrics)
-            if rank == 0:
-                _say("[train] " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                           for k, v in metrics.items()))
+            record = {**record, "step": step, "val_nelbo_bits": _evaluate(engine, val_shard, cfg, tok.mask_id, device)}
+        if record and log is not None:
+            log.log(record)
+            per_step = (time.perf_counter() - start_t) / max(1, step - start_step)
+            _say(console_line(record, max_steps=tc.max_steps, seconds_per_step=per_step))
         if step % tc.checkpoint_every == 0 or step == tc.max_steps:
+            state["position"] = _global_position(consumed, device).to_list()
+            if log is not None:
+                log.flush()
             with tempfile.TemporaryDirectory() as d:
                 save_training(Path(d), engine, rank=rank, state=state, cfg=cfg)
-                ray.train.report({**metrics, "step": step, "history": state["history"]},
-                                 checkpoint=ray.train.Checkpoint.from_directory(d))
-        elif metrics:
-            ray.train.report({**metrics, "history": state["history"]})
+                ray.train.report({**record, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(d))
+        elif record:
+            ray.train.report(record)
         if tc.fail_once_at_step == step:
             _fail_once(cfg, rank)
         if step >= tc.max_steps:
             break
+    if log is not None:
+        log.close()
 
 
 def _say(line: str) -> None:
@@ -222,41 +240,6 @@ def _fail_once(cfg: PretrainConfig, rank: int) -> None:
 # ------------------------------------------------------------------------------------------ driver
 
 
-def run_dir(cfg: PretrainConfig) -> str:
-    """The run's directory: ``<storage_path>/<run_name>``, local paths made absolute."""
-    base = cfg.storage_path if "://" in cfg.storage_path else str(Path(cfg.storage_path).resolve())
-    return f"{base.rstrip('/')}/{cfg.run_name}"
-
-
-def latest_checkpoint(cfg: PretrainConfig) -> tuple[str, dict[str, Any]] | None:
-    """(path, trainer state) of the newest complete checkpoint of the run, or None for a new run.
-
-    A run directory with checkpoint folders but no readable state is an error: resuming must never
-    quietly become a fresh start over an existing run.
-    """
-    import pyarrow.fs as pafs
-
-    from dlm_ray.checkpoint import STATE_FILE, CheckpointError
-
-    uri = run_dir(cfg)
-    fs, path = filesystem_for(uri)
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
-        return None
-    entries = fs.get_file_info(pafs.FileSelector(path))
-    ckpts = sorted(e.path for e in entries if e.type == pafs.FileType.Directory and e.base_name.startswith("checkpoint_"))
-    best: tuple[str, dict[str, Any]] | None = None
-    for ck in ckpts:
-        try:
-            with fs.open_input_stream(f"{ck}/{STATE_FILE}") as f:
-                state = json.loads(f.read())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"checkpoint {ck} is incomplete or corrupt ({exc}); remove it to resume "
-                                  f"from an earlier one, or choose a new run_name") from exc
-        if best is None or state["step"] > best[1]["step"]:
-            best = (ck, state)
-    return best
-
-
 def fit(cfg: PretrainConfig) -> ray.train.Result:
     """Train on the configured corpus; resumes the run of the same name if it has a checkpoint."""
     from ray.data import ExecutionOptions, ExecutionResources
@@ -268,16 +251,24 @@ def fit(cfg: PretrainConfig) -> ray.train.Result:
     if tok.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"tokenizer has {tok.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}")
     resume = latest_checkpoint(cfg)
-    start_epoch = resume[1]["epoch"] if resume else 0
+    start = DataPosition()
     if resume:
-        print(f"[fit] resuming {run_dir(cfg)} from {resume[0]} (step {resume[1]['step']})", flush=True)
+        state = resume[1]
+        # Checkpoints from before positions were recorded hold only the epoch.
+        start = DataPosition(*state["position"]) if "position" in state else DataPosition(state.get("epoch", 0))
+        print(f"[fit] resuming {run_dir(cfg)} from {resume[0]} (step {state['step']}, data position {start})",
+              flush=True)
     tc = cfg.train
-    ray.data.DataContext.get_current().enable_progress_bars = cfg.data.progress_bars
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = cfg.data.progress_bars
+    ctx.print_on_execution_start = cfg.data.progress_bars  # the dataset plan lines, with the bars
     datasets = {
         "train": masked_dataset(cfg.data, cfg.tokenizer, cfg.diffusion, "train", num_epochs=tc.max_epochs,
-                                start_epoch=start_epoch),
+                                start=start, strata=tc.micro_batch_size),
         "val": masked_dataset(cfg.data, cfg.tokenizer, cfg.diffusion, "val"),
     }
+    for ds in datasets.values():
+        pace_scheduling(ds.context, cfg.data.pacing)
     resources = {"CPU": tc.cpus_per_worker, **({"GPU": tc.gpus_per_worker} if tc.use_gpu else {}),
                  **tc.worker_resources}
     trainer = TorchTrainer(
@@ -290,53 +281,14 @@ def fit(cfg: PretrainConfig) -> ray.train.Result:
             storage_path=run_dir(cfg).rsplit("/", 1)[0],
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.num_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
+            # Ray Train's INFO lines (a dump of every report) stay in its log files.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
         datasets=datasets,
-        # Ordered streams: epochs arrive one after another (the resume position counts batches into
-        # the current epoch), and a rerun feeds the same rows in the same order.
+        # Ordered streams: rows arrive in stream order (the resume position is a place in it), and a
+        # rerun feeds the same rows in the same order.
         dataset_config=ray.train.DataConfig(execution_options=ExecutionOptions(
             preserve_order=True,
             resource_limits=ExecutionResources.for_limits(object_store_memory=cfg.data.prefetch_mb * 2**20))),
     )
     return trainer.fit()
-
-
-def write_summary(cfg: PretrainConfig, history: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str, Any]:
-    """``summary.json`` and ``loss_curve.png`` in the run directory; returns the summary."""
-    import io
-
-
-    summary = {"run": run_dir(cfg), **extra,
-               "final_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None),
-               "final_val_nelbo_bits": next((h["val_nelbo_bits"] for h in reversed(history) if "val_nelbo_bits" in h), None)}
-    uri = run_dir(cfg)
-    fs, path = filesystem_for(uri)
-    fs.create_dir(path, recursive=True)
-    with fs.open_output_stream(f"{path}/summary.json") as f:
-        f.write(json.dumps({**summary, "history": history}, indent=2).encode())
-    png = io.BytesIO()
-    _plot(history, png)
-    with fs.open_output_stream(f"{path}/loss_curve.png") as f:
-        f.write(png.getvalue())
-    return summary
-
-
-def _plot(history: list[dict[str, Any]], out: Any) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    pts = [(h["step"], h["loss"]) for h in history if "loss" in h]
-    if pts:
-        ax.plot(*zip(*pts), label="train loss (NELBO bound, nats/token)")
-    val = [(h["step"], h["val_nelbo_bits"] * math.log(2)) for h in history if "val_nelbo_bits" in h]
-    if val:
-        ax.plot(*zip(*val), "o-", label="held-out NELBO (nats/token)")
-    ax.set_xlabel("step")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, format="png", dpi=100)
-    plt.close(fig)

@@ -16,7 +16,8 @@ import json
 import ray
 
 from dlm_ray.config import PretrainConfig, parse_job_args
-from dlm_ray.data import init_ray, prepare
+from dlm_ray.data import prepare
+from dlm_ray.runtime import init_ray
 
 
 def _job_args(ap: argparse.ArgumentParser) -> None:

@@ -10,24 +10,27 @@ trained model next to the untrained one, and a few decoded samples.
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 import torch
 
-from dlm_ray.checkpoint import export, load_inference
+from dlm_ray.checkpoint import export, load_inference, run_dir
 from dlm_ray.config import PretrainConfig, parse_job_args
-from dlm_ray.data import init_ray
 from dlm_ray.evaluate import score
+from dlm_ray.metrics import write_summary
 from dlm_ray.model import Denoiser, num_params
+from dlm_ray.runtime import init_ray
 from dlm_ray.tokenizer import load_tokenizer
-from dlm_ray.train import fit, run_dir, write_summary
+from dlm_ray.train import fit
 
 
-def report(label: str, s: dict) -> None:
-    print(f"[{label}] held-out NELBO {s['nelbo_bits']:.3f} bits/token; validity "
-          + ", ".join(f"{k} {v:.0%}" for k, v in s["validity"].items()), flush=True)
+def results_table(before: dict, after: dict) -> str:
+    """Untrained vs trained: held-out NELBO and validity per task family, one row each."""
+    cols = list(after["validity"])
+    head = f"{'':10s} {'NELBO bits/token':>17s} " + " ".join(f"{c:>13s}" for c in cols)
+    rows = [f"{label:10s} {s['nelbo_bits']:17.3f} " + " ".join(f"{s['validity'][c]:13.0%}" for c in cols)
+            for label, s in (("untrained", before), ("trained", after))]
+    return "\n".join([head, *rows])
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -35,18 +38,21 @@ def main(argv: list[str] | None = None) -> dict:
                                lambda ap: ap.add_argument("--export-dir", help="default: <run dir>/export"))
     t0 = time.time()
     init_ray()
-    print(f"model: {num_params(cfg.model) / 1e6:.2f}M params; run {run_dir(cfg)}", flush=True)
+    tc = cfg.train
+    where = f"{tc.gpus_per_worker:g} GPU" if tc.use_gpu else f"{tc.cpus_per_worker:g} CPU"
+    print(f"[pretrain] model {num_params(cfg.model) / 1e6:.2f}M params | run {run_dir(cfg)}\n"
+          f"[pretrain] {tc.num_workers} workers x {where}, DeepSpeed ZeRO-{tc.zero_stage} | {tc.max_steps} steps of "
+          f"{tc.batch_size} x {cfg.data.seq_len} tokens | data {cfg.data.source}", flush=True)
     builtin = cfg.data.source == "builtin"
     tok = load_tokenizer(cfg.tokenizer)
-    torch.manual_seed(cfg.train.seed)  # the same initial weights the workers start from
+    torch.manual_seed(tc.seed)  # the same initial weights the workers start from
     families = cfg.data.corpus.families
     before = score(Denoiser(cfg.model).eval(), tok, families, cfg.eval, seq_len=cfg.data.seq_len) if builtin else None
 
     t_train = time.time()
     result = fit(cfg)
     train_s = time.time() - t_train
-    history = result.metrics.get("history", [])
-    export_dir = Path(args.export_dir or (run_dir(cfg) + "/export"))
+    export_dir = args.export_dir or (run_dir(cfg) + "/export")
     with result.checkpoint.as_directory() as ckpt:
         export(ckpt, export_dir)
     summary = {"steps": result.metrics.get("step"), "train_seconds": round(train_s, 1),
@@ -54,18 +60,17 @@ def main(argv: list[str] | None = None) -> dict:
     if builtin:
         model, tok, _ = load_inference(export_dir)
         after = score(model, tok, cfg.data.corpus.families, cfg.eval, seq_len=cfg.data.seq_len)
-        report("untrained", before)
-        report("trained", after)
+        print(results_table(before, after))
         for fam, rows in after["samples"].items():
             for prompt, comp, ok in rows:
                 print(f"  {fam:13s} {prompt!r:22s} -> {comp!r} {'ok' if ok else 'wrong'}")
         summary.update(nelbo_bits_before=before["nelbo_bits"], nelbo_bits_after=after["nelbo_bits"],
                        validity_before=before["validity"], validity_after=after["validity"])
     summary["wall_seconds"] = round(time.time() - t0, 1)
-    summary = write_summary(cfg, history, summary)
-    print(json.dumps(summary))
+    summary = write_summary(run_dir(cfg), summary)
+    print(f"[pretrain] done in {summary['wall_seconds']:.0f} s; export {export_dir}; "
+          f"summary {run_dir(cfg)}/summary.json", flush=True)
     return summary
-
 
 if __name__ == "__main__":
     main()

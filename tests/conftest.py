@@ -1,4 +1,11 @@
-"""Shared fixtures: the tiny model config and small stub models for the samplers."""
+"""Shared fixtures, and the test tiers.
+
+A test that uses a fixture which starts Ray or DeepSpeed (``ray_cluster``, ``own_ray``,
+``process_group``, or any fixture built on them) is marked ``slow`` here, at collection, so a new
+test cannot forget it: ``pytest -m "not slow"`` is the fast tier of pure torch and config tests.
+Every test has a timeout: ``FAST_TIMEOUT_S`` in the fast tier, ``timeout`` from pyproject.toml
+(or the test's own mark) in the slow one.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,26 @@ import pytest
 import torch
 
 from dlm_ray.config import ModelConfig
+
+SLOW_FIXTURES = {"ray_cluster", "own_ray", "process_group"}
+FAST_TIMEOUT_S = 60
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+        elif item.get_closest_marker("timeout") is None and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.timeout(FAST_TIMEOUT_S))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    import sys
+
+    if "ray" in sys.modules:
+        import ray
+
+        ray.shutdown()
 
 
 @pytest.fixture(scope="session")
@@ -19,9 +46,10 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster():
-    """One local Ray for the whole session. ``address="local"`` never joins a stale cluster.
+    """A local Ray, started by the first module that needs it and kept for the session (restarted if
+    a test with its own cluster shut it down). ``address="local"`` never joins a stale cluster.
 
     4 logical CPUs on 2 cores: Train workers and Data actors together must never take every CPU,
     or the ingest that feeds the workers starves (a hang, not an error).
@@ -29,8 +57,8 @@ def ray_cluster():
     import ray
     from ray.data import DataContext
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
     DataContext.get_current().enable_progress_bars = False
     yield ray
-    ray.shutdown()

@@ -9,12 +9,18 @@ import pytest
 import torch
 
 from dlm_ray.config import DiffusionConfig
-from dlm_ray.diffusion import (
-    apply_mask, diffusion_loss, estimate_nelbo, mask_batch, mask_probability, sample_times,
-)
+from dlm_ray.diffusion import apply_mask, diffusion_loss, estimate_nelbo, mask_probability, mask_rows
 from dlm_ray.model import Denoiser
 
 V, MASK = 50, 49
+
+
+def rows_of(x0: np.ndarray, *, epoch: int = 0, real: np.ndarray | None = None, first_index: int = 0) -> dict:
+    """Rows as the pipeline hands them to ``mask_rows``: consecutive rows of one work item."""
+    n = len(x0)
+    index = np.arange(first_index, first_index + n)
+    return {"input_ids": x0, "attention_mask": np.ones_like(x0) if real is None else real.astype(np.int8),
+            "epoch": np.full(n, epoch), "row_id": index * 7919 + 11, "row_index": index}
 
 
 def uniform_model(x, attention_mask=None):
@@ -23,19 +29,39 @@ def uniform_model(x, attention_mask=None):
 
 def test_times_in_range_and_low_discrepancy():
     cfg = DiffusionConfig()
-    t = sample_times(64, cfg, np.random.default_rng(0))
+    x0 = np.zeros((64, 4), dtype=np.int64)
+    t = mask_rows(rows_of(x0), cfg, seed=0, mask_id=MASK, strata=64)["t"]
     assert t.min() >= cfg.eps and t.max() <= 1.0
-    gaps = np.diff(np.sort(t))
     # One t per 1/64 stratum: equal gaps, unlike i.i.d. draws.
-    np.testing.assert_allclose(gaps, (1 - cfg.eps) / 64, rtol=1e-6)
-    iid = sample_times(64, cfg.model_copy(update={"time_sampling": "uniform"}), np.random.default_rng(0))
+    np.testing.assert_allclose(np.diff(np.sort(t)), (1 - cfg.eps) / 64, rtol=1e-4)
+    # Any 64 consecutive rows of an item cover every stratum once, wherever the run starts.
+    t = mask_rows(rows_of(x0, first_index=40), cfg, seed=0, mask_id=MASK, strata=64)["t"]
+    strata = np.floor((t - cfg.eps) / (1 - cfg.eps) * 64).astype(int)
+    assert sorted(strata) == list(range(64))
+    iid = mask_rows(rows_of(x0), cfg.model_copy(update={"time_sampling": "uniform"}), seed=0, mask_id=MASK,
+                    strata=64)["t"]
     assert np.diff(np.sort(iid)).std() > 1e-3
+
+
+def test_masks_are_a_function_of_seed_epoch_and_row():
+    cfg = DiffusionConfig()
+    x0 = np.random.default_rng(0).integers(0, 40, (32, 16))
+    a = mask_rows(rows_of(x0), cfg, seed=1, mask_id=MASK, strata=8)
+    # The same rows split into other batches get the same masks and times.
+    parts = [mask_rows({k: v[i:i + 5] for k, v in rows_of(x0).items()}, cfg, seed=1, mask_id=MASK, strata=8)
+             for i in range(0, 32, 5)]
+    assert np.array_equal(np.concatenate([p["loss_mask"] for p in parts]), a["loss_mask"])
+    assert np.array_equal(np.concatenate([p["t"] for p in parts]), a["t"])
+    other_epoch = mask_rows(rows_of(x0, epoch=1), cfg, seed=1, mask_id=MASK, strata=8)
+    other_seed = mask_rows(rows_of(x0), cfg, seed=2, mask_id=MASK, strata=8)
+    assert not np.array_equal(other_epoch["loss_mask"], a["loss_mask"])
+    assert not np.array_equal(other_seed["loss_mask"], a["loss_mask"])
 
 
 def test_mask_rate_matches_p():
     cfg = DiffusionConfig(time_sampling="uniform")
     x0 = np.random.default_rng(1).integers(0, 40, (400, 256))
-    out = mask_batch(x0, np.ones_like(x0, bool), cfg, np.random.default_rng(2), mask_id=MASK)
+    out = mask_rows(rows_of(x0), cfg, seed=2, mask_id=MASK)
     rate = out["loss_mask"].mean(1)
     np.testing.assert_allclose(rate, out["p_mask"], atol=0.12)
     assert abs((rate - out["p_mask"]).mean()) < 0.01
@@ -48,8 +74,7 @@ def test_padding_and_prompt_never_masked():
     x0 = np.full((64, 20), 3)
     real = np.ones_like(x0, bool)
     real[:, 15:] = False
-    prompt_len = np.full(64, 5)
-    out = mask_batch(x0, real, cfg, np.random.default_rng(0), mask_id=MASK, prompt_len_B=prompt_len)
+    out = mask_rows(rows_of(x0, real=real), cfg, seed=0, mask_id=MASK, strata=64, prompt_len_R=np.full(64, 5))
     assert not out["loss_mask"][:, 15:].any() and not out["loss_mask"][:, :5].any()
     assert out["loss_mask"][:, 5:15].any()
 
@@ -85,7 +110,7 @@ def test_training_loss_is_unbiased_for_uniform_model():
     # E_t[(1/p) Σ_masked log V / n] = log V: a missing or wrong 1/t weight fails this.
     cfg = DiffusionConfig(time_sampling="uniform")
     x0 = np.random.default_rng(0).integers(0, 40, (2000, 32))
-    b = mask_batch(x0, np.ones_like(x0, bool), cfg, np.random.default_rng(1), mask_id=MASK)
+    b = mask_rows(rows_of(x0), cfg, seed=1, mask_id=MASK)
     loss = diffusion_loss(torch.zeros(*x0.shape, V), torch.from_numpy(x0), torch.from_numpy(b["loss_mask"]),
                           torch.from_numpy(b["p_mask"]), x0.size, mask_id=MASK)
     assert loss.item() == pytest.approx(math.log(V - 1), rel=0.03)
@@ -97,10 +122,9 @@ def test_loss_decreases_on_tiny_overfit(tiny_cfg):
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     # One sequence repeated: memorisable in a few dozen steps, unlike random rows.
     x0 = np.tile(np.random.default_rng(0).integers(0, 40, (1, 16)), (8, 1))
-    rng = np.random.default_rng(0)
     losses = []
-    for _ in range(150):
-        b = mask_batch(x0, np.ones_like(x0, bool), cfg, rng, mask_id=MASK)
+    for step in range(150):
+        b = mask_rows(rows_of(x0, epoch=step), cfg, seed=0, mask_id=MASK, strata=8)
         loss = diffusion_loss(model(torch.from_numpy(b["noisy_ids"])), torch.from_numpy(x0),
                               torch.from_numpy(b["loss_mask"]), torch.from_numpy(b["p_mask"]), x0.size, mask_id=MASK)
         opt.zero_grad()

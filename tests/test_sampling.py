@@ -156,3 +156,46 @@ def test_bad_config_bypassing_validation_still_raises(model):
                                        remasking="low_confidence", cfg_scale=0.0, stop_at_eos=False)
     with pytest.raises(ValueError, match="not divisible by block_length"):
         generate(model, torch.tensor([[1, 2]]), cfg, mask_id=MASK)
+
+
+def test_proposals_stay_inside_the_tokenizers_vocabulary():
+    # A head wider than the tokenizer (the tiny preset: 264 logits, 259 byte ids) that prefers the
+    # extra ids: without vocab_size the sampler commits ids nothing can decode.
+    def wide(x, attention_mask=None):
+        logits = torch.zeros(*x.shape, 264)
+        logits[..., 260:] = 5.0
+        logits[..., 65] = 1.0
+        return logits
+
+    cfg = SampleConfig(gen_length=8, steps=8, block_length=8, temperature=1.0)
+    prompt = torch.tensor([[EOS, 70, 71]])
+    unrestricted = generate(wide, prompt, cfg, mask_id=MASK, generator=torch.Generator().manual_seed(0))
+    assert (unrestricted[0, 3:] >= 259).any()  # the defect this guards against
+    x = generate(wide, prompt, cfg, mask_id=MASK, generator=torch.Generator().manual_seed(0), vocab_size=259)
+    assert (x[0, 3:] < 259).all() and (x[0, 3:] != MASK).all()
+
+
+def test_complete_texts_decodes_every_committed_token_and_refuses_mask_text(model):
+    from dlm_ray.inference import PromptError, complete_texts
+    from dlm_ray.tokenizer import ByteTokenizer
+
+    tok = ByteTokenizer()
+    cfg = SampleConfig(gen_length=16, steps=16, block_length=16, temperature=1.0)
+    out = complete_texts(model, tok, ["s31=", "r12="], cfg, seeds=[1, 2])
+    for c in out:
+        assert max(c.ids, default=0) < tok.vocab_size and tok.eos_id not in c.ids
+        assert c.text == tok.decode(c.ids) and c.num_generated == 16
+    # A row's completion does not depend on the prompts batched with it.
+    alone = complete_texts(model, tok, ["r12="], cfg, seeds=[2])[0]
+    assert alone.ids == out[1].ids
+    with pytest.raises(PromptError, match="mask"):
+        complete_texts(model, _MaskText(), ["x"], cfg, seeds=[0])
+
+
+class _MaskText:
+    """A tokenizer whose encoding of some text is the mask id: the prompt must be refused."""
+
+    vocab_size, pad_id, eos_id, mask_id = 259, PAD, EOS, MASK
+
+    def encode(self, text):
+        return [MASK]

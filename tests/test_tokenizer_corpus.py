@@ -16,8 +16,16 @@ def test_byte_round_trip():
     tok = ByteTokenizer()
     text = "héllo, wörld ✓"
     ids = tok.encode(text)
-    assert max(ids) < 256 and tok.decode(ids + [tok.eos_id, tok.mask_id]) == text
+    assert max(ids) < 256 and tok.decode(ids) == text
     assert len({tok.pad_id, tok.eos_id, tok.mask_id}) == 3 and tok.vocab_size == 259
+
+
+def test_decoding_drops_no_token():
+    tok = ByteTokenizer()
+    # Special ids are written out, never dropped; an id outside the vocabulary is an error.
+    assert tok.decode([104, 105, tok.pad_id, 33]) == "hi<|pad|>!"
+    with pytest.raises(ValueError, match="outside the byte tokenizer's vocabulary"):
+        tok.decode([104, 260])
 
 
 def _make_tokenizer_json(path, with_specials: bool):
@@ -38,12 +46,27 @@ def test_hf_tokenizer_guarantees_specials(tmp_path, with_specials):
     tok = load_tokenizer(str(tmp_path))  # a directory works as well as the file
     assert isinstance(tok, HFTokenizer)
     ids = tok.encode("the lazy fox")
-    assert tok.mask_id not in ids and tok.decode(ids + [tok.eos_id]).replace(" ", "") == "thelazyfox"
+    assert tok.mask_id not in ids and tok.decode(ids).replace(" ", "") == "thelazyfox"
     assert len({tok.pad_id, tok.eos_id, tok.mask_id}) == 3 and tok.vocab_size > max(ids)
     if with_specials:  # existing tokens are reused, not duplicated
         assert tok._tok.token_to_id("[MASK]") == tok.mask_id
     again = load_tokenizer(tok.to_config())
     assert again.mask_id == tok.mask_id and again.encode("the lazy fox") == ids
+
+
+@pytest.mark.parametrize("with_specials", [True, False])
+def test_text_never_becomes_the_mask_or_pad_token(tmp_path, with_specials):
+    path = tmp_path / "tokenizer.json"
+    _make_tokenizer_json(path, with_specials)
+    tok = load_tokenizer(str(path))
+    mask_text, pad_text = tok._tok.id_to_token(tok.mask_id), tok._tok.id_to_token(tok.pad_id)
+    for text in (f"the {mask_text} fox", f"{pad_text}{mask_text}", "<|mdm_mask|> [MASK] <mask>"):
+        ids = tok.encode(text)
+        assert tok.mask_id not in ids and tok.pad_id not in ids, (text, ids)
+        batch = tok.encode_batch([text])[0].tolist()
+        assert batch == ids
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        tok.decode([tok.vocab_size + 3])
 
 
 def test_missing_tokenizer_file(tmp_path):

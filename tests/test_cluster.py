@@ -1,7 +1,7 @@
 """Multi-node on one machine: a node lost mid-run, and both jobs through `ray job submit` on 3 nodes.
 
-These start clusters of their own, so they run last (file order) after the session's local Ray
-is shut down.
+These start clusters of their own: the ``own_ray`` fixture shuts the session's local Ray down
+first, and the next test that needs it starts it again, so file order does not matter.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from dlm_ray.train import fit, latest_checkpoint
+from dlm_ray.checkpoint import latest_checkpoint
+from dlm_ray.train import fit
 from tests.test_train import losses, tiny_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +58,7 @@ def test_node_loss_restarts_from_last_checkpoint(own_ray, tmp_path):
         assert "result" in outcome, "training did not finish after the node loss"
         result = outcome["result"]
         assert result.metrics["step"] == 40
-        assert sorted(losses(result)) == list(range(5, 41, 5))
+        assert sorted(losses(cfg)) == list(range(5, 41, 5))
     finally:
         own_ray.shutdown()
         cluster.shutdown()

@@ -1,0 +1,76 @@
+"""Text in, text out: the one path from prompts to completions.
+
+    completions = complete_texts(model, tok, ["q1.3..2.4...3..1="], cfg, seeds=[0])
+
+``encode_prompt`` turns a prompt into ids (after EOS, the document separator the model saw in
+training) and refuses a prompt whose ids hold the mask or pad token. ``complete_ids`` runs
+``sampling.generate_many`` (rows grouped by settings and length, a seed per row, proposals limited
+to the tokenizer's vocabulary) and cuts each completion at its first EOS. Evaluation, batch
+generation, Serve and the benchmarks all go through here, so a prompt is completed the same way
+everywhere. No Ray, no transport.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from dlm_ray.config import SampleConfig
+from dlm_ray.sampling import ModelFn, generate_many, trim_after_eos
+from dlm_ray.tokenizer import ByteTokenizer, HFTokenizer
+
+Tok = ByteTokenizer | HFTokenizer
+
+
+class PromptError(ValueError):
+    """A prompt that cannot be completed; the message says why."""
+
+
+@dataclass
+class Completion:
+    text: str
+    ids: list[int]  # up to (not including) the first EOS
+    num_generated: int  # positions the sampler filled, EOS padding included
+    num_model_calls: int  # of the generate() call that made it (one call serves its whole batch)
+
+    @property
+    def finished(self) -> bool:
+        """The model ended the answer (an EOS) before the generation length ran out."""
+        return len(self.ids) < self.num_generated
+
+
+def encode_prompt(tok: Tok, text: str, *, prepend_eos: bool = True) -> list[int]:
+    """The ids of a prompt; a prompt that encodes to the mask or pad token is refused."""
+    ids = tok.encode(text)
+    bad = {tok.mask_id, tok.pad_id}.intersection(ids)
+    if bad:
+        raise PromptError(f"the prompt encodes to the tokenizer's {'mask' if tok.mask_id in bad else 'pad'} token "
+                          f"(id {min(bad)}), which no content may hold")
+    return [tok.eos_id, *ids] if prepend_eos else ids
+
+
+def complete_ids(model: ModelFn, tok: Tok, prompt_ids: Sequence[list[int]], samples: SampleConfig | Sequence[SampleConfig],
+                 seeds: Sequence[int], *, batch_size: int = 64, device: torch.device | str = "cpu") -> list[Completion]:
+    """One completion per prompt (ids from ``encode_prompt``), with its own settings and seed."""
+    if len(seeds) != len(prompt_ids):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompt_ids)} prompts")
+    per_row = [samples] * len(prompt_ids) if isinstance(samples, SampleConfig) else list(samples)
+    results = generate_many(model, list(prompt_ids), per_row, seeds=list(seeds), batch_size=batch_size,
+                            pad_id=tok.pad_id, mask_id=tok.mask_id, eos_id=tok.eos_id, device=device,
+                            vocab_size=tok.vocab_size)
+    out = []
+    for gen, calls in results:
+        ids = trim_after_eos(gen, tok.eos_id)
+        out.append(Completion(tok.decode(ids), ids, len(gen), calls))
+    return out
+
+
+def complete_texts(model: ModelFn, tok: Tok, prompts: Sequence[str], cfg: SampleConfig | Sequence[SampleConfig],
+                   seeds: Sequence[int], *, batch_size: int = 64, device: torch.device | str = "cpu",
+                   prepend_eos: bool = True) -> list[Completion]:
+    """Text → ids → ``generate`` → text, a seed per prompt: a completion does not depend on the
+    other prompts it is batched with."""
+    ids = [encode_prompt(tok, p, prepend_eos=prepend_eos) for p in prompts]
+    return complete_ids(model, tok, ids, cfg, seeds, batch_size=batch_size, device=device)

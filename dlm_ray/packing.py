@@ -1,0 +1,78 @@
+"""Packing token streams into fixed-length rows: pure numpy, no Ray.
+
+Documents are concatenated, each followed by EOS, and cut into ``seq_len`` rows. No token is
+dropped: the last partial row is padded (attention_mask 0), and rows cut short for LLaDA's
+random-length training hand their remaining tokens to the next row, so
+``tokens in (documents + one EOS each) == sum(attention_mask)`` exactly. Every row gets a stable
+``row_id`` from its work item's key and its index in that item, so packing never depends on
+scheduling.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+
+
+def stable_id(*parts: Any) -> int:
+    """A 63-bit id from the parts' text: the same on every machine and run."""
+    digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+
+class Packer:
+    """Cuts a stream of documents into fixed-length rows, carrying the remainder between calls."""
+
+    def __init__(self, seq_len: int, eos_id: int, pad_id: int, *, key: str, random_length_fraction: float = 0.0,
+                 seed: int = 0) -> None:
+        self.seq_len, self.eos_id, self.pad_id = seq_len, eos_id, pad_id
+        self.key, self.fraction = key, random_length_fraction
+        self.tokens: list[np.ndarray] = []
+        self.docs: list[np.ndarray] = []
+        self.num_docs = 0
+        self.num_rows = 0
+        self.rng = np.random.default_rng([seed, stable_id(key)])
+
+    def add(self, docs: list[np.ndarray]) -> None:
+        """Append documents (token id arrays), each followed by EOS."""
+        if not docs:
+            return
+        lens = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
+        flat = np.insert(np.concatenate(docs).astype(np.int32), np.cumsum(lens), self.eos_id)
+        self.tokens.append(flat)
+        self.docs.append(np.repeat(np.arange(self.num_docs, self.num_docs + len(docs), dtype=np.int32), lens + 1))
+        self.num_docs += len(docs)
+
+    def rows(self, *, final: bool = False) -> dict[str, np.ndarray] | None:
+        """Every full row now available (and with ``final``, the padded tail)."""
+        if not self.tokens:
+            return None
+        tokens, docs = np.concatenate(self.tokens), np.concatenate(self.docs)
+        L, n = self.seq_len, len(tokens)
+        lengths, pos = [], 0
+        while n - pos >= L or (final and pos < n):
+            take = L
+            if self.fraction and self.rng.random() < self.fraction:
+                take = int(self.rng.integers(1, L))
+            take = min(take, n - pos)
+            lengths.append(take)
+            pos += take
+        self.tokens, self.docs = [tokens[pos:]], [docs[pos:]]
+        if not lengths:
+            return None
+        R = len(lengths)
+        ids = np.full((R, L), self.pad_id, dtype=np.int32)
+        am = np.zeros((R, L), dtype=np.int8)
+        doc = np.full((R, L), -1, dtype=np.int32)
+        starts = np.cumsum([0, *lengths[:-1]])
+        for r, (a, k) in enumerate(zip(starts, lengths)):
+            ids[r, :k] = tokens[a:a + k]
+            am[r, :k] = 1
+            doc[r, :k] = docs[a:a + k] - docs[a]  # documents numbered from 0 within each row
+        index = np.arange(self.num_rows, self.num_rows + R, dtype=np.int64)
+        row_ids = np.asarray([stable_id(self.key, int(i)) for i in index], dtype=np.int64)
+        self.num_rows += R
+        return {"input_ids": ids, "attention_mask": am, "doc_ids": doc, "row_id": row_ids, "row_index": index}
