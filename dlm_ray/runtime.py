@@ -46,9 +46,14 @@ def init_ray(**kwargs: Any) -> None:
 
 
 def quiet_third_party(level: int = logging.WARNING) -> None:
-    """Raise the level of the chattiest third-party loggers in this process."""
+    """Raise the level of the chattiest third-party loggers in this process: those named in
+    ``QUIET_LOGGERS``, and Ray's loggers named by their file path (Ray Train's per-report dump is
+    one), which sit outside the ``ray`` logger tree. Warnings and errors still show."""
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(level)
+    for name in list(logging.root.manager.loggerDict):
+        if f"{os.sep}ray{os.sep}" in name and name.endswith(".py"):
+            logging.getLogger(name).setLevel(level)
 
 
 def is_local_cpu_cluster() -> bool:

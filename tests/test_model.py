@@ -67,3 +67,13 @@ def test_bf16_forward(tiny_cfg):
     model = Denoiser(tiny_cfg).to(torch.bfloat16)
     logits = model(torch.randint(0, 250, (2, 9)), torch.ones(2, 9, dtype=torch.long))
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_matches_cpu_fp32(tiny_cfg):
+    model = Denoiser(tiny_cfg).eval()
+    x = torch.randint(0, 256, (2, 24))
+    with torch.no_grad():
+        ref = model(x)
+        out = model.to("cuda", torch.bfloat16)(x.cuda()).float().cpu()
+    assert out.dtype == torch.float32 and (out - ref).abs().max() < 0.1
