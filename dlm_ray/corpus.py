@@ -6,7 +6,7 @@ quality is a number. Families, by difficulty:
 
 - ``reverse``: ``r472190=091274``: the digits reversed (local, position-to-position copying);
 - ``sort``: ``s931420=012349``: the digits sorted (needs the whole multiset, still learnable on a CPU);
-- ``sudoku``: ``q1.3..2.4...3..1=1234...``: a 4x4 Sudoku (2x2 boxes) with blanks as ``.``, answered
+- ``sudoku``: ``q1...32....23.3..=1432...``: a 4x4 Sudoku (2x2 boxes) with blanks as ``.``, answered
   by the full solved grid. Every cell constrains others across the grid: correctness needs global
   context, the kind of task where diffusion models are reported to beat autoregressive ones.
 

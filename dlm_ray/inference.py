@@ -1,6 +1,6 @@
 """Text in, text out: the one path from prompts to completions.
 
-    completions = complete_texts(model, tok, ["q1.3..2.4...3..1="], cfg, seeds=[0])
+    completions = complete_texts(model, tok, ["q1...32....23.3..="], cfg, seeds=[0])
 
 ``encode_prompt`` turns a prompt into ids (after EOS, the document separator the model saw in
 training) and refuses a prompt whose ids hold the mask or pad token. ``complete_ids`` runs

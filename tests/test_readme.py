@@ -75,3 +75,20 @@ def test_paths_named_in_the_docs_exist():
         for cmd in shell_commands(doc):
             for path in re.findall(r"(?:jobs|cluster|benchmarks)/[\w/.-]+\.(?:py|ya?ml)", cmd):
                 assert (ROOT / path).is_file(), f"{doc.name}: {path}"
+
+
+def test_example_prompts_in_the_docs_have_valid_answers():
+    import itertools
+
+    from dlm_ray.corpus import check_answer
+
+    texts = [d.read_text() for d in DOCS] + [(ROOT / "dlm_ray" / n).read_text() for n in ("corpus.py", "inference.py")]
+    prompts = {m for t in texts for m in re.findall(r"\b[rsq][0-9.]{6,16}=", t)}
+    assert any(p.startswith("q") for p in prompts)
+    grids = ["".join("".join(r) for r in rows) for rows in itertools.product(itertools.permutations("1234"), repeat=4)]
+    for p in prompts:
+        if p.startswith("q"):
+            assert any(check_answer(p, g) for g in grids), f"no valid answer to the example {p}"
+        else:
+            body = p[1:-1]
+            assert check_answer(p, body[::-1] if p[0] == "r" else "".join(sorted(body))), p
