@@ -7,7 +7,10 @@ are decompressed on the fly. No Ray here: the reading logic is tested without a 
 
 Every document comes out as ``(where, text, None)`` or, when it cannot be used,
 ``(where, None, reason)`` with reason one of ``missing_text``, ``not_text``, ``bad_json``,
-``non_utf8``, ``empty``: the caller counts or raises, nothing is dropped here unseen.
+``not_an_object`` (a JSON line that is an array, a number, ...), ``non_utf8``, ``empty``: the
+caller counts or raises, nothing is dropped here unseen. A file that is not text at all (its first
+block mostly binary: an archive or random bytes under a text name) is one unreadable file
+(``OSError``), not thousands of bad rows.
 """
 
 from __future__ import annotations
@@ -160,12 +163,29 @@ def _check_text(value: Any) -> tuple[str | None, str | None]:
     return value, None
 
 
+def _looks_binary(block: bytes) -> bool:
+    """NUL bytes, or (in a block long enough to judge) more than a tenth of the characters invalid
+    UTF-8 or control characters: an archive or random bytes, not text with a few bad lines."""
+    if b"\x00" in block:
+        return True
+    if len(block) < 512:
+        return False
+    text = block.decode("utf-8", errors="replace")
+    bad = sum(1 for ch in text if ch == "\ufffd" or (ord(ch) < 32 and ch not in "\t\n\r\f\b"))
+    return bad > 0.1 * max(1, len(text))
+
+
 def iter_lines(uri: str) -> Iterator[bytes]:
-    """The raw lines of a (possibly compressed) file, streamed in chunks: no file is read whole."""
+    """The raw lines of a (possibly compressed) text file, streamed in chunks: no file is read whole.
+    A NUL byte in the first chunk means the file is not text: ``OSError``, one unreadable file."""
     filesystem, path = filesystem_for(uri)
     with filesystem.open_input_stream(path, compression="detect") as f:
         rest = b""
+        first = True
         while chunk := f.read(CHUNK_BYTES):
+            if first and _looks_binary(chunk[:8192]):
+                raise OSError("binary content, not a text file")
+            first = False
             lines = (rest + chunk).split(b"\n")
             rest = lines.pop()
             yield from lines
@@ -193,11 +213,14 @@ def _raw_documents(item: dict[str, Any], cfg: DataConfig) -> Iterator[tuple[str,
             if not line.strip():
                 continue  # blank lines between records are not records
             try:
-                record = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError):
+                record = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError:
+                yield f"line {n}", _NON_UTF8
+                continue
+            except json.JSONDecodeError:
                 yield f"line {n}", _BAD_JSON
                 continue
-            yield f"line {n}", record.get(cfg.text_column) if isinstance(record, dict) else _BAD_JSON
+            yield f"line {n}", record.get(cfg.text_column) if isinstance(record, dict) else _NOT_OBJECT
     elif fmt in ("parquet", "arrow"):
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -221,7 +244,9 @@ def _raw_documents(item: dict[str, Any], cfg: DataConfig) -> Iterator[tuple[str,
         raise ValueError(f"unknown format {fmt!r} for {uri}")
 
 
-_BAD_JSON = object()
+# Markers for raw values that are not documents, each with its own reason.
+_BAD_JSON, _NOT_OBJECT, _NON_UTF8 = object(), object(), object()
+_MARKERS = {id(_BAD_JSON): "bad_json", id(_NOT_OBJECT): "not_an_object", id(_NON_UTF8): "non_utf8"}
 
 
 def _arrow_jsonl(uri: str, column: str) -> list[Any] | None:
@@ -252,7 +277,7 @@ def iter_documents(item: dict[str, Any], cfg: DataConfig) -> Iterator[Doc]:
         return
     hashed = item.get("holdout") == "hash" and cfg.val_fraction > 0
     for where, raw in _raw_documents(item, cfg):
-        text, reason = (None, "bad_json") if raw is _BAD_JSON else _check_text(raw)
+        text, reason = (None, _MARKERS[id(raw)]) if id(raw) in _MARKERS else _check_text(raw)
         if text is not None and hashed and in_val(text, cfg.val_fraction) != (item["split"] == "val"):
             continue  # belongs to the other split
         if text is None and hashed and item["split"] == "val":

@@ -20,7 +20,7 @@ def docs(cfg: DataConfig, split: str = "train"):
 def test_formats_and_reasons(tmp_path):
     (tmp_path / "a.jsonl").write_bytes(
         b'{"text": "alpha"}\n\n{"text": null}\n{"other": 1}\nnot json\n{"text": 5}\n{"text": "  "}\n'
-        b'{"text": "beta"}\n')
+        b'{"text": "beta"}\n["an", "array"]\n{"text": "caf\xe9"}\n')
     (tmp_path / "b.txt").write_bytes(b"one\r\ntwo\n\xff\xfe bad\n\nthree")
     pq.write_table(pa.table({"text": ["p1", None, "p2"]}), tmp_path / "c.parquet")
     with gzip.open(tmp_path / "d.jsonl.gz", "wt") as f:
@@ -30,9 +30,19 @@ def test_formats_and_reasons(tmp_path):
     reasons = sorted(r for _, _, r in got if r is not None)
     assert texts == ["alpha", "beta", "one", "two", "three", "p1", "p2", "zipped"]
     assert reasons == ["bad_json", "empty", "empty", "missing_text", "missing_text", "missing_text",
-                       "non_utf8", "not_text"]
+                       "non_utf8", "non_utf8", "not_an_object", "not_text"]
     where = {(w, r) for w, _, r in got if r is not None}
     assert ("line 5", "bad_json") in where and ("line 3", "non_utf8") in where
+    assert ("line 9", "not_an_object") in where and ("line 10", "non_utf8") in where
+
+
+def test_random_bytes_under_a_text_name_are_one_unreadable_file(tmp_path):
+    import random
+
+    (tmp_path / "noise.jsonl").write_bytes(bytes(random.Random(0).getrandbits(8) for _ in range(20000)))
+    item = resolve_items(DataConfig(source=str(tmp_path / "noise.jsonl"), val_fraction=0), "train")[0]
+    with pytest.raises(OSError, match="not a text file"):
+        list(iter_documents(item, DataConfig(source=str(tmp_path), val_fraction=0)))
 
 
 def test_globs_and_one_doc_per_file(tmp_path):
