@@ -95,21 +95,26 @@ class DiffusionConfig(Config):
 # ------------------------------------------------------------------------------------------ sampling
 
 
+MAX_TEMPERATURE = 10.0
+MAX_CFG_SCALE = 10.0
+
+
 class SampleConfig(Config):
     """Sampler settings; ``generate`` reads nothing else."""
 
     gen_length: int = Field(32, gt=0)
-    steps: int = Field(32, gt=0)
+    steps: int = Field(32, gt=0)  # at most gen_length: the reference schedule commits >= 1 token a step
     block_length: int = Field(32, gt=0)
-    temperature: float = Field(0.0, ge=0)
+    # Numbers are finite and bounded: a temperature or guidance of 1e308 overflows the logits.
+    temperature: float = Field(0.0, ge=0, le=MAX_TEMPERATURE, allow_inf_nan=False)
     remasking: Literal["low_confidence", "random"] = "low_confidence"
-    cfg_scale: float = Field(0.0, ge=0)
+    cfg_scale: float = Field(0.0, ge=0, le=MAX_CFG_SCALE, allow_inf_nan=False)
     # Fast decoding. A step commits at least the reference schedule's count and, with a threshold,
     # every masked position of the block with confidence >= threshold; with a factor f, the longest
     # run of most-confident positions whose k-th has confidence >= 1 - f / (k + 1). A block ends when
     # it has no mask left, so calls adapt to the model's certainty (never more than ``steps``).
-    threshold: float | None = Field(None, gt=0)
-    factor: float | None = Field(None, gt=0)
+    threshold: float | None = Field(None, gt=0, le=2.0, allow_inf_nan=False)  # > 1: the reference schedule
+    factor: float | None = Field(None, gt=0, le=100.0, allow_inf_nan=False)
     # Block KV cache: "prefix" recomputes the current block and everything after it each step, with
     # the keys/values before it from the block's first call; "dual" recomputes only the block.
     cache: Literal["none", "prefix", "dual"] = "none"
@@ -126,6 +131,9 @@ class SampleConfig(Config):
                 f"gen_length={self.gen_length} is not divisible by block_length={self.block_length}"
             )
         num_blocks = self.gen_length // self.block_length
+        if self.steps > self.gen_length:
+            raise ValueError(f"steps={self.steps} exceeds gen_length={self.gen_length}: the reference schedule "
+                             "commits at least one token per step, so more steps than tokens cannot be used")
         if self.steps % num_blocks:
             raise ValueError(f"steps={self.steps} is not divisible by the number of blocks ({num_blocks})")
         if self.threshold is not None and self.factor is not None:

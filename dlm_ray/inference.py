@@ -42,7 +42,12 @@ class Completion:
 
 
 def encode_prompt(tok: Tok, text: str, *, prepend_eos: bool = True) -> list[int]:
-    """The ids of a prompt; a prompt that encodes to the mask or pad token is refused."""
+    """The ids of a prompt; a prompt that is not valid Unicode (a lone surrogate) or that encodes to
+    the mask or pad token is refused."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PromptError(f"the prompt is not valid Unicode ({exc.reason} at character {exc.start})") from None
     ids = tok.encode(text)
     bad = {tok.mask_id, tok.pad_id}.intersection(ids)
     if bad:

@@ -192,7 +192,8 @@ def resolve_row(overrides_json: str | None, defaults: SampleConfig) -> tuple[Sam
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
         raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
     try:
-        return SampleConfig.model_validate({**defaults.to_dict(), **overrides}), seed
+        # Strict: a row's "true" is no integer and its "1" no flag; numbers finite and in range.
+        return SampleConfig.model_validate({**defaults.to_dict(), **overrides}, strict=True), seed
     except ValidationError as exc:
         msgs = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
         raise ValueError(f"bad sampler override ({msgs})") from None

@@ -30,8 +30,10 @@ ModelFn = Callable[..., torch.Tensor]
 # One generator for the batch, or one per row: per-row generators make each row's output independent
 # of which other rows share its batch (the batch job seeds every row on its own).
 Generators = torch.Generator | Sequence[torch.Generator] | None
-# Called after every step with (step index, canvas): lets Serve stream partial text.
-StepCallback = Callable[[int, torch.Tensor], None]
+# Called after every step with (step index, canvas [B, T]): lets Serve stream partial text. It may
+# return a bool [B] of rows to stop now (a client that went away): their remaining masks become EOS
+# and they leave the following model calls.
+StepCallback = Callable[[int, torch.Tensor], "torch.Tensor | None"]
 
 
 def num_transfer_tokens(num_masked_B: torch.Tensor, steps: int) -> torch.Tensor:
@@ -206,7 +208,12 @@ def generate(
                 done_B = _finished_rows(gen_BG, eos_id, mask_id)  # type: ignore[arg-type]
                 gen_BG[done_B] = gen_BG[done_B].masked_fill(gen_BG[done_B] == mask_id, eos_id)  # type: ignore
             if on_step is not None:
-                on_step(step, x_BT)
+                stop_B = on_step(step, x_BT)
+                if stop_B is not None and bool(stop_B.any()):
+                    if eos_id is None:
+                        raise ValueError("stopping rows from on_step needs eos_id")
+                    rows_SB = x_BT[stop_B]
+                    x_BT[stop_B] = rows_SB.masked_fill(rows_SB == mask_id, eos_id)
             step += 1
     if stats is not None:
         stats["model_calls"] = num_calls

@@ -7,7 +7,9 @@ One deployment holds the model (loaded once per replica) and the FastAPI ingress
 prompt × n is one item) meet in ``@serve.batch``; a batch is split into groups with equal sampler
 settings, and each group is one ``generate`` call with a seed per row, so a completion does not
 depend on what it was batched with. ``stream: true`` sends the canvas as Server-Sent Events after
-every denoising step: the text sharpens in place, masks shown as ``MASK_GLYPH``.
+every denoising step: the text sharpens in place, masks shown as ``MASK_GLYPH``. Streams are batched
+with each other the same way (one model call per step serves every stream of the batch), and a
+stream whose client disconnects stops at the next step.
 
 Errors answer in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 for a bad
 request (types, ranges, lengths, malformed JSON), 404 for an unknown model. Beyond
@@ -21,45 +23,48 @@ import secrets
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Literal
 
 import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 
 from dlm_ray.checkpoint import inference_placement, load_inference
-from dlm_ray.config import SampleConfig, ServeConfig
+from dlm_ray.config import MAX_CFG_SCALE, SampleConfig, ServeConfig
 from dlm_ray.inference import Completion, PromptError, complete_ids, encode_prompt
 from dlm_ray.sampling import generate_rows, trim_after_eos
 
 MASK_GLYPH = "_"
+MAX_INT = 2**31 - 1  # no integer setting comes near it; larger ones would overflow tensor sizes
 
 
 class CompletionRequest(BaseModel):
     """``POST /v1/completions``: OpenAI's fields we honour, plus the sampler's own."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Strict types: no "yes" for a flag, no true for a number, no "3" for an integer; numbers finite.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str
     prompt: str | list[str]
-    max_tokens: int | None = Field(None, gt=0)  # → gen_length
-    temperature: float | None = Field(None, ge=0)
-    n: int = Field(1, gt=0)
+    max_tokens: int | None = Field(None, gt=0, le=MAX_INT)  # → gen_length; the context bounds it further
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)  # OpenAI's range
+    n: int = Field(1, gt=0, le=MAX_INT)
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: str | list[str] | None = None
     stream: bool = False
     user: str | None = None
-    # Diffusion sampling (OpenAI clients pass these through extra_body).
-    steps: int | None = Field(None, gt=0)
-    block_length: int | None = Field(None, gt=0)
+    # Diffusion sampling (OpenAI clients pass these through extra_body); SampleConfig bounds them.
+    steps: int | None = Field(None, gt=0, le=MAX_INT)
+    block_length: int | None = Field(None, gt=0, le=MAX_INT)
     remasking: Literal["low_confidence", "random"] | None = None
-    cfg_scale: float | None = Field(None, ge=0)
-    threshold: float | None = Field(None, gt=0)
-    factor: float | None = Field(None, gt=0)
+    cfg_scale: float | None = Field(None, ge=0, le=MAX_CFG_SCALE, allow_inf_nan=False)
+    threshold: float | None = Field(None, gt=0, le=2, allow_inf_nan=False)
+    factor: float | None = Field(None, gt=0, le=100, allow_inf_nan=False)
     cache: Literal["none", "prefix", "dual"] | None = None
 
 
@@ -70,6 +75,21 @@ class Item:
     prompt_ids: list[int]
     sample: SampleConfig
     seed: int
+
+
+@dataclass
+class Stream:
+    """One streaming request: its item, the queue its events go to (on the replica's event loop),
+    and whether its client is gone (set from the event loop, read by the sampling thread)."""
+
+    item: Item
+    events: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+    gone: threading.Event = field(default_factory=threading.Event)
+
+    def send(self, msg: tuple) -> None:
+        """From the sampling thread: hand an event to the request's coroutine."""
+        self.loop.call_soon_threadsafe(self.events.put_nowait, msg)
 
 
 def resolve_sample(req: CompletionRequest, default: SampleConfig) -> SampleConfig:
@@ -119,9 +139,12 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     return _error(400, message, param=where or None)
 
 
-@app.exception_handler(HTTPException)
-async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
-    code = "model_not_found" if exc.status_code == 404 else None
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Every HTTP error in one body: ours, and the router's 404 (unknown path) and 405 (wrong method)."""
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    if exc.status_code == 404 and str(exc.detail).startswith("model "):
+        code = "model_not_found"
     return _error(exc.status_code, str(exc.detail), code=code)
 
 
@@ -136,10 +159,16 @@ class DenoiserServer:
         self.model, self.tok, self.meta = load_inference(c.checkpoint, device=self.device, dtype=dtype)
         self.max_seq_len = self.model.max_seq_len
         self.batch_sizes: Counter[int] = Counter()
+        self.stream_batch_sizes: Counter[int] = Counter()
+        self.stream_model_calls = 0  # model calls made for streams (a dropped stream's stop adding to it)
+        self.active_streams = 0
+        self._stream_tasks: set[asyncio.Future] = set()
         self.created = int(time.time())
         self._model_lock = threading.Lock()  # streams and batches take turns on the model
         self.complete_batch.set_max_batch_size(c.max_batch_size)
         self.complete_batch.set_batch_wait_timeout_s(c.batch_wait_timeout_s)
+        self.stream_batch.set_max_batch_size(c.max_batch_size)
+        self.stream_batch.set_batch_wait_timeout_s(c.batch_wait_timeout_s)
 
     # ---------------------------------------------------------------------------------- routes
 
@@ -154,8 +183,11 @@ class DenoiserServer:
 
     @app.get("/v1/stats")
     async def stats(self) -> dict[str, Any]:
-        """How requests were batched on this replica: {batch size: number of batches}."""
-        return {"batch_sizes": dict(sorted(self.batch_sizes.items())), "max_batch_size": self.cfg.max_batch_size}
+        """How requests were batched on this replica ({batch size: number of batches}, for completions
+        and for streams), the model calls streams made, and the streams now open."""
+        return {"batch_sizes": dict(sorted(self.batch_sizes.items())), "max_batch_size": self.cfg.max_batch_size,
+                "stream_batch_sizes": dict(sorted(self.stream_batch_sizes.items())),
+                "stream_model_calls": self.stream_model_calls, "active_streams": self.active_streams}
 
     @app.post("/v1/completions")
     async def completions(self, req: CompletionRequest) -> Any:
@@ -178,8 +210,13 @@ class DenoiserServer:
         items = [Item(p, sample, base_seed + k * req.n + j) for k, p in enumerate(ids) for j in range(req.n)]
         rid = f"cmpl-{secrets.token_hex(12)}"
         if req.stream:
+            self.active_streams += 1
             return StreamingResponse(self._stream(rid, items[0], stops), media_type="text/event-stream")
         outs = await asyncio.gather(*(self.complete_batch(it) for it in items))
+        failed = next((o for o in outs if isinstance(o, Exception)), None)
+        if failed is not None:
+            status = 400 if isinstance(failed, ValueError) else 500
+            raise HTTPException(status, f"this request failed while sampling: {failed}")
         choices, completion_tokens = [], 0
         for index, c in enumerate(outs):
             text, stopped = cut_at_stop(c.text, stops)
@@ -212,23 +249,73 @@ class DenoiserServer:
     # ------------------------------------------------------------------------------- sampling
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def complete_batch(self, items: list[Item]) -> list[Completion]:
+    async def complete_batch(self, items: list[Item]) -> list[Completion | Exception]:
         self.batch_sizes[len(items)] += 1
         # In a thread, so the replica keeps answering health checks and queueing requests meanwhile.
         return await asyncio.to_thread(self._run_batch, items)
 
-    def _run_batch(self, items: list[Item]) -> list[Completion]:
+    def _run_batch(self, items: list[Item]) -> list[Completion | Exception]:
+        """The batch in one go; if it fails, each item alone, so an item that fails answers with its
+        own error and the others are still answered."""
         with self._model_lock:
-            return complete_ids(self.model, self.tok, [it.prompt_ids for it in items], [it.sample for it in items],
-                                [it.seed for it in items], batch_size=len(items), device=self.device)
+            try:
+                return list(self._complete(items))
+            except Exception:  # noqa: BLE001 - isolated below, item by item
+                if len(items) == 1:
+                    raise
+            out: list[Completion | Exception] = []
+            for it in items:
+                try:
+                    out += self._complete([it])
+                except Exception as exc:  # noqa: BLE001 - answered to that request alone
+                    out.append(exc)
+            return out
 
-    def _generate(self, items: list[Item], on_step: Any = None) -> tuple[list[list[int]], int]:
-        step = None if on_step is None else (lambda i, x: on_step(i, x[0, -items[0].sample.gen_length:].tolist()))
-        with self._model_lock:
-            return generate_rows(self.model, [it.prompt_ids for it in items], items[0].sample,
-                                 seeds=[it.seed for it in items], pad_id=self.tok.pad_id, mask_id=self.tok.mask_id,
-                                 eos_id=self.tok.eos_id, device=self.device, on_step=step,
-                                 vocab_size=self.tok.vocab_size)
+    def _complete(self, items: list[Item]) -> list[Completion]:
+        return complete_ids(self.model, self.tok, [it.prompt_ids for it in items], [it.sample for it in items],
+                            [it.seed for it in items], batch_size=len(items), device=self.device)
+
+    # ------------------------------------------------------------------------------- streaming
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def stream_batch(self, streams: list[Stream]) -> list[None]:
+        """Streams that arrive together share their model calls, as completions do; each gets its
+        own events. Returns when every stream of the batch is finished or gone."""
+        self.stream_batch_sizes[len(streams)] += 1
+        await asyncio.to_thread(self._run_streams, streams)
+        return [None] * len(streams)
+
+    def _run_streams(self, streams: list[Stream]) -> None:
+        groups: dict[str, list[Stream]] = {}
+        for st in streams:
+            groups.setdefault(st.item.sample.model_dump_json(), []).append(st)
+        for group in groups.values():
+            if all(st.gone.is_set() for st in group):
+                continue
+            gen_length = group[0].item.sample.gen_length
+
+            def on_step(i: int, x_BT: torch.Tensor, group: list[Stream] = group,
+                        gen_length: int = gen_length) -> torch.Tensor:
+                self.stream_model_calls += 1
+                canvas = x_BT[:, -gen_length:].tolist()
+                for st, row in zip(group, canvas):
+                    if not st.gone.is_set():
+                        st.send(("step", i, row))
+                # A client that went away stops its row now: no more model calls for it.
+                return torch.tensor([st.gone.is_set() for st in group], device=x_BT.device)
+
+            try:
+                with self._model_lock:
+                    gen, _ = generate_rows(self.model, [st.item.prompt_ids for st in group], group[0].item.sample,
+                                           seeds=[st.item.seed for st in group], pad_id=self.tok.pad_id,
+                                           mask_id=self.tok.mask_id, eos_id=self.tok.eos_id, device=self.device,
+                                           on_step=on_step, vocab_size=self.tok.vocab_size)
+            except Exception as exc:  # noqa: BLE001 - each stream of the group answers with the error
+                for st in group:
+                    st.send(("error", exc))
+                continue
+            for st, ids in zip(group, gen):
+                st.send(("done", ids))
 
     def render(self, gen_ids: list[int]) -> str:
         """The canvas as text, each still-masked position shown as MASK_GLYPH."""
@@ -242,14 +329,11 @@ class DenoiserServer:
         return "".join(parts) + self.tok.decode(run)
 
     async def _stream(self, rid: str, item: Item, stops: list[str]) -> AsyncIterator[str]:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-
-        def on_step(i: int, gen_ids: list[int]) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, (i, gen_ids))
-
-        task = loop.run_in_executor(None, self._generate, [item], on_step)
-        task.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, None))
+        stream = Stream(item, asyncio.Queue(), asyncio.get_running_loop())
+        # The batch runs on its own: it outlives this request if the client goes, for the others in it.
+        batch = asyncio.ensure_future(self.stream_batch(stream))
+        self._stream_tasks.add(batch)
+        batch.add_done_callback(self._stream_tasks.discard)
 
         def event(text: str, step: int, gen_ids: list[int], finish: str | None) -> str:
             masked = sum(t == self.tok.mask_id for t in gen_ids)
@@ -258,15 +342,30 @@ class DenoiserServer:
                 "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
                 "step": step, "num_masked": masked, "num_unmasked": len(gen_ids) - masked}) + "\n\n"
 
-        while (msg := await queue.get()) is not None:
-            i, gen_ids = msg
-            yield event(self.render(gen_ids), i, gen_ids, None)
-        (final_ids,), _ = await task
-        tokens = trim_after_eos(final_ids, self.tok.eos_id)
-        text, stopped = cut_at_stop(self.tok.decode(tokens), stops)
-        finish = "stop" if stopped or len(tokens) < len(final_ids) else "length"
-        yield event(text, item.sample.steps, final_ids, finish)
-        yield "data: [DONE]\n\n"
+        try:
+            while True:
+                kind, *msg = await stream.events.get()
+                if kind == "step":
+                    i, gen_ids = msg
+                    yield event(self.render(gen_ids), i, gen_ids, None)
+                    continue
+                if kind == "error":
+                    body = {"error": {"message": f"this request failed while sampling: {msg[0]}",
+                                      "type": "server_error", "param": None, "code": None}}
+                    yield "data: " + json.dumps(body) + "\n\n"
+                    break
+                (final_ids,) = msg
+                tokens = trim_after_eos(final_ids, self.tok.eos_id)
+                text, stopped = cut_at_stop(self.tok.decode(tokens), stops)
+                finish = "stop" if stopped or len(tokens) < len(final_ids) else "length"
+                yield event(text, item.sample.steps, final_ids, finish)
+                break
+            yield "data: [DONE]\n\n"
+        finally:
+            # Finished, or the client went away (the generator is cancelled): either way its row
+            # stops at the next step. The batch goes on for the other streams in it.
+            stream.gone.set()
+            self.active_streams = max(0, self.active_streams - 1)
 
     def check_health(self) -> None:
         """Serve's periodic probe: the weights are still on the device and the model answers."""

@@ -185,3 +185,18 @@ def test_prompt_source_ids_and_builtin(prompts, checkpoint, tmp_path):
         PromptSource(cfg.model_copy(update={"input": "builtin:many"}))
     with pytest.raises(FileNotFoundError):
         PromptSource(cfg.model_copy(update={"input": str(tmp_path / "missing")}))
+
+
+@pytest.mark.parametrize("override,fragment", [
+    ({"seed": True}, "seed"), ({"steps": True}, "steps"), ({"steps": "8"}, "steps"),
+    ({"temperature": float("inf")}, "temperature"), ({"cfg_scale": 1e308}, "cfg_scale"),
+    ({"threshold": float("inf")}, "threshold"), ({"steps": 10**7}, "steps"), ({"stop_at_eos": 1}, "stop_at_eos"),
+])
+def test_row_overrides_are_strict_finite_and_bounded(override, fragment):
+    from dlm_ray.prompts import resolve_row
+
+    defaults = SampleConfig(gen_length=24, steps=24, block_length=24)
+    with pytest.raises(ValueError, match=fragment):
+        resolve_row(json.dumps(override), defaults)
+    ok, seed = resolve_row(json.dumps({"temperature": 1, "seed": 7}), defaults)  # an int for a float is fine
+    assert ok.temperature == 1.0 and seed == 7

@@ -199,3 +199,20 @@ class _MaskText:
 
     def encode(self, text):
         return [MASK]
+
+
+def test_rows_stopped_by_the_step_callback_leave_the_model_calls(model):
+    seen_rows = []
+
+    def counted(x, attention_mask=None):
+        seen_rows.append(x.shape[0])
+        return model(x, attention_mask)
+
+    cfg = SampleConfig(gen_length=16, steps=16, block_length=16)
+    prompts = torch.tensor([[EOS, 65, 66], [EOS, 67, 68]])
+    alone = generate(model, prompts[1:], cfg, mask_id=MASK)
+    x = generate(counted, prompts, cfg, mask_id=MASK, eos_id=EOS,
+                 on_step=lambda i, x: torch.tensor([i == 2, False]))  # row 0 goes away after step 3
+    assert seen_rows[:3] == [2, 2, 2] and set(seen_rows[3:]) == {1} and len(seen_rows) == 16
+    assert (x[0, 3:] != MASK).all() and (x[0, 3:] == EOS).sum() >= 16 - 3
+    assert torch.equal(x[1], alone[0])  # the other row is untouched

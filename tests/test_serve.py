@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import time
 
 import httpx
 import pytest
@@ -41,6 +42,12 @@ def server(ray_cluster, tmp_path_factory, tiny_cfg):
     small = {**args, "max_ongoing_requests": 1, "max_queued_requests": 1, "max_batch_size": 1,
              "sample": {"gen_length": 96, "steps": 96, "block_length": 96}}
     serve.run(build_app(small), name="small", route_prefix="/small")
+    # A model big enough that a long stream takes seconds: time for a client to go away mid-way.
+    big_cfg = tiny_cfg.model_copy(update={"d_model": 256, "n_layers": 4, "d_mlp": 768, "max_seq_len": 1024})
+    big_ckpt = save_inference(Denoiser(big_cfg).eval(), {"kind": "byte"}, tmp_path_factory.mktemp("big_ckpt"))
+    big = {**args, "checkpoint": str(big_ckpt), "num_cpus": 0.5,
+           "sample": {"gen_length": 768, "steps": 768, "block_length": 768}}
+    serve.run(build_app(big), name="big", route_prefix="/big")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
 
@@ -99,6 +106,49 @@ def test_stream_sharpens_step_by_step_and_ends_with_the_text(server):
     assert chunks[-1]["choices"][0]["text"] == plain["choices"][0]["text"]
 
 
+def test_a_dropped_stream_stops_its_model_calls(server):
+    stats = lambda: httpx.get(f"{server}/big/v1/stats", timeout=30).json()  # noqa: E731
+    before = stats()["stream_model_calls"]
+    body = {"model": MODEL, "prompt": "s1=", "seed": 1, "stream": True}
+    with httpx.stream("POST", f"{server}/big/v1/completions", json=body, timeout=120) as r:
+        first = next(line for line in r.iter_lines() if line.startswith("data: "))
+    assert json.loads(first[6:])["step"] == 0
+    # The client is gone: the replica stops that row at its next step, far short of 768 calls.
+    deadline = time.time() + 30
+    while time.time() < deadline and stats()["active_streams"]:
+        time.sleep(0.2)
+    time.sleep(1)  # the step already running when the client went finishes
+    settled = stats()["stream_model_calls"]
+    time.sleep(2)
+    after = stats()
+    print(f"model calls made for the dropped stream: {after['stream_model_calls'] - before} of 768")
+    assert after["active_streams"] == 0 and after["stream_model_calls"] == settled
+    assert after["stream_model_calls"] - before < 768 // 2
+
+
+def test_concurrent_streams_share_model_calls_and_each_ends_as_if_alone(server):
+    async def fire() -> list[list[dict]]:
+        async def one(k: int) -> list[dict]:
+            body = {"model": MODEL, "prompt": f"s{k}=", "max_tokens": 16, "steps": 8, "seed": k, "stream": True}
+            events = []
+            async with client.stream("POST", f"{server}/v1/completions", json=body) as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        events.append(json.loads(line[6:]))
+            return events
+
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(*(one(k) for k in range(12)))
+
+    streams = asyncio.run(fire())
+    sizes = httpx.get(f"{server}/v1/stats").json()["stream_batch_sizes"]
+    assert max(int(k) for k in sizes) > 1, sizes  # streams met in one batch
+    for k in (0, 5, 11):
+        plain = complete(server, prompt=f"s{k}=", max_tokens=16, steps=8, seed=k).json()
+        assert streams[k][-1]["choices"][0]["text"] == plain["choices"][0]["text"]
+        assert len(streams[k]) == 9
+
+
 def test_openai_client(server):
     import openai
 
@@ -128,16 +178,95 @@ BAD = [
     ({"prompt": "s1=", "temprature": 1}, 400, "temprature"),
     ({"prompt": ["a", "b"], "stream": True}, 400, "stream supports one prompt"),
     ({"prompt": "s1=", "model": "other"}, 404, "not served here"),
+    ({"prompt": "\ud800"}, 400, "not valid Unicode"),
+    ({"prompt": "s1=", "steps": 2**40}, 400, "steps"),
+    ({"prompt": "s1=", "steps": 2**63}, 400, "steps"),
+    ({"prompt": "s1=", "max_tokens": 8, "steps": 10**7}, 400, "steps"),
+    ({"prompt": "s1=", "max_tokens": 8, "steps": 16}, 400, "exceeds gen_length"),
+    ({"prompt": "s1=", "block_length": 2**40}, 400, "block_length"),
+    ({"prompt": "s1=", "temperature": 1e308}, 400, "temperature"),
+    ({"prompt": "s1=", "temperature": 3}, 400, "temperature"),
+    ({"prompt": "s1=", "cfg_scale": 1e308}, 400, "cfg_scale"),
+    ({"prompt": "s1=", "stream": "yes"}, 400, "stream"),
+    ({"prompt": "s1=", "stream": 1}, 400, "stream"),
+    ({"prompt": "s1=", "seed": True}, 400, "seed"),
+    ({"prompt": "s1=", "max_tokens": "8"}, 400, "max_tokens"),
 ]
 
 
 @pytest.mark.parametrize("body,status,fragment", BAD)
 def test_bad_requests_get_4xx_json_and_the_service_stays_up(server, body, status, fragment):
-    r = httpx.post(f"{server}/v1/completions", json={"model": MODEL, **body}, timeout=60)
+    # json.dumps escapes a lone surrogate as \ud800, which httpx's own encoder refuses to send.
+    r = httpx.post(f"{server}/v1/completions", content=json.dumps({"model": MODEL, **body}).encode(),
+                   headers={"content-type": "application/json"}, timeout=60)
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert fragment in err["message"] and err["type"] == "invalid_request_error"
     assert complete(server, prompt="s1=", max_tokens=8, steps=4).status_code == 200
+
+
+@pytest.mark.parametrize("text", ['{"model": "dlm-test", "prompt": "s1=", "temperature": Infinity}',
+                                  '{"model": "dlm-test", "prompt": "s1=", "threshold": Infinity}',
+                                  '{"model": "dlm-test", "prompt": "s1=", "factor": NaN}'])
+def test_non_finite_numbers_are_refused(server, text):
+    r = httpx.post(f"{server}/v1/completions", content=text.encode(), headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
+
+
+def test_unknown_paths_and_methods_answer_in_the_same_error_body(server):
+    r = httpx.get(f"{server}/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    r = httpx.get(f"{server}/v1/completions")
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_a_poison_request_fails_alone(server):
+    async def fire() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            good = [client.post(f"{server}/v1/completions", json={"model": MODEL, "prompt": f"s{i}=", "seed": i})
+                    for i in range(8)]
+            poison = client.post(f"{server}/v1/completions", json={"model": MODEL, "prompt": "s1=", "steps": 2**63})
+            return await asyncio.gather(poison, *good)
+
+    poison, *good = asyncio.run(fire())
+    assert poison.status_code == 400 and "steps" in poison.json()["error"]["message"]
+    assert [r.status_code for r in good] == [200] * 8
+
+
+def _hostile_bodies(rng) -> list:
+    """Bodies of every kind a hostile client sends: wrong types, out-of-range and non-finite numbers,
+    huge integers, odd strings, unknown fields, wrong shapes."""
+    values = [None, True, False, 0, -1, 1, 2**31, 2**40, 2**63, 2**64, -2**63, 1e308, -1e308, 0.5, "", "x", "yes",
+              "\ud800", "\x00", "s1=" * 100, [], ["s1="], [1, 2], {}, {"a": 1}, "Infinity", 3.14]
+    fields = ["prompt", "max_tokens", "temperature", "n", "seed", "stop", "stream", "steps", "block_length",
+              "remasking", "cfg_scale", "threshold", "factor", "cache", "model", "user", "logprobs", "echo"]
+    out: list = [None, [], "just text", 5, [{"model": MODEL}]]
+    out += [{"model": MODEL, "prompt": "s1=", f: v} for f in fields for v in values]  # every value in every field
+    while len(out) < 1000:
+        body = {"model": MODEL, "prompt": "s1="}
+        for _ in range(rng.randint(1, 3)):
+            body[rng.choice(fields)] = rng.choice(values)
+        out.append(body)
+    return out
+
+
+def test_fuzzed_requests_get_4xx_json_never_5xx(server):
+    import random
+
+    rng = random.Random(1234)
+    counts: dict[int, int] = {}
+    with httpx.Client(timeout=120) as client:
+        for k, body in enumerate(_hostile_bodies(rng)):
+            r = client.post(f"{server}/v1/completions", content=json.dumps(body).encode(),
+                            headers={"content-type": "application/json"})
+            counts[r.status_code] = counts.get(r.status_code, 0) + 1
+            assert r.status_code < 500, (body, r.text)
+            if r.status_code != 200:
+                assert "message" in r.json()["error"], (body, r.text)
+            if k % 100 == 99:
+                assert complete(server, prompt="s1=", max_tokens=8, steps=4).status_code == 200
+    print(f"fuzz: {sum(counts.values())} requests, by status {dict(sorted(counts.items()))}")
+    assert counts.get(400, 0) > 700
 
 
 def test_malformed_json_and_health(server):
