@@ -23,7 +23,8 @@ import time
 import numpy as np
 import torch
 
-from dlm_ray.config import DiffusionConfig, ModelConfig, PretrainConfig, load_config
+from dlm_ray.config import DiffusionConfig, ModelConfig, PretrainConfig
+from dlm_ray.config_io import load_config
 from dlm_ray.diffusion import diffusion_loss, mask_rows
 from dlm_ray.model import Denoiser, flops_per_token
 

@@ -15,7 +15,8 @@ import json
 
 import ray
 
-from dlm_ray.config import PretrainConfig, parse_job_args
+from dlm_ray.config import PretrainConfig
+from dlm_ray.config_io import parse_job_args
 from dlm_ray.data import prepare
 from dlm_ray.runtime import init_ray
 

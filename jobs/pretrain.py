@@ -15,7 +15,8 @@ import time
 import torch
 
 from dlm_ray.checkpoint import export, load_inference, run_dir
-from dlm_ray.config import PretrainConfig, parse_job_args
+from dlm_ray.config import PretrainConfig
+from dlm_ray.config_io import parse_job_args
 from dlm_ray.evaluate import score
 from dlm_ray.metrics import write_summary
 from dlm_ray.model import Denoiser, num_params

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from dlm_ray.checkpoint import CheckpointError, export, load_inference, load_training, save_inference, save_training
-from dlm_ray.config import PretrainConfig, load_config
+from dlm_ray.config import PretrainConfig
+from dlm_ray.config_io import load_config
 from dlm_ray.model import Denoiser
 from dlm_ray.train import deepspeed_config
 

@@ -16,7 +16,8 @@ import pytest
 import ray
 import yaml
 
-from dlm_ray.config import Config, GenerateConfig, PretrainConfig, ServeConfig, load_config
+from dlm_ray.config import Config, GenerateConfig, PretrainConfig, ServeConfig
+from dlm_ray.config_io import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 KUBERAY = sorted((ROOT / "cluster" / "kuberay").glob("*.yaml"))

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from dlm_ray.config import (
-    ConfigError, GenerateConfig, ModelConfig, PretrainConfig, SampleConfig, load_config, parse_job_args,
-    parse_overrides,
-)
+from dlm_ray.config import GenerateConfig, ModelConfig, PretrainConfig, SampleConfig
+from dlm_ray.config_io import ConfigError, load_config, parse_job_args, parse_overrides
 
 
 def test_overrides_keep_types_and_nest():

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from dlm_ray.checkpoint import save_inference
-from dlm_ray.config import ConfigError, GenerateConfig, SampleConfig, load_config
+from dlm_ray.config import GenerateConfig, SampleConfig
+from dlm_ray.config_io import ConfigError, load_config
 from dlm_ray.generate import CHECKPOINT_DIR, OUTPUT_SCHEMA, check_output, run
 from dlm_ray.model import Denoiser
 from dlm_ray.prompts import PromptSource, row_seed

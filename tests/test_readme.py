@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from dlm_ray.config import GenerateConfig, PretrainConfig, parse_job_args
+from dlm_ray.config import GenerateConfig, PretrainConfig
+from dlm_ray.config_io import parse_job_args
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", ROOT / "cluster" / "README.md"]

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from dlm_ray.checkpoint import CheckpointError, export, latest_checkpoint, load_inference, run_dir
-from dlm_ray.config import ConfigError, PretrainConfig, load_config
+from dlm_ray.config import PretrainConfig
+from dlm_ray.config_io import ConfigError, load_config
 from dlm_ray.metrics import read_metrics, write_summary
 from dlm_ray.train import fit
 
