@@ -76,9 +76,20 @@ async def load(url: str, model: str, prompts: list[str], concurrency: int, total
             "errors": sum(c != 200 for c in codes), "n": len(codes)}
 
 
-def batch_sizes(url: str) -> dict[int, int]:
-    """The replica's histogram of batch sizes so far (``/v1/stats``)."""
-    return {int(k): v for k, v in httpx.get(f"{url}/v1/stats").json()["batch_sizes"].items()}
+def batch_sizes(url: str, replicas: int = 1) -> dict[int, int]:
+    """Batch sizes so far, summed over the replicas: ``/v1/stats`` answers from one replica at a time,
+    so it is asked until ``replicas`` distinct ones have answered (or 200 tries)."""
+    seen: dict[str, dict[int, int]] = {}
+    for _ in range(200):
+        body = httpx.get(f"{url}/v1/stats").json()
+        seen[body["replica"]] = {int(k): v for k, v in body["batch_sizes"].items()}
+        if len(seen) >= replicas:
+            break
+    total: dict[int, int] = {}
+    for hist in seen.values():
+        for k, v in hist.items():
+            total[k] = total.get(k, 0) + v
+    return total
 
 
 def main() -> None:
@@ -89,6 +100,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads in the replica")
     ap.add_argument("--wait", type=float, default=0.02, help="batch_wait_timeout_s of the batched deployment")
     ap.add_argument("--dtype", default="auto", help="the replica's dtype (auto: float32 on CPU)")
+    ap.add_argument("--replicas", type=int, default=1, help="replicas of each deployment (fixed, no autoscaling)")
     args = ap.parse_args()
     checkpoint = args.checkpoint
     if checkpoint is None:
@@ -108,19 +120,21 @@ def main() -> None:
         serve.run(build_app({"checkpoint": checkpoint, "model_name": "bench", "max_batch_size": batch,
                              "batch_wait_timeout_s": args.wait if batch > 1 else 0.0, "torch_threads": args.threads,
                              "dtype": args.dtype,
-                             "autoscaling": {"min_replicas": 1, "max_replicas": 1}}), name="bench", route_prefix="/")
+                             "num_cpus": 1 / args.replicas,
+                             "autoscaling": {"min_replicas": args.replicas, "max_replicas": args.replicas}}),
+                  name="bench", route_prefix="/")
         for c in (1, 8, 32):
-            before = batch_sizes(url)
+            before = batch_sizes(url, args.replicas)
             table[(batch, c)] = asyncio.run(load(url, "bench", prompts, c, max(args.requests, 2 * c)))
-            after = batch_sizes(url)
+            after = batch_sizes(url, args.replicas)
             n = {k: after[k] - before.get(k, 0) for k in after}
             table[(batch, c)]["mean_batch"] = sum(k * v for k, v in n.items()) / max(1, sum(n.values()))
         serve.delete("bench")
     serve.shutdown()
     ray.shutdown()
 
-    print(f"\ntiny model, 1 replica ({args.threads} torch thread, dtype {args.dtype}), max_tokens {MAX_TOKENS} in "
-          f"{MAX_TOKENS} steps, {args.requests}+ requests per cell\n")
+    print(f"\ntiny model, {args.replicas} replica(s) ({args.threads} torch thread, dtype {args.dtype}), "
+          f"max_tokens {MAX_TOKENS} in {MAX_TOKENS} steps, {args.requests}+ requests per cell\n")
     print("| max_batch_size | concurrency | req/s | p50 s | p99 s | non-200 | mean batch |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for (batch, c), r in table.items():

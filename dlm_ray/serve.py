@@ -164,6 +164,8 @@ class DenoiserServer:
         self.active_streams = 0
         self._stream_tasks: set[asyncio.Future] = set()
         self.created = int(time.time())
+        # Which replica answers /v1/stats: each keeps its own counts, and a load spreads over several.
+        self.replica = serve.get_replica_context().replica_id.unique_id
         self._model_lock = threading.Lock()  # streams and batches take turns on the model
         self.complete_batch.set_max_batch_size(c.max_batch_size)
         self.complete_batch.set_batch_wait_timeout_s(c.batch_wait_timeout_s)
@@ -185,7 +187,8 @@ class DenoiserServer:
     async def stats(self) -> dict[str, Any]:
         """How requests were batched on this replica ({batch size: number of batches}, for completions
         and for streams), the model calls streams made, and the streams now open."""
-        return {"batch_sizes": dict(sorted(self.batch_sizes.items())), "max_batch_size": self.cfg.max_batch_size,
+        return {"replica": self.replica, "batch_sizes": dict(sorted(self.batch_sizes.items())),
+                "max_batch_size": self.cfg.max_batch_size,
                 "stream_batch_sizes": dict(sorted(self.stream_batch_sizes.items())),
                 "stream_model_calls": self.stream_model_calls, "active_streams": self.active_streams}
 
