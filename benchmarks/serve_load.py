@@ -98,7 +98,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=96)
     ap.add_argument("--batch", type=int, default=32, help="max_batch_size of the batched deployment")
     ap.add_argument("--threads", type=int, default=1, help="torch threads in the replica")
-    ap.add_argument("--wait", type=float, default=0.02, help="batch_wait_timeout_s of the batched deployment")
+    ap.add_argument("--wait", type=float, default=0.05, help="batch_wait_timeout_s of the batched deployment")
     ap.add_argument("--dtype", default="auto", help="the replica's dtype (auto: float32 on CPU)")
     ap.add_argument("--replicas", type=int, default=1, help="replicas of each deployment (fixed, no autoscaling)")
     args = ap.parse_args()

@@ -380,7 +380,9 @@ class ServeConfig(Config):
     # Defaults for fields a request leaves out; max_tokens sets gen_length.
     sample: SampleConfig = Field(default_factory=lambda: SampleConfig(gen_length=24, steps=24, block_length=24))
     max_batch_size: int = Field(16, gt=0)
-    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    # How long a batch waits for more requests once one arrives. On 2 CPU cores 0.01 s fired before the
+    # replica had parsed the next requests (mean batch 3.5 of 16 at 32 clients); 0.05 s gave 15.3.
+    batch_wait_timeout_s: float = Field(0.05, ge=0)
     max_n: int = Field(8, gt=0)  # completions per prompt
     max_prompts: int = Field(32, gt=0)  # prompts per request
     max_ongoing_requests: int = Field(64, gt=0)  # per replica; beyond it requests queue
