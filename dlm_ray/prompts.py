@@ -30,8 +30,13 @@ from dlm_ray.sources import BadInputError, file_format, filesystem_for, iter_lin
 
 # Per-row sampler overrides: input columns with these names, when present and not null.
 OVERRIDE_FIELDS = (*SampleConfig.model_fields, "seed")
-ROWS_PER_BLOCK = 1024
 BUILTIN_SHARD = 500
+
+
+def rows_per_block(cfg: GenerateConfig) -> int:
+    """Rows per block on their way to the model: one actor call's worth (``generate.build_dataset``
+    re-forms the blocks to this size after the read and the checkpoint filter)."""
+    return cfg.batch_size * cfg.group_batches
 
 READ_SCHEMA = pa.schema([("id", pa.string()), ("where", pa.string()), ("prompt", pa.string()),
                          ("overrides", pa.string()), ("error", pa.string())])
@@ -97,14 +102,14 @@ def _read_file(uri: str, name: str, fmt: str, cfg: GenerateConfig) -> Iterator[p
         record = record or {}
         overrides = {k: record.get(k) for k in OVERRIDE_FIELDS}
         rows.append(_row(id_, where, record.get(cfg.prompt_column), overrides, error))
-        if len(rows) == ROWS_PER_BLOCK:
+        if len(rows) == rows_per_block(cfg):
             yield _rows_to_table(rows)
             rows = []
     if rows:
         yield _rows_to_table(rows)
 
 
-def _read_builtin(start: int, stop: int, families: dict[str, float]) -> Iterator[pa.Table]:
+def _read_builtin(start: int, stop: int, families: dict[str, float], block: int) -> Iterator[pa.Table]:
     stream = iter_examples(families, seed=HELDOUT_SEED, split="heldout")
     rows = []
     for k, (index, ex) in enumerate(stream):
@@ -112,7 +117,11 @@ def _read_builtin(start: int, stop: int, families: dict[str, float]) -> Iterator
             break
         if k >= start:
             rows.append(_row(f"builtin:{index}", f"builtin prompt {k} ({ex.family})", ex.prompt, {}, None))
-    yield _rows_to_table(rows)
+            if len(rows) == block:
+                yield _rows_to_table(rows)
+                rows = []
+    if rows:
+        yield _rows_to_table(rows)
 
 
 def builtin_count(spec: str) -> int | None:
@@ -148,12 +157,20 @@ class PromptSource(Datasource):
     def estimate_inmemory_data_size(self) -> int | None:
         return None
 
+    def num_read_tasks(self) -> int:
+        """One read task per file (or built-in shard): pass it as ``override_num_blocks`` so that
+        Ray Data does not split the blocks further to reach its default parallelism."""
+        if self.num_builtin is not None:
+            return -(-self.num_builtin // BUILTIN_SHARD)
+        return len(self.files)
+
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context: Any = None) -> list[ReadTask]:
         cfg = self.cfg
         if self.num_builtin is not None:
             families = CorpusConfig().families
-            return [ReadTask(lambda s=s: _read_builtin(s, min(s + BUILTIN_SHARD, self.num_builtin), families),
+            block = rows_per_block(cfg)
+            return [ReadTask(lambda s=s: _read_builtin(s, min(s + BUILTIN_SHARD, self.num_builtin), families, block),
                              _meta(min(BUILTIN_SHARD, self.num_builtin - s), None), READ_SCHEMA)
                     for s in range(0, self.num_builtin, BUILTIN_SHARD)]
         return [ReadTask(lambda u=uri, n=name, f=fmt: _read_file(u, n, f, cfg), _meta(None, uri), READ_SCHEMA)
