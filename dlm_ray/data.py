@@ -32,7 +32,6 @@ import numpy as np
 import ray
 
 from dlm_ray.config import DataConfig, DiffusionConfig
-from dlm_ray.diffusion import mask_rows
 from dlm_ray.packing import Packer, stable_id
 from dlm_ray.sources import BadInputError, filesystem_for, iter_documents, resolve_items
 from dlm_ray.tokenizer import load_tokenizer
@@ -61,7 +60,6 @@ class DataPosition:
         return cls(int(e[k]), int(i[k]), int(r[k]) + 1)
 
 
-
 @ray.remote(num_cpus=0)
 class PipelineStats:
     """Counts what the pipeline read, skipped (by reason) and wrote, across all its actors."""
@@ -76,7 +74,7 @@ class PipelineStats:
         return dict(self.counts)
 
 
-# -------------------------------------------------------------------------------------------- pack
+# ------------------------------------------------------------------------------------- pack + mask
 
 
 def _to_numpy(column: Any) -> np.ndarray:
@@ -97,6 +95,11 @@ class TokenizePack:
         self.tok = load_tokenizer(tokenizer_cfg)
         self.stats = stats
         self.diffusion = None if diffusion is None else DiffusionConfig.model_validate(diffusion)
+        if self.diffusion is not None:
+            # Imported only when masking: the actors of a pack-only pipeline (prepare) never load torch.
+            from dlm_ray.diffusion import mask_rows
+
+            self.mask_rows = mask_rows
         self.strata = strata
         self.forbidden = np.asarray(sorted({self.tok.mask_id, self.tok.pad_id}))
 
@@ -117,7 +120,7 @@ class TokenizePack:
                 if not self.cfg.document_ids:
                     rows.pop("doc_ids", None)  # a quarter of the bytes per row, unused unless asked for
                 if self.diffusion is not None:
-                    rows = mask_rows(rows, self.diffusion, seed=self.cfg.seed, mask_id=self.tok.mask_id,
+                    rows = self.mask_rows(rows, self.diffusion, seed=self.cfg.seed, mask_id=self.tok.mask_id,
                                      item_id=stable_id(item["key"]), strata=self.strata)
                 yield rows
             self.stats.add.remote({"resume.rows_passed_over": skipped})

@@ -31,8 +31,8 @@ from ray.data.checkpoint import CheckpointConfig
 from dlm_ray.checkpoint import checkpoint_hash, inference_placement, load_inference, read_inference_config
 from dlm_ray.config import GenerateConfig, ModelConfig, SampleConfig
 from dlm_ray.corpus import check_answer
-from dlm_ray.prompts import PromptSource, builtin_count, prepare_batch, rows_per_block
 from dlm_ray.inference import complete_ids
+from dlm_ray.prompts import PromptSource, builtin_count, prepare_batch
 from dlm_ray.runtime import pace_scheduling
 from dlm_ray.sources import filesystem_for
 
@@ -136,7 +136,7 @@ def build_dataset(cfg: GenerateConfig, ckpt_hash: str) -> ray.data.Dataset:
     # on past the checkpoint filter and fed the model one-row blocks (4x slower end to end). Instead the
     # rows (what the filter left) are re-formed into blocks of one actor call's worth.
     ds = ray.data.read_datasource(source, override_num_blocks=source.num_read_tasks())
-    ds = ds.repartition(target_num_rows_per_block=rows_per_block(cfg))
+    ds = ds.repartition(target_num_rows_per_block=cfg.batch_size * cfg.group_batches)
     ds = ds.map_batches(prepare_batch, batch_format="pyarrow", batch_size=cfg.batch_size * cfg.group_batches,
                         fn_kwargs={"cfg": cfg, "tokenizer": tokenizer, "max_seq_len": max_seq_len})
     lo, hi = cfg.actors

@@ -41,6 +41,13 @@ class Completion:
         return len(self.ids) < self.num_generated
 
 
+def finish(tok: Tok, generated: list[int], num_model_calls: int) -> Completion:
+    """The generated ids of one row (EOS padding included) as a completion: cut at the first EOS,
+    decoded."""
+    ids = trim_after_eos(generated, tok.eos_id)
+    return Completion(tok.decode(ids), ids, len(generated), num_model_calls)
+
+
 def encode_prompt(tok: Tok, text: str, *, prepend_eos: bool = True) -> list[int]:
     """The ids of a prompt; a prompt that is not valid Unicode (a lone surrogate) or that encodes to
     the mask or pad token is refused."""
@@ -65,11 +72,7 @@ def complete_ids(model: ModelFn, tok: Tok, prompt_ids: Sequence[list[int]], samp
     results = generate_many(model, list(prompt_ids), per_row, seeds=list(seeds), batch_size=batch_size,
                             pad_id=tok.pad_id, mask_id=tok.mask_id, eos_id=tok.eos_id, device=device,
                             vocab_size=tok.vocab_size)
-    out = []
-    for gen, calls in results:
-        ids = trim_after_eos(gen, tok.eos_id)
-        out.append(Completion(tok.decode(ids), ids, len(gen), calls))
-    return out
+    return [finish(tok, gen, calls) for gen, calls in results]
 
 
 def complete_texts(model: ModelFn, tok: Tok, prompts: Sequence[str], cfg: SampleConfig | Sequence[SampleConfig],

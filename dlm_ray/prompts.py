@@ -30,13 +30,8 @@ from dlm_ray.sources import BadInputError, file_format, filesystem_for, iter_lin
 
 # Per-row sampler overrides: input columns with these names, when present and not null.
 OVERRIDE_FIELDS = (*SampleConfig.model_fields, "seed")
+ROWS_PER_BLOCK = 1024  # read granularity only: build_dataset re-forms blocks for the model
 BUILTIN_SHARD = 500
-
-
-def rows_per_block(cfg: GenerateConfig) -> int:
-    """Rows per block on their way to the model: one actor call's worth (``generate.build_dataset``
-    re-forms the blocks to this size after the read and the checkpoint filter)."""
-    return cfg.batch_size * cfg.group_batches
 
 READ_SCHEMA = pa.schema([("id", pa.string()), ("where", pa.string()), ("prompt", pa.string()),
                          ("overrides", pa.string()), ("error", pa.string())])
@@ -102,14 +97,14 @@ def _read_file(uri: str, name: str, fmt: str, cfg: GenerateConfig) -> Iterator[p
         record = record or {}
         overrides = {k: record.get(k) for k in OVERRIDE_FIELDS}
         rows.append(_row(id_, where, record.get(cfg.prompt_column), overrides, error))
-        if len(rows) == rows_per_block(cfg):
+        if len(rows) == ROWS_PER_BLOCK:
             yield _rows_to_table(rows)
             rows = []
     if rows:
         yield _rows_to_table(rows)
 
 
-def _read_builtin(start: int, stop: int, families: dict[str, float], block: int) -> Iterator[pa.Table]:
+def _read_builtin(start: int, stop: int, families: dict[str, float]) -> Iterator[pa.Table]:
     stream = iter_examples(families, seed=HELDOUT_SEED, split="heldout")
     rows = []
     for k, (index, ex) in enumerate(stream):
@@ -117,11 +112,7 @@ def _read_builtin(start: int, stop: int, families: dict[str, float], block: int)
             break
         if k >= start:
             rows.append(_row(f"builtin:{index}", f"builtin prompt {k} ({ex.family})", ex.prompt, {}, None))
-            if len(rows) == block:
-                yield _rows_to_table(rows)
-                rows = []
-    if rows:
-        yield _rows_to_table(rows)
+    yield _rows_to_table(rows)
 
 
 def builtin_count(spec: str) -> int | None:
@@ -169,8 +160,7 @@ class PromptSource(Datasource):
         cfg = self.cfg
         if self.num_builtin is not None:
             families = CorpusConfig().families
-            block = rows_per_block(cfg)
-            return [ReadTask(lambda s=s: _read_builtin(s, min(s + BUILTIN_SHARD, self.num_builtin), families, block),
+            return [ReadTask(lambda s=s: _read_builtin(s, min(s + BUILTIN_SHARD, self.num_builtin), families),
                              _meta(min(BUILTIN_SHARD, self.num_builtin - s), None), READ_SCHEMA)
                     for s in range(0, self.num_builtin, BUILTIN_SHARD)]
         return [ReadTask(lambda u=uri, n=name, f=fmt: _read_file(u, n, f, cfg), _meta(None, uri), READ_SCHEMA)

@@ -36,8 +36,8 @@ from ray import serve
 
 from dlm_ray.checkpoint import inference_placement, load_inference
 from dlm_ray.config import MAX_CFG_SCALE, SampleConfig, ServeConfig
-from dlm_ray.inference import Completion, PromptError, complete_ids, encode_prompt
-from dlm_ray.sampling import generate_rows, trim_after_eos
+from dlm_ray.inference import Completion, PromptError, complete_ids, encode_prompt, finish
+from dlm_ray.sampling import generate_rows
 
 MASK_GLYPH = "_"
 MAX_INT = 2**31 - 1  # no integer setting comes near it; larger ones would overflow tensor sizes
@@ -358,10 +358,10 @@ class DenoiserServer:
                     yield "data: " + json.dumps(body) + "\n\n"
                     break
                 (final_ids,) = msg
-                tokens = trim_after_eos(final_ids, self.tok.eos_id)
-                text, stopped = cut_at_stop(self.tok.decode(tokens), stops)
-                finish = "stop" if stopped or len(tokens) < len(final_ids) else "length"
-                yield event(text, item.sample.steps, final_ids, finish)
+                done = finish(self.tok, final_ids, 0)
+                text, stopped = cut_at_stop(done.text, stops)
+                reason = "stop" if stopped or done.finished else "length"
+                yield event(text, item.sample.steps, final_ids, reason)
                 break
             yield "data: [DONE]\n\n"
         finally:
