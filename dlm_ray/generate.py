@@ -1,11 +1,14 @@
 """Batch generation: prompts in, a Parquet dataset of completions out, every id exactly once.
 
-    read prompts (PromptSource) → [checkpoint filter] → prepare_batch (tokenize, check, settings)
+    read prompts (PromptSource, finished ids left out) → prepare_batch (tokenize, check, settings)
       → Completer actors (ActorPoolStrategy; the checkpoint loaded once per actor) → write_parquet
 
 Exactly once comes from Ray Data's row-level checkpointing: each written block also records its
-ids under ``<output>/_checkpoint``; a rerun with the same output filters those ids right after the
-read and deletes data files whose block never got its checkpoint (a kill between the two writes).
+ids under ``<output>/_checkpoint`` (written pending, committed after the data file). A rerun with
+the same output first deletes data files whose block never got its committed checkpoint (a kill
+between the two writes), then the read tasks leave out the committed ids. Ray Data's own filter
+stage is not used: it is an actor pool holding a CPU and 1 GiB for the whole job, which on a small
+node took the place of a generation actor, for a set lookup the read task does at no cost.
 The checkpoint is kept after success, so a rerun of a finished job writes nothing, and a rerun over
 a grown input generates only the new ids. ``<output>/_job.json`` pins the settings an output was
 made with; resuming with other settings is refused rather than mixing two kinds of rows.
@@ -16,17 +19,18 @@ seed, sample (the row's sampler settings as JSON), checkpoint (hash), source (fi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy, DataContext
-from ray.data.checkpoint import CheckpointConfig
+from ray.data.checkpoint import CheckpointConfig, IdColumnCheckpointManager
 
 from dlm_ray.checkpoint import checkpoint_hash, inference_placement, load_inference, read_inference_config
 from dlm_ray.config import GenerateConfig, ModelConfig, SampleConfig
@@ -45,6 +49,7 @@ OUTPUT_SCHEMA = pa.schema([
 JOB_FILE = "_job.json"
 SUMMARY_FILE = "_summary.json"
 CHECKPOINT_DIR = "_checkpoint"
+PENDING_SUFFIX = ".pending.parquet"  # Ray Data's name for a block checkpoint not yet committed
 
 
 class Completer:
@@ -98,7 +103,8 @@ def _job_identity(cfg: GenerateConfig, ckpt_hash: str) -> dict[str, Any]:
 
 
 def check_output(cfg: GenerateConfig, identity: dict[str, Any]) -> list[str]:
-    """Refuse an output made with other settings, or one that is not ours; return the ids done."""
+    """Refuse an output made with other settings, or one that is not ours; finish what a killed
+    run left half written; return the ids done."""
     from pyarrow import fs as pafs
 
     filesystem, root = filesystem_for(cfg.output)
@@ -116,25 +122,57 @@ def check_output(cfg: GenerateConfig, identity: dict[str, Any]) -> list[str]:
     filesystem.create_dir(root, recursive=True)
     with filesystem.open_output_stream(job_file) as f:
         f.write(json.dumps(identity, indent=2).encode())
-    return _checkpointed_ids(filesystem, f"{root}/{CHECKPOINT_DIR}")
+    files = _checkpoint_files(filesystem, f"{root}/{CHECKPOINT_DIR}")
+    if any(p.endswith(PENDING_SUFFIX) for p in files):
+        _drop_uncommitted(cfg.output)
+        files = [p for p in files if not p.endswith(PENDING_SUFFIX)]
+    return _read_ids(filesystem, files)
 
 
-def _checkpointed_ids(filesystem: Any, path: str) -> list[str]:
-    import pyarrow.dataset as pads
+def _checkpoint_config(output: str) -> CheckpointConfig:
+    return CheckpointConfig(id_column="id", checkpoint_path=f"{output}/{CHECKPOINT_DIR}",
+                            delete_checkpoint_on_success=False, checkpoint_manager_cls=_FilteredAtRead)
+
+
+class _FilteredAtRead(IdColumnCheckpointManager):
+    """Ray Data's checkpoint manager, told there is nothing for its filter stage to do: pending
+    checkpoints were dealt with in ``check_output`` and the read tasks leave out finished ids."""
+
+    def load_checkpoint(self, data_file_dir: str | None = None, data_file_filesystem: Any = None) -> tuple[None, int]:
+        return None, 0
+
+
+def _drop_uncommitted(output: str) -> None:
+    """Delete the data files of blocks whose checkpoint stayed pending, and those checkpoints,
+    with Ray Data's own cleanup (it knows how its data files are named after their checkpoint)."""
+    manager = IdColumnCheckpointManager(checkpoint_config=_checkpoint_config(output),
+                                        data_context=DataContext.get_current())
+    manager._clean_pending_checkpoints(output, filesystem_for(output)[0])
+
+
+def _checkpoint_files(filesystem: Any, path: str) -> list[str]:
     from pyarrow import fs as pafs
 
-    if filesystem.get_file_info(path).type == pafs.FileType.NotFound:
+    found = filesystem.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return [f.path for f in found if f.type == pafs.FileType.File and f.path.endswith(".parquet")]
+
+
+def _read_ids(filesystem: Any, files: list[str]) -> list[str]:
+    import pyarrow.dataset as pads
+
+    if not files:
         return []
-    return pads.dataset(path, filesystem=filesystem, format="parquet").to_table().column(0).to_pylist()
+    return pads.dataset(files, filesystem=filesystem, format="parquet").to_table().column(0).to_pylist()
 
 
-def build_dataset(cfg: GenerateConfig, ckpt_hash: str) -> ray.data.Dataset:
+def build_dataset(cfg: GenerateConfig, ckpt_hash: str, done: list[str] | None = None) -> ray.data.Dataset:
+    """The pipeline for the prompts of ``cfg.input`` less the ids in ``done``."""
     meta, tokenizer = read_inference_config(cfg.checkpoint)
     max_seq_len = ModelConfig.model_validate(meta["model"]).max_seq_len
-    source = PromptSource(cfg)
-    # No automatic split of the read into Ray Data's default 200 blocks: on a resume that split carried
-    # on past the checkpoint filter and fed the model one-row blocks (4x slower end to end). Instead the
-    # rows (what the filter left) are re-formed into blocks of one actor call's worth.
+    source = PromptSource(cfg, ray.put(pa.array(done, pa.string())) if done else None)
+    # No automatic split of the read into Ray Data's default 200 blocks: on a resume that split fed
+    # the model one-row blocks (4x slower end to end). Instead the rows a resume leaves are re-formed
+    # into blocks of one actor call's worth.
     ds = ray.data.read_datasource(source, override_num_blocks=source.num_read_tasks())
     ds = ds.repartition(target_num_rows_per_block=cfg.batch_size * cfg.group_batches)
     ds = ds.map_batches(prepare_batch, batch_format="pyarrow", batch_size=cfg.batch_size * cfg.group_batches,
@@ -159,17 +197,25 @@ def run(cfg: GenerateConfig) -> dict[str, Any]:
     done_before = check_output(cfg, _job_identity(cfg, ckpt_hash))
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = cfg.progress_bars
-    ctx.checkpoint_config = CheckpointConfig(id_column="id", checkpoint_path=f"{output}/{CHECKPOINT_DIR}",
-                                             delete_checkpoint_on_success=False)
-    try:
-        build_dataset(cfg, ckpt_hash).write_parquet(output, max_rows_per_file=cfg.rows_per_file)
-    finally:
-        ctx.checkpoint_config = None
+    with checkpointing(cfg.output):
+        build_dataset(cfg, ckpt_hash, done_before).write_parquet(output, max_rows_per_file=cfg.rows_per_file)
     summary = summarize(cfg, done_before, time.time() - t0)
     filesystem, root = filesystem_for(output)
     with filesystem.open_output_stream(f"{root}/{SUMMARY_FILE}") as f:
         f.write(json.dumps(summary, indent=2).encode())
     return summary
+
+
+@contextlib.contextmanager
+def checkpointing(output: str) -> Iterator[None]:
+    """Datasets built inside write each block's ids to ``output``'s checkpoint after its data file
+    (a dataset takes its context when it is built, so this must wrap the building too)."""
+    ctx = DataContext.get_current()
+    ctx.checkpoint_config = _checkpoint_config(output)
+    try:
+        yield
+    finally:
+        ctx.checkpoint_config = None
 
 
 def summarize(cfg: GenerateConfig, done_before: list[str], seconds: float) -> dict[str, Any]:

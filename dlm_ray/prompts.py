@@ -3,8 +3,8 @@
 ``PromptSource`` is a Ray Data datasource with one read task per input file (Parquet or JSONL,
 local or ``s3://``/``gs://``) or per shard of the built-in held-out prompts (``builtin:N``). Each
 row carries a stable ``id`` from the first operator on: the configured id column, or else
-``<file>:<row>`` (the file relative to the input root), so Ray Data's row-level checkpoint can
-filter finished rows right after the read, and a rerun gives every row the same id and seed.
+``<file>:<row>`` (the file relative to the input root), so a rerun gives every row the same id and
+seed, and the read tasks themselves drop the ids an earlier run finished (``done``).
 
 A row that cannot be used (bad JSON, no prompt, a bad override) is never dropped: it travels on
 with an ``error`` and ends up in the output as an error row. ``prepare_batch`` tokenizes the
@@ -19,6 +19,8 @@ from pathlib import PurePosixPath
 from typing import Any, Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import ray
 from pydantic import ValidationError
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
@@ -131,9 +133,11 @@ def builtin_count(spec: str) -> int | None:
 class PromptSource(Datasource):
     """The prompts of ``cfg.input`` as rows (id, where, prompt, overrides, error)."""
 
-    def __init__(self, cfg: GenerateConfig) -> None:
+    def __init__(self, cfg: GenerateConfig, done: ray.ObjectRef | None = None) -> None:
+        """``done``: the ids already in the output (a string array in the object store), left out."""
         super().__init__()
         self.cfg = cfg
+        self.done = done
         self.num_builtin = builtin_count(cfg.input)
         if self.num_builtin is None:
             found = list_files(cfg.input)
@@ -160,11 +164,25 @@ class PromptSource(Datasource):
         cfg = self.cfg
         if self.num_builtin is not None:
             families = CorpusConfig().families
-            return [ReadTask(lambda s=s: _read_builtin(s, min(s + BUILTIN_SHARD, self.num_builtin), families),
-                             _meta(min(BUILTIN_SHARD, self.num_builtin - s), None), READ_SCHEMA)
-                    for s in range(0, self.num_builtin, BUILTIN_SHARD)]
-        return [ReadTask(lambda u=uri, n=name, f=fmt: _read_file(u, n, f, cfg), _meta(None, uri), READ_SCHEMA)
-                for uri, name, fmt in self.files]
+            reads = [(lambda s=s: _read_builtin(s, min(s + BUILTIN_SHARD, self.num_builtin), families),
+                      _meta(min(BUILTIN_SHARD, self.num_builtin - s), None))
+                     for s in range(0, self.num_builtin, BUILTIN_SHARD)]
+        else:
+            reads = [(lambda u=uri, n=name, f=fmt: _read_file(u, n, f, cfg), _meta(None, uri))
+                     for uri, name, fmt in self.files]
+        if self.done is None:
+            return [ReadTask(read, meta, READ_SCHEMA) for read, meta in reads]
+        # How many rows a task leaves is known only once it has read them.
+        return [ReadTask(lambda read=read, done=self.done: _left_out(read(), done),
+                         _meta(None, (meta.input_files or [None])[0]), READ_SCHEMA) for read, meta in reads]
+
+
+def _left_out(tables: Iterator[pa.Table], done_ref: ray.ObjectRef) -> Iterator[pa.Table]:
+    """The rows whose id is not in ``done``. A set lookup in the read task itself: it needs no
+    resources of its own, where a separate filter stage holds a CPU for the whole job."""
+    done = ray.get(done_ref)
+    for table in tables:
+        yield table.filter(pc.invert(pc.is_in(table["id"], value_set=done)))
 
 
 def _meta(num_rows: int | None, uri: str | None) -> BlockMetadata:
