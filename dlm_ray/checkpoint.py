@@ -11,10 +11,13 @@ Training checkpoint (one Ray Train checkpoint directory, every rank writing its 
     rng_rank<r>.pt         each rank's torch / numpy / python RNG states
     run_config.json        the full PretrainConfig, so a checkpoint explains itself
 
-Inference checkpoint (``export``): ``model.safetensors`` (consolidated fp32 weights) + ``config.json``
-(model, diffusion and tokenizer config, plus where it came from) + ``tokenizer.json`` for HF
-tokenizers. Batch generation and Serve read only this format, from a local directory or a URI
-(a remote one is copied to a local cache directory once per process).
+Inference checkpoint (``export``): LLaDA's Hugging Face layout (``llada_layout``): config.json with
+LLaDA's keys and ours (diffusion schedule, tokenizer, where it came from) under ``dlm_ray``,
+safetensors with LLaDA's tensor names, and the tokenizer files. A published LLaDA directory
+(LLaDA-8B-Base/Instruct, LLaDA-1.5) is the same format without our key, so batch generation, Serve
+and evaluation load either, from a local directory or a URI (a remote one is copied to a local
+cache directory once per process). Exports of earlier versions (config.json with a ``model`` key,
+our own tensor names) still load.
 """
 
 from __future__ import annotations
@@ -31,16 +34,16 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from dlm_ray import llada_layout as layout
 from dlm_ray.config import DiffusionConfig, ModelConfig, PretrainConfig
 from dlm_ray.model import Denoiser
 from dlm_ray.sources import filesystem_for
-from dlm_ray.tokenizer import HFTokenizer, load_tokenizer
+from dlm_ray.tokenizer import TOKENIZER_CONFIG, ByteTokenizer, HFTokenizer, load_tokenizer
 
 DS_DIR = "ds"
 STATE_FILE = "trainer_state.json"
 RUN_CONFIG_FILE = "run_config.json"
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
+CONFIG_FILE = layout.CONFIG_FILE
 
 
 class CheckpointError(RuntimeError):
@@ -179,73 +182,116 @@ def consolidated_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tenso
     return {k.removeprefix("module."): v.contiguous() for k, v in sd.items()}
 
 
-def export(checkpoint_dir: str | Path, out_dir: str | Path) -> str:
-    """Turn a (possibly ZeRO-3 sharded) training checkpoint into an inference checkpoint. Either may
-    be a local directory or a URI; returns where the export went."""
+def export(checkpoint_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype = torch.float32) -> str:
+    """Turn a (possibly ZeRO-3 sharded) training checkpoint into an inference checkpoint in LLaDA's
+    layout, weights in ``dtype``. Either may be a local directory or a URI; returns where it went."""
     with staged(out_dir) as out:
-        _export(local_path(checkpoint_dir), out)
+        _export(local_path(checkpoint_dir), out, dtype)
     return str(out_dir)
 
 
-def _export(src: Path, out: Path) -> None:
-    from safetensors.torch import save_file
-
+def _export(src: Path, out: Path, dtype: torch.dtype) -> None:
     if not (src / RUN_CONFIG_FILE).is_file():
         raise CheckpointError(f"{src} has no {RUN_CONFIG_FILE}: not a dlm-ray training checkpoint")
     cfg = PretrainConfig.model_validate(json.loads((src / RUN_CONFIG_FILE).read_text()))
     state = json.loads((src / STATE_FILE).read_text())
+    source = {"run_name": cfg.run_name, "step": state["step"], "tokens_seen": state.get("tokens_seen")}
+    write_inference(consolidated_state_dict(src), cfg.model, load_tokenizer(cfg.tokenizer), out,
+                    diffusion=cfg.diffusion, source=source, dtype=dtype)
+
+
+def write_inference(state: dict[str, torch.Tensor], model_cfg: ModelConfig, tok: Any, out: Path, *,
+                    diffusion: DiffusionConfig, source: dict[str, Any], dtype: torch.dtype = torch.float32,
+                    shard_bytes: int = layout.DEFAULT_SHARD_BYTES) -> None:
+    """Weights (``Denoiser`` names) + settings as an inference checkpoint in LLaDA's layout."""
     out.mkdir(parents=True, exist_ok=True)
-    save_file(consolidated_state_dict(src), str(out / WEIGHTS_FILE))
-    tok = load_tokenizer(cfg.tokenizer)
     tok_cfg = tok.to_config()
     if isinstance(tok, HFTokenizer):
         tok.save(out)
         tok_cfg = {"kind": "hf", "path": "tokenizer.json"}
-    meta = {"model": cfg.model.to_dict(), "diffusion": cfg.diffusion.to_dict(), "tokenizer": tok_cfg,
-            "source": {"run_name": cfg.run_name, "step": state["step"], "tokens_seen": state.get("tokens_seen")}}
-    (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+    ours = {"model": model_cfg.to_dict(), "diffusion": diffusion.to_dict(), "tokenizer": tok_cfg, "source": source}
+    config = layout.llada_config(model_cfg, mask_id=tok.mask_id, eos_id=tok.eos_id, pad_id=tok.pad_id, dtype=dtype,
+                                 ours=ours)
+    layout.save_weights(((layout.to_llada_name(k), v) for k, v in state.items()), out, dtype=dtype,
+                        shard_bytes=shard_bytes)
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
 
 
 def save_inference(model: Denoiser, tokenizer_cfg: dict[str, Any], out_dir: str | Path,
-                   diffusion: DiffusionConfig | None = None) -> str | Path:
+                   diffusion: DiffusionConfig | None = None, *, dtype: torch.dtype = torch.float32,
+                   shard_bytes: int = layout.DEFAULT_SHARD_BYTES) -> str | Path:
     """Write a model held in memory (e.g. an untrained one for tests) in the inference format."""
-    from safetensors.torch import save_file
-
     with staged(out_dir) as out:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / WEIGHTS_FILE))
-        meta = {"model": model.config.to_dict(), "diffusion": (diffusion or DiffusionConfig()).to_dict(),
-                "tokenizer": tokenizer_cfg, "source": {"run_name": None, "step": 0}}
-        (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+        write_inference(model.state_dict(), model.config, load_tokenizer(tokenizer_cfg), out,
+                        diffusion=diffusion or DiffusionConfig(), source={"run_name": None, "step": 0},
+                        dtype=dtype, shard_bytes=shard_bytes)
     return out_dir
 
 
 def read_inference_config(directory: str | Path) -> tuple[dict[str, Any], Any]:
-    """(config.json contents, tokenizer) of an inference checkpoint, without loading the weights."""
+    """(settings, tokenizer) of an inference checkpoint, without loading the weights. The settings
+    have the same keys for every layout: ``model`` (a ModelConfig dict), ``diffusion``,
+    ``tokenizer``, ``source`` and ``layout`` ("llada" or "legacy")."""
     d = local_path(directory)
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        if not (d / name).is_file():
-            raise CheckpointError(f"{d} has no {name}: export a training checkpoint with jobs/export.py first")
-    meta = json.loads((d / CONFIG_FILE).read_text())
-    tok_cfg = dict(meta["tokenizer"])
-    if tok_cfg.get("kind") == "hf":
-        tok_cfg["path"] = str(d / tok_cfg["path"])
-    return meta, load_tokenizer(tok_cfg)
+    if not (d / CONFIG_FILE).is_file():
+        raise CheckpointError(f"{d} has no {CONFIG_FILE}: not a model directory (export a training checkpoint "
+                              "with jobs/export.py, or point at a LLaDA directory)")
+    try:
+        raw = json.loads((d / CONFIG_FILE).read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{d / CONFIG_FILE} is not valid JSON: {exc}") from None
+    if "model" in raw and "model_type" not in raw:  # an export of an earlier version
+        meta = {**raw, "layout": "legacy"}
+    elif raw.get("model_type") == "llada":
+        try:
+            model_cfg = layout.model_config(raw, str(d / CONFIG_FILE))
+        except layout.LayoutError as exc:
+            raise CheckpointError(str(exc)) from None
+        ours = raw.get(layout.OURS, {})
+        ids = {"mask_id": raw.get("mask_token_id", 126336), "eos_id": raw.get("eos_token_id", 126081),
+               "pad_id": raw.get("pad_token_id", raw.get("eos_token_id", 126081))}
+        meta = {"model": model_cfg.to_dict(), "diffusion": ours.get("diffusion", DiffusionConfig().to_dict()),
+                "tokenizer": {**ours.get("tokenizer", {"kind": "hf", "path": "tokenizer.json"}), "ids": ids},
+                "source": ours.get("source", {"imported": str(directory)}), "layout": "llada"}
+    else:
+        raise CheckpointError(f"{d / CONFIG_FILE}: neither a LLaDA config (model_type 'llada') nor a dlm-ray "
+                              f"export (model_type is {raw.get('model_type')!r})")
+    return meta, _tokenizer(meta["tokenizer"], d)
+
+
+def _tokenizer(spec: dict[str, Any], d: Path) -> Any:
+    if spec.get("kind") == "byte":
+        tok = ByteTokenizer()
+        given = spec.get("ids")
+        if given and given != {"mask_id": tok.mask_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id}:
+            raise CheckpointError(f"{d / CONFIG_FILE}: token ids {given} do not match the byte tokenizer's")
+        return tok
+    spec = {**spec, "path": str(d / spec["path"])}
+    if not Path(spec["path"]).is_file():
+        raise CheckpointError(f"{d} has no {Path(spec['path']).name}: the model's tokenizer is missing")
+    try:
+        return load_tokenizer(spec)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 def load_inference(directory: str | Path, *, device: str | torch.device = "cpu",
                    dtype: torch.dtype = torch.float32) -> tuple[Denoiser, Any, dict[str, Any]]:
-    """(model in eval mode, tokenizer, config.json contents) from an inference checkpoint, local or
-    at a URI."""
-    from safetensors.torch import load_file
+    """(model in eval mode, tokenizer, settings) from an inference checkpoint, local or at a URI.
 
+    The weights go tensor by tensor into a model allocated once in ``dtype`` on ``device``; nothing
+    is returned unless every tensor was found with the right shape."""
     d = local_path(directory)
     meta, tok = read_inference_config(d)
-    model = Denoiser(ModelConfig.model_validate(meta["model"]))
+    with torch.device("meta"):
+        model = Denoiser(ModelConfig.model_validate(meta["model"]))
+    model = model.to(dtype=dtype).to_empty(device=device)
+    rename = (lambda name: name) if meta["layout"] == "legacy" else layout.from_llada_name  # noqa: E731
     try:
-        model.load_state_dict(load_file(str(d / WEIGHTS_FILE)))
-    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a bad file
-        raise CheckpointError(f"{d / WEIGHTS_FILE} does not match its config.json: {exc}") from exc
-    return model.to(device=device, dtype=dtype).eval(), tok, meta
+        layout.load_weights(model, layout.weight_files(d), rename)
+    except layout.LayoutError as exc:
+        raise CheckpointError(str(exc)) from None
+    return model.eval(), tok, meta
 
 
 def inference_placement(want_gpu: bool, dtype: str, cpu_threads: int) -> tuple[torch.device, torch.dtype]:
@@ -262,12 +308,17 @@ def checkpoint_hash(directory: str | Path) -> str:
     """Identity of an inference checkpoint: SHA-256 over its files (config, weights, tokenizer),
     first 16 hex digits. Outputs record it so every generated row names the weights behind it."""
     d = local_path(directory)
+    if not (d / CONFIG_FILE).is_file():
+        raise CheckpointError(f"{d} has no {CONFIG_FILE}: export a training checkpoint with jobs/export.py first")
+    try:
+        weights = layout.weight_files(d)
+    except layout.LayoutError as exc:
+        raise CheckpointError(str(exc)) from None
+    names = [CONFIG_FILE, *(p.name for p in weights), layout.INDEX_FILE, "tokenizer.json", TOKENIZER_CONFIG]
     h = hashlib.sha256()
-    for name in (CONFIG_FILE, WEIGHTS_FILE, "tokenizer.json"):
+    for name in names:
         if not (d / name).is_file():
-            if name == "tokenizer.json":
-                continue
-            raise CheckpointError(f"{d} has no {name}: export a training checkpoint with jobs/export.py first")
+            continue
         h.update(name.encode())
         with open(d / name, "rb") as f:
             while chunk := f.read(1 << 24):

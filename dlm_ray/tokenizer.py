@@ -11,6 +11,12 @@ text with special-token matching off, so a document holding the literal text ``<
 
 ``decode`` never drops a token silently: special tokens are written out as their text, and an id
 outside the vocabulary is an error.
+
+An instruct model ends its answer with an end-of-turn token (LLaDA: ``<|eot_id|>``) and pads with
+EOS; ``end_ids`` holds every id that ends an answer. A model's own ids (a LLaDA config.json's
+``mask_token_id`` / ``eos_token_id`` / ``pad_token_id``, where pad and EOS are one token) are passed
+in as ``ids`` and win over the lookup by name. ``chat_template`` is the Jinja template of
+``tokenizer_config.json``, if the tokenizer has one.
 """
 
 from __future__ import annotations
@@ -26,11 +32,17 @@ EOS_CANDIDATES = ("<|endoftext|>", "<|eot_id|>", "</s>", "<eos>", "[SEP]")
 PAD_CANDIDATES = ("<|pad|>", "<pad>", "[PAD]")
 
 
+EOT_TOKEN = "<|eot_id|>"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+
+
 class Tokenizer(Protocol):
     vocab_size: int
     pad_id: int
     eos_id: int
     mask_id: int
+    end_ids: tuple[int, ...]
+    chat_template: str | None
 
     def encode(self, text: str) -> list[int]: ...
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]: ...
@@ -46,6 +58,9 @@ class ByteTokenizer:
     def __init__(self) -> None:
         self.pad_id, self.eos_id, self.mask_id = 256, 257, 258
         self.vocab_size = 259
+        self.end_ids = (self.eos_id,)
+        self.chat_template: str | None = None
+        self.special_tokens: dict[str, str] = {}
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -73,7 +88,7 @@ class ByteTokenizer:
 class HFTokenizer:
     """A ``tokenizers.Tokenizer`` from a local ``tokenizer.json``, with pad/EOS/mask guaranteed."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, ids: dict[str, int] | None = None) -> None:
         from tokenizers import AddedToken
         from tokenizers import Tokenizer as _Tok
 
@@ -85,6 +100,13 @@ class HFTokenizer:
         self.path = path
         self._tok = _Tok.from_file(str(path))
         vocab = self._tok.get_vocab(with_added_tokens=True)
+        self.config: dict[str, Any] = {}
+        if (path.parent / TOKENIZER_CONFIG).is_file():
+            self.config = json.loads((path.parent / TOKENIZER_CONFIG).read_text())
+        self.chat_template = self.config.get("chat_template") if isinstance(self.config.get("chat_template"), str) else None
+        if ids is not None:
+            self._take_ids(ids, vocab)
+            return
 
         def find_or_add(candidates: tuple[str, ...]) -> int:
             for token in candidates:
@@ -97,10 +119,30 @@ class HFTokenizer:
         self.mask_id = find_or_add(MASK_CANDIDATES)
         self.eos_id = find_or_add(EOS_CANDIDATES)
         self.pad_id = find_or_add(PAD_CANDIDATES)
-        if len({self.mask_id, self.eos_id, self.pad_id}) != 3:
-            raise ValueError(f"{path}: pad, EOS and mask must be distinct tokens")
+        self._finish(vocab)
+
+    def _take_ids(self, ids: dict[str, int], vocab: dict[str, int]) -> None:
+        size = self._tok.get_vocab_size(with_added_tokens=True)
+        for key in ("mask_id", "eos_id", "pad_id"):
+            if key not in ids or not 0 <= ids[key] < size or self._tok.id_to_token(ids[key]) is None:
+                raise ValueError(f"{self.path}: the model's {key} {ids.get(key)} is not a token of this tokenizer "
+                                 f"({size} ids); a diffusion model needs its mask token in the tokenizer")
+        self.mask_id, self.eos_id, self.pad_id = ids["mask_id"], ids["eos_id"], ids["pad_id"]
+        self._finish(vocab)
+
+    def _finish(self, vocab: dict[str, int]) -> None:
+        from tokenizers import Tokenizer as _Tok
+
+        if self.mask_id in (self.eos_id, self.pad_id):
+            raise ValueError(f"{self.path}: the mask token must differ from pad and EOS")
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        # Text is text: "<|mdm_mask|>" written in a document must not become the mask id.
+        eot = vocab.get(EOT_TOKEN)
+        self.end_ids = (self.eos_id,) + ((eot,) if eot is not None and eot != self.eos_id else ())
+        added = self._tok.get_added_tokens_decoder()
+        self.special_tokens = {t.content: t.content for t in added.values() if t.special}
+        # Text is text: "<|mdm_mask|>" written in a document must not become the mask id. Rendered chat
+        # templates are the exception: their markup is special tokens (encode_chat).
+        self._specials = _Tok.from_str(self._tok.to_str()) if self.chat_template else None
         self._tok.encode_special_tokens = True
 
     def encode(self, text: str) -> list[int]:
@@ -110,6 +152,13 @@ class HFTokenizer:
         # The Rust tokenizer encodes a batch on several threads.
         return [np.asarray(e.ids, dtype=np.int32) for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
+    def encode_chat(self, rendered: str) -> list[int]:
+        """Ids of a rendered chat template, its special-token markup recognised as such. Callers
+        check that message contents hold no special-token text (``inference.encode_chat``)."""
+        if self._specials is None:
+            raise ValueError(f"{self.path}: the tokenizer has no chat template")
+        return self._specials.encode(rendered, add_special_tokens=False).ids
+
     def decode(self, ids: list[int]) -> str:
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
@@ -117,9 +166,12 @@ class HFTokenizer:
         return self._tok.decode(list(ids), skip_special_tokens=False)
 
     def save(self, directory: str | Path) -> Path:
-        """Write the tokenizer, with the tokens added here, so a checkpoint is self-contained."""
+        """Write the tokenizer (with the tokens added here) and its tokenizer_config.json, so a
+        checkpoint is self-contained."""
         out = Path(directory) / "tokenizer.json"
         self._tok.save(str(out))
+        if self.config:
+            (Path(directory) / TOKENIZER_CONFIG).write_text(json.dumps(self.config, indent=2, ensure_ascii=False))
         return out
 
     def to_config(self) -> dict[str, Any]:
@@ -132,7 +184,7 @@ def load_tokenizer(spec: str | dict[str, Any]) -> ByteTokenizer | HFTokenizer:
         if spec.get("kind") == "byte":
             return ByteTokenizer()
         if spec.get("kind") == "hf" and "path" in spec:
-            return HFTokenizer(spec["path"])
+            return HFTokenizer(spec["path"], ids=spec.get("ids"))
         raise ValueError(f"unrecognised tokenizer config {json.dumps(spec)}")
     if spec == "byte":
         return ByteTokenizer()

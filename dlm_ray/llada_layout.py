@@ -1,0 +1,232 @@
+"""LLaDA's Hugging Face layout: the on-disk format of every inference checkpoint.
+
+    config.json                       model_type "llada", LLaDA's architecture keys and token ids;
+                                      our own settings (diffusion schedule, tokenizer, provenance)
+                                      under "dlm_ray"
+    model.safetensors                 one file, or shards model-0000i-of-0000n.safetensors listed in
+                                      model.safetensors.index.json
+    tokenizer.json, tokenizer_config.json   for HF tokenizers (special tokens, chat template)
+
+Tensor names are LLaDA's (``model.transformer.blocks.{i}.q_proj.weight``, the LM head is
+``model.transformer.ff_out.weight``); ``to_llada_name`` / ``from_llada_name`` map them to the
+``Denoiser``'s. Safetensors (an 8-byte header length, a JSON header of name → dtype, shape and byte
+range, then the raw bytes) is read here without memory-mapping: every tensor is read straight into
+the parameter it belongs to, already allocated in the target dtype on the target device, so host
+memory never holds a second full copy of the weights (an 8B model in fp32 would not fit).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from dlm_ray.config import ModelConfig
+
+CONFIG_FILE = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+OURS = "dlm_ray"  # config.json key of our own settings
+DEFAULT_SHARD_BYTES = 4 << 30
+
+DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+          "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+class LayoutError(ValueError):
+    """A checkpoint directory that cannot be read as a model; the message names the file or field."""
+
+
+# ------------------------------------------------------------------------------------------- names
+
+_BLOCK = re.compile(r"blocks\.(\d+)\.(attn\.|mlp\.)?(\w+)\.weight")
+
+
+def to_llada_name(name: str) -> str:
+    """``Denoiser`` parameter name → LLaDA tensor name."""
+    if name == "lm_head.weight":
+        return "model.transformer.ff_out.weight"
+    m = _BLOCK.fullmatch(name)
+    if m:
+        return f"model.transformer.blocks.{m.group(1)}.{m.group(3)}.weight"
+    return f"model.transformer.{name}"
+
+
+def from_llada_name(name: str) -> str:
+    """LLaDA tensor name → ``Denoiser`` parameter name (the inverse of ``to_llada_name``)."""
+    inner = name.removeprefix("model.transformer.")
+    if inner == "ff_out.weight":
+        return "lm_head.weight"
+    m = re.fullmatch(r"blocks\.(\d+)\.(\w+)\.weight", inner)
+    if m:
+        group = {"q_proj": "attn.", "k_proj": "attn.", "v_proj": "attn.", "attn_out": "attn.",
+                 "ff_proj": "mlp.", "up_proj": "mlp.", "ff_out": "mlp."}.get(m.group(2), "")
+        return f"blocks.{m.group(1)}.{group}{m.group(2)}.weight"
+    return inner
+
+
+# ------------------------------------------------------------------------------------------ config
+
+# LLaDA settings our denoiser implements only with these values: anything else is refused by name.
+REQUIRED = {"block_type": "llama", "include_bias": False, "include_qkv_bias": False, "weight_tying": False,
+            "layer_norm_type": "rms", "activation_type": "silu", "scale_logits": False, "alibi": False,
+            "rope": True, "attention_layer_norm": False, "input_emb_norm": False, "multi_query_attention": None,
+            "clip_qkv": None}
+
+
+def llada_config(model: ModelConfig, *, mask_id: int, eos_id: int, pad_id: int, dtype: torch.dtype,
+                 ours: dict[str, Any]) -> dict[str, Any]:
+    """config.json for a ``Denoiser`` of shape ``model``: LLaDA's keys, ours under ``dlm_ray``."""
+    return {
+        "model_type": "llada", "architectures": ["LLaDAModelLM"],
+        "d_model": model.d_model, "n_heads": model.n_heads, "n_kv_heads": model.n_heads,
+        "n_layers": model.n_layers, "mlp_hidden_size": model.d_mlp, "mlp_ratio": max(1, model.d_mlp // model.d_model),
+        "vocab_size": model.vocab_size, "embedding_size": model.vocab_size,
+        "max_sequence_length": model.max_seq_len, "rope_theta": model.rope_theta, "rms_norm_eps": model.norm_eps,
+        **{k: v for k, v in REQUIRED.items() if v is not None},
+        "mask_token_id": mask_id, "eos_token_id": eos_id, "pad_token_id": pad_id,
+        "torch_dtype": str(dtype).removeprefix("torch."), "use_cache": False,
+        OURS: ours,
+    }
+
+
+def model_config(cfg: dict[str, Any], where: str) -> ModelConfig:
+    """The ``ModelConfig`` of a LLaDA config.json; a setting we cannot run is refused by name."""
+    if cfg.get("model_type") != "llada":
+        raise LayoutError(f"{where}: model_type is {cfg.get('model_type')!r}, not 'llada'")
+    for key, want in REQUIRED.items():
+        got = cfg.get(key, want)
+        if got != want and not (key == "multi_query_attention" and got is False):
+            raise LayoutError(f"{where}: {key} = {got!r} is not supported (only {want!r})")
+    missing = [k for k in ("d_model", "n_heads", "n_layers", "vocab_size", "max_sequence_length") if k not in cfg]
+    if missing:
+        raise LayoutError(f"{where}: missing {', '.join(missing)}")
+    if cfg.get("n_kv_heads") not in (None, cfg["n_heads"]):
+        raise LayoutError(f"{where}: n_kv_heads = {cfg['n_kv_heads']} != n_heads = {cfg['n_heads']} "
+                          "(grouped-query attention) is not supported")
+    d_mlp = cfg.get("mlp_hidden_size") or cfg.get("mlp_ratio", 4) * cfg["d_model"]
+    try:
+        return ModelConfig(vocab_size=cfg.get("embedding_size") or cfg["vocab_size"], d_model=cfg["d_model"],
+                           n_layers=cfg["n_layers"], n_heads=cfg["n_heads"], d_mlp=d_mlp,
+                           max_seq_len=cfg["max_sequence_length"], rope_theta=cfg.get("rope_theta", 10000.0),
+                           norm_eps=cfg.get("rms_norm_eps", 1e-5))
+    except ValueError as exc:
+        raise LayoutError(f"{where}: {exc}") from None
+
+
+# ------------------------------------------------------------------------------------ safetensors
+
+
+def read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """(header without ``__metadata__``, offset of the first data byte) of a safetensors file."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 0 < size < 1 << 30:
+                raise LayoutError(f"{path}: not a safetensors file (header size {size})")
+            header = json.loads(f.read(size))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LayoutError(f"{path}: unreadable safetensors header ({exc})") from None
+    header.pop("__metadata__", None)
+    return header, 8 + size
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: the index's shards, or the single file."""
+    index = directory / INDEX_FILE
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (directory / s).is_file()]
+        if missing:
+            raise LayoutError(f"{directory}: shard {missing[0]} listed in {INDEX_FILE} is missing")
+        return [directory / s for s in shards]
+    if (directory / SINGLE_FILE).is_file():
+        return [directory / SINGLE_FILE]
+    raise LayoutError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE}")
+
+
+def load_weights(model: nn.Module, files: list[Path], rename: Any = from_llada_name) -> None:
+    """Fill every parameter of ``model`` (allocated, any dtype and device) from ``files``, one tensor
+    at a time. Every parameter must be found exactly once, with its shape."""
+    params = dict(model.named_parameters())
+    seen: set[str] = set()
+    for path in files:
+        header, start = read_header(path)
+        with open(path, "rb") as f:
+            for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                ours = rename(name)
+                if ours not in params:
+                    raise LayoutError(f"{path}: tensor {name} is not part of the model")
+                p = params[ours]
+                if list(info["shape"]) != list(p.shape):
+                    raise LayoutError(f"{path}: {name} has shape {info['shape']}, the config says {list(p.shape)}")
+                if info["dtype"] not in DTYPES:
+                    raise LayoutError(f"{path}: {name} has unsupported dtype {info['dtype']}")
+                f.seek(start + info["data_offsets"][0])
+                _read_into(f, p.data, DTYPES[info["dtype"]], info["data_offsets"][1] - info["data_offsets"][0], path)
+                seen.add(ours)
+    missing = sorted(set(params) - seen)
+    if missing:
+        raise LayoutError(f"{files[0].parent}: no tensor for {to_llada_name(missing[0])} "
+                          f"({len(missing)} missing)")
+
+
+def _read_into(f: Any, dest: torch.Tensor, dtype: torch.dtype, nbytes: int, path: Path) -> None:
+    if dest.numel() * dtype.itemsize != nbytes:
+        raise LayoutError(f"{path}: a tensor's byte range does not match its shape and dtype")
+    if dest.device.type == "cpu" and dest.dtype == dtype and dest.is_contiguous():
+        target = dest.view(torch.uint8).view(-1).numpy()  # the parameter's own memory
+        if f.readinto(memoryview(target)) != nbytes:
+            raise LayoutError(f"{path}: file ends inside a tensor (truncated?)")
+        return
+    buf = bytearray(nbytes)  # one tensor in the file's dtype, then converted / moved
+    if f.readinto(buf) != nbytes:
+        raise LayoutError(f"{path}: file ends inside a tensor (truncated?)")
+    dest.copy_(torch.frombuffer(buf, dtype=dtype).view(dest.shape))
+
+
+def save_weights(tensors: Iterator[tuple[str, torch.Tensor]], directory: Path, *, dtype: torch.dtype,
+                 shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[Path]:
+    """Write ``(LLaDA name, tensor)`` pairs as safetensors in ``dtype``: one file, or shards of at most
+    ``shard_bytes`` with an index, as Hugging Face writes them."""
+    shards: list[list[tuple[str, torch.Tensor]]] = [[]]
+    size = 0
+    for name, t in tensors:
+        t = t.detach().to("cpu", dtype).contiguous()
+        if shards[-1] and size + t.numel() * t.itemsize > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, t))
+        size += t.numel() * t.itemsize
+    n = len(shards)
+    names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    for shard, fname in zip(shards, names):
+        _write_file(directory / fname, shard)
+    if n > 1:
+        total = sum(t.numel() * t.itemsize for s in shards for _, t in s)
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {name: fname for shard, fname in zip(shards, names) for name, _ in shard}}
+        (directory / INDEX_FILE).write_text(json.dumps(index, indent=2))
+    return [directory / f for f in names]
+
+
+def _write_file(path: Path, tensors: list[tuple[str, torch.Tensor]]) -> None:
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, t in tensors:
+        nbytes = t.numel() * t.itemsize
+        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for _, t in tensors:
+            if t.numel():
+                f.write(memoryview(t.view(torch.uint8).view(-1).numpy()))
