@@ -119,6 +119,10 @@ class SampleConfig(Config):
     refresh_every: int | None = Field(None, gt=0)
     # Stop once every row has committed an EOS with nothing masked before it; fill the rest with EOS.
     stop_at_eos: bool = False
+    # LLaDA's instruct options (its Appendix B.4): EOS never proposed; EOS / end-of-turn proposals
+    # committed only after every other position of the block.
+    logits_eos_inf: bool = False
+    confidence_eos_eot_inf: bool = False
 
     @model_validator(mode="after")
     def _check_blocks(self) -> SampleConfig:

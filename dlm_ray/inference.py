@@ -44,7 +44,7 @@ class Completion:
 def finish(tok: Tok, generated: list[int], num_model_calls: int) -> Completion:
     """The generated ids of one row (EOS padding included) as a completion: cut at the first EOS,
     decoded."""
-    ids = trim_after_eos(generated, tok.eos_id)
+    ids = trim_after_eos(generated, tok.end_ids)
     return Completion(tok.decode(ids), ids, len(generated), num_model_calls)
 
 
@@ -71,7 +71,7 @@ def complete_ids(model: ModelFn, tok: Tok, prompt_ids: Sequence[list[int]], samp
     per_row = [samples] * len(prompt_ids) if isinstance(samples, SampleConfig) else list(samples)
     results = generate_many(model, list(prompt_ids), per_row, seeds=list(seeds), batch_size=batch_size,
                             pad_id=tok.pad_id, mask_id=tok.mask_id, eos_id=tok.eos_id, device=device,
-                            vocab_size=tok.vocab_size)
+                            vocab_size=tok.vocab_size, end_ids=tok.end_ids)
     return [finish(tok, gen, calls) for gen, calls in results]
 
 

@@ -14,12 +14,19 @@ With ``temperature=0`` and ``remasking="low_confidence"`` it is LLaDA's referenc
 One deliberate difference from the reference code: the mask token is never proposed (its logit is
 -inf), so a weak or untrained model can never "commit" a mask and leave the canvas unfinished.
 
+An answer ends at any of ``end_ids`` (EOS, and an instruct model's end-of-turn token). With
+``confidence_eos_eot_inf`` the proposals of those tokens rank below every other proposal of the
+block, whatever the temperature (the reference code writes -inf into a tensor it no longer reads
+at T > 0, so its EOS proposals keep their confidence).
+
 Shape legend:  B batch, P prompt length, T canvas length (P + gen_length), V vocab.
 """
 
 from __future__ import annotations
 
 from typing import Callable, Sequence
+
+LAST = -1.0  # a confidence below any probability, yet finite: the position is still a mask to fill
 
 import torch
 
@@ -126,6 +133,7 @@ def generate(
     on_step: StepCallback | None = None,
     stats: dict[str, int] | None = None,
     vocab_size: int | None = None,
+    end_ids: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Fill ``cfg.gen_length`` positions after each prompt: LongTensor[B, P + gen_length].
 
@@ -136,13 +144,16 @@ def generate(
     ``stats["model_calls"]`` receives the number of model calls (forward passes over the batch).
     ``vocab_size`` (the tokenizer's) limits proposals to ids below it: a model's head may be wider
     than its tokenizer (the tiny preset: 264 logits, 259 byte-tokenizer ids), and an id the tokenizer
-    cannot decode must never be committed.
+    cannot decode must never be committed. ``end_ids`` (default: EOS alone) are the tokens that end
+    an answer, for the early stop and ``confidence_eos_eot_inf``.
     """
     if max_length is None:
         max_length = getattr(model, "max_seq_len", None)
     _validate(prompt_ids_BP, cfg, mask_id, attention_mask, max_length)
-    if cfg.stop_at_eos and eos_id is None:
-        raise ValueError("stop_at_eos needs eos_id")
+    if (cfg.stop_at_eos or cfg.logits_eos_inf or cfg.confidence_eos_eot_inf) and eos_id is None:
+        raise ValueError("stop_at_eos, logits_eos_inf and confidence_eos_eot_inf need eos_id")
+    ends = torch.tensor(sorted({eos_id, *(end_ids or ())}) if eos_id is not None else [], dtype=torch.long,
+                        device=prompt_ids_BP.device)
     if cfg.cache != "none":
         if not hasattr(model, "prefill") or not hasattr(model, "forward_window"):
             raise ValueError("cache needs a model with prefill() and forward_window(), like dlm_ray.model.Denoiser")
@@ -190,6 +201,8 @@ def generate(
             if vocab_size is not None:
                 logits_ALV = logits_ALV[..., :vocab_size]  # softmax and argmax over real tokens only
             logits_ALV = exclude_mask_logit(logits_ALV, mask_id)
+            if cfg.logits_eos_inf:
+                logits_ALV = logits_ALV.index_fill(-1, ends[ends == eos_id], float("-inf"))
             gen = generator if generator is None or isinstance(generator, torch.Generator) \
                 else [generator[r] for r in rows_A.tolist()]
             x0_AL = propose(logits_ALV, cfg.temperature, gen)
@@ -198,6 +211,8 @@ def generate(
             else:
                 conf_AL = uniform(tuple(x0_AL.shape), gen, device)
             block_AL = xa_AT[:, start:end]
+            if cfg.confidence_eos_eot_inf:
+                conf_AL = conf_AL.masked_fill(torch.isin(x0_AL, ends), LAST)
             conf_AL = conf_AL.masked_fill(block_AL != mask_id, float("-inf"))  # only masks compete
             commit_AL = _top_n(conf_AL, _num_commits(conf_AL, counts_BS[rows_A, i], cfg))
             x_BT[rows_A, start:end] = torch.where(commit_AL, x0_AL, block_AL)
@@ -205,7 +220,7 @@ def generate(
                 # A row with an EOS and no mask before it is finished: its remaining masks become
                 # EOS at once, so it costs no more model calls (mid-block too).
                 gen_BG = x_BT[:, P:]
-                done_B = _finished_rows(gen_BG, eos_id, mask_id)  # type: ignore[arg-type]
+                done_B = _finished_rows(gen_BG, ends, mask_id)
                 gen_BG[done_B] = gen_BG[done_B].masked_fill(gen_BG[done_B] == mask_id, eos_id)  # type: ignore
             if on_step is not None:
                 stop_B = on_step(step, x_BT)
@@ -248,9 +263,9 @@ def _top_n(conf_BT: torch.Tensor, n_B: torch.Tensor) -> torch.Tensor:
     return commit_BT
 
 
-def _finished_rows(gen_BL: torch.Tensor, eos_id: int, mask_id: int) -> torch.Tensor:
-    """Bool [B]: the row has committed an EOS with no mask before it."""
-    is_eos_BL = gen_BL == eos_id
+def _finished_rows(gen_BL: torch.Tensor, ends: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """Bool [B]: the row has committed an end token (EOS, EOT) with no mask before it."""
+    is_eos_BL = torch.isin(gen_BL, ends)
     first_eos_B = torch.where(is_eos_BL.any(-1), is_eos_BL.float().argmax(-1), gen_BL.shape[1])
     before_BL = torch.arange(gen_BL.shape[1], device=gen_BL.device)[None, :] < first_eos_B[:, None]
     return is_eos_BL.any(-1) & ~((gen_BL == mask_id) & before_BL).any(-1)
@@ -271,6 +286,7 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 def generate_rows(
     model: ModelFn, prompts: list[list[int]], cfg: SampleConfig, *, seeds: list[int], pad_id: int, mask_id: int,
     eos_id: int, device: torch.device | str = "cpu", on_step: StepCallback | None = None, vocab_size: int | None = None,
+    end_ids: Sequence[int] | None = None,
 ) -> tuple[list[list[int]], int]:
     """``generate`` for a list of token-id prompts of any lengths, each row seeded on its own:
     the generated ids of each row (EOS not trimmed) and the number of model calls."""
@@ -278,13 +294,14 @@ def generate_rows(
     stats: dict[str, int] = {}
     gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
     x = generate(model, ids.to(device), cfg, mask_id=mask_id, attention_mask=am.to(device), generator=gens,
-                 eos_id=eos_id, on_step=on_step, stats=stats, vocab_size=vocab_size)
+                 eos_id=eos_id, on_step=on_step, stats=stats, vocab_size=vocab_size, end_ids=end_ids)
     return x[:, ids.shape[1]:].tolist(), stats["model_calls"]
 
 
 def generate_many(
     model: ModelFn, prompts: list[list[int]], samples: list[SampleConfig], *, seeds: list[int], batch_size: int,
     pad_id: int, mask_id: int, eos_id: int, device: torch.device | str = "cpu", vocab_size: int | None = None,
+    end_ids: Sequence[int] | None = None,
 ) -> list[tuple[list[int], int]]:
     """Rows with their own settings: rows with equal settings share ``generate_rows`` calls of at most
     ``batch_size``, sorted by length so little of each call is padding. Per row, in input order:
@@ -299,12 +316,13 @@ def generate_many(
             chunk = rows[k:k + batch_size]
             gen, calls = generate_rows(model, [prompts[i] for i in chunk], samples[chunk[0]],
                                        seeds=[seeds[i] for i in chunk], pad_id=pad_id, mask_id=mask_id,
-                                       eos_id=eos_id, device=device, vocab_size=vocab_size)
+                                       eos_id=eos_id, device=device, vocab_size=vocab_size, end_ids=end_ids)
             for i, g in zip(chunk, gen):
                 out[i] = (g, calls)
     return out
 
 
-def trim_after_eos(ids: list[int], eos_id: int) -> list[int]:
-    """The generated ids up to (not including) the first EOS."""
-    return ids[: ids.index(eos_id)] if eos_id in ids else ids
+def trim_after_eos(ids: list[int], end_ids: int | Sequence[int]) -> list[int]:
+    """The generated ids up to (not including) the first end token (EOS, or any of ``end_ids``)."""
+    ends = {end_ids} if isinstance(end_ids, int) else set(end_ids)
+    return next((ids[:i] for i, t in enumerate(ids) if t in ends), ids)

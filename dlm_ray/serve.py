@@ -312,7 +312,7 @@ class DenoiserServer:
                     gen, _ = generate_rows(self.model, [st.item.prompt_ids for st in group], group[0].item.sample,
                                            seeds=[st.item.seed for st in group], pad_id=self.tok.pad_id,
                                            mask_id=self.tok.mask_id, eos_id=self.tok.eos_id, device=self.device,
-                                           on_step=on_step, vocab_size=self.tok.vocab_size)
+                                           on_step=on_step, vocab_size=self.tok.vocab_size, end_ids=self.tok.end_ids)
             except Exception as exc:  # noqa: BLE001 - each stream of the group answers with the error
                 for st in group:
                     st.send(("error", exc))

@@ -136,13 +136,78 @@ def test_stop_at_eos():
     assert trim_after_eos([5, 6, EOS, 7], EOS) == [5, 6]
 
 
+EOT = 250  # an instruct model's end-of-turn token, in these stubs
+
+
+def preferring(favourite: dict[int, float], width: int = 264):
+    """A stub model whose logits favour the given tokens (by position parity: EOS/EOT at even
+    positions, the token 'a' (97) at odd ones), with call counting."""
+    calls = []
+
+    def model(x, am=None):
+        calls.append(1)
+        logits = torch.zeros(*x.shape, width)
+        even = torch.arange(x.shape[1]) % 2 == 0
+        for tok, value in favourite.items():
+            logits[:, even, tok] = value
+        logits[:, ~even, 97] = 3.0
+        return logits
+    model.calls = calls
+    return model
+
+
+def test_eot_ends_the_answer_like_eos():
+    calls = []
+
+    def eot_model(x, am=None):
+        calls.append(1)
+        logits = torch.zeros(*x.shape, 264)
+        logits[..., EOT] = 10.0
+        return logits
+
+    cfg = SampleConfig(gen_length=16, steps=16, block_length=8, stop_at_eos=True)
+    out = generate(eot_model, torch.randint(0, 200, (2, 3)), cfg, mask_id=MASK, eos_id=EOS, end_ids=[EOS, EOT])
+    assert len(calls) <= 8 and (out[:, 11:] == EOS).all()  # done in the first block; the rest EOS at once
+    assert torch.isin(out[:, 3:], torch.tensor([EOS, EOT])).all()
+    calls.clear()
+    generate(eot_model, torch.randint(0, 200, (2, 3)), cfg, mask_id=MASK, eos_id=EOS)
+    assert len(calls) == 16  # EOT alone is no end unless the caller says so
+    assert trim_after_eos([5, EOT, 6, EOS], [EOS, EOT]) == [5]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_eos_and_eot_proposals_are_committed_last_at_any_temperature(temperature):
+    """EOS and EOT are the most confident proposals at half the positions; with
+    confidence_eos_eot_inf every other proposal of the block is committed before any of them."""
+    gen = torch.Generator().manual_seed(0)
+    cfg = SampleConfig(gen_length=8, steps=8, block_length=8, temperature=temperature, confidence_eos_eot_inf=True)
+    canvases = []
+    model = preferring({EOS: 9.0, EOT: 8.5})
+    out = generate(model, torch.randint(0, 200, (1, 2)), cfg, mask_id=MASK, eos_id=EOS, end_ids=[EOS, EOT],
+                   generator=gen, on_step=lambda i, x: canvases.append(x[0, 2:].clone()))
+    for x in canvases[:4]:  # the four positions that propose 'a' go first
+        assert not torch.isin(x, torch.tensor([EOS, EOT])).any()
+    assert torch.isin(out[0, 2:], torch.tensor([EOS, EOT])).sum() == 4
+    plain = generate(model, torch.randint(0, 200, (1, 2)), cfg.model_copy(update={"confidence_eos_eot_inf": False}),
+                     mask_id=MASK, eos_id=EOS, generator=torch.Generator().manual_seed(0),
+                     on_step=lambda i, x: canvases.append(x[0, 2:].clone()))
+    assert torch.isin(canvases[8], torch.tensor([EOS, EOT])).any()  # without it, EOS/EOT go first
+
+
+def test_logits_eos_inf_never_proposes_eos():
+    cfg = SampleConfig(gen_length=8, steps=8, block_length=8, logits_eos_inf=True)
+    out = generate(preferring({EOS: 9.0}), torch.randint(0, 200, (2, 2)), cfg, mask_id=MASK, eos_id=EOS)
+    assert not (out == EOS).any() and not (out == MASK).any()
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(prompt=torch.zeros(5, dtype=torch.long)), "batch, prompt_len"),
     (dict(max_length=10), "exceeds the model's context"),
     (dict(attention_mask=torch.tensor([[0, 1, 1]]), prompt=torch.tensor([[MASK, 1, 2]])), "pad id equals mask_id"),
     (dict(prompt=torch.tensor([[1, MASK, 2]])), "contains mask_id"),
     (dict(attention_mask=torch.tensor([[1, 0, 1]])), "left-padded"),
-    (dict(cfg=SampleConfig(gen_length=8, steps=8, block_length=8, stop_at_eos=True)), "needs eos_id"),
+    (dict(cfg=SampleConfig(gen_length=8, steps=8, block_length=8, stop_at_eos=True)), "need eos_id"),
+    (dict(cfg=SampleConfig(gen_length=8, steps=8, block_length=8, logits_eos_inf=True)), "need eos_id"),
 ])
 def test_bad_settings_raise(model, kwargs, message):
     cfg = kwargs.pop("cfg", SampleConfig(gen_length=8, steps=8, block_length=8))
