@@ -3,7 +3,9 @@
     completions = complete_texts(model, tok, ["q1...32....23.3..="], cfg, seeds=[0])
 
 ``encode_prompt`` turns a prompt into ids (after EOS, the document separator the model saw in
-training) and refuses a prompt whose ids hold the mask or pad token. ``complete_ids`` runs
+training) and refuses a prompt whose ids hold the mask or pad token. ``encode_chat`` does the same
+for OpenAI-style ``messages``, rendered with the tokenizer's own chat template as Hugging Face
+renders it (Jinja2, sandboxed, ``add_generation_prompt``). ``complete_ids`` runs
 ``sampling.generate_many`` (rows grouped by settings and length, a seed per row, proposals limited
 to the tokenizer's vocabulary) and cuts each completion at its first EOS. Evaluation, batch
 generation, Serve and the benchmarks all go through here, so a prompt is completed the same way
@@ -12,8 +14,9 @@ everywhere. No Ray, no transport.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -51,16 +54,74 @@ def finish(tok: Tok, generated: list[int], num_model_calls: int) -> Completion:
 def encode_prompt(tok: Tok, text: str, *, prepend_eos: bool = True) -> list[int]:
     """The ids of a prompt; a prompt that is not valid Unicode (a lone surrogate) or that encodes to
     the mask or pad token is refused."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise PromptError(f"the prompt is not valid Unicode ({exc.reason} at character {exc.start})") from None
+    _check_text(text, "the prompt")
     ids = tok.encode(text)
     bad = {tok.mask_id, tok.pad_id}.intersection(ids)
     if bad:
         raise PromptError(f"the prompt encodes to the tokenizer's {'mask' if tok.mask_id in bad else 'pad'} token "
                           f"(id {min(bad)}), which no content may hold")
     return [tok.eos_id, *ids] if prepend_eos else ids
+
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def encode_chat(tok: Tok, messages: Any) -> list[int]:
+    """The ids of a conversation, ready for the assistant's answer. Messages are ``{"role",
+    "content"}`` dicts; their text may not hold the tokenizer's special-token markup (it would be read
+    as markup, not text), and a tokenizer without a chat template is refused, not guessed for."""
+    if not tok.chat_template:
+        raise PromptError("the model's tokenizer has no chat template; send a plain prompt instead")
+    if not isinstance(messages, list) or not messages:
+        raise PromptError("messages must be a non-empty list")
+    for k, m in enumerate(messages):
+        if not isinstance(m, dict) or set(m) - {"role", "content", "name"}:
+            raise PromptError(f"messages[{k}] must be an object with role and content")
+        if m.get("role") not in CHAT_ROLES:
+            raise PromptError(f"messages[{k}].role is {m.get('role')!r}; expected one of {', '.join(CHAT_ROLES)}")
+        content = m.get("content")
+        if not isinstance(content, str):
+            raise PromptError(f"messages[{k}].content must be a string")
+        _check_text(content, f"messages[{k}].content")
+        markup = next((t for t in tok.special_tokens if t in content), None)
+        if markup is not None:
+            raise PromptError(f"messages[{k}].content holds the special token text {markup!r}")
+    try:
+        text = _template(tok.chat_template).render(
+            messages=messages, add_generation_prompt=True, bos_token=_special(tok, "bos_token"),
+            eos_token=_special(tok, "eos_token"))
+    except Exception as exc:  # noqa: BLE001 - a template's own raise_exception, or a bad template
+        raise PromptError(f"the chat template refused these messages: {exc}") from None
+    ids = tok.encode_chat(text)
+    if tok.mask_id in ids:
+        raise PromptError("the rendered conversation holds the mask token")
+    return ids
+
+
+def _check_text(text: str, where: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PromptError(f"{where} is not valid Unicode ({exc.reason} at character {exc.start})") from None
+
+
+def _special(tok: Tok, key: str) -> str:
+    value = getattr(tok, "config", {}).get(key, "")
+    return value.get("content", "") if isinstance(value, dict) else (value or "")
+
+
+@functools.lru_cache(maxsize=8)
+def _template(source: str) -> Any:
+    """A compiled chat template, in the environment Hugging Face renders templates in."""
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise ValueError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(source)
 
 
 def complete_ids(model: ModelFn, tok: Tok, prompt_ids: Sequence[list[int]], samples: SampleConfig | Sequence[SampleConfig],

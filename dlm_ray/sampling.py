@@ -26,13 +26,12 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-LAST = -1.0  # a confidence below any probability, yet finite: the position is still a mask to fill
-
 import torch
 
 from dlm_ray.config import SampleConfig
 from dlm_ray.diffusion import exclude_mask_logit
 
+LAST = -1.0  # a confidence below any probability, yet finite: the position is still a mask to fill
 ModelFn = Callable[..., torch.Tensor]
 # One generator for the batch, or one per row: per-row generators make each row's output independent
 # of which other rows share its batch (the batch job seeds every row on its own).

@@ -11,9 +11,10 @@ every denoising step: the text sharpens in place, masks shown as ``MASK_GLYPH``.
 with each other the same way (one model call per step serves every stream of the batch), and a
 stream whose client disconnects stops at the next step.
 
-Errors answer in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 for a bad
-request (types, ranges, lengths, malformed JSON), 404 for an unknown model. Beyond
-``max_queued_requests`` Serve answers 503 at once instead of queueing without bound.
+``/v1/chat/completions`` takes OpenAI's ``messages``, rendered with the model's own chat template
+(a model without one answers 400), and streams OpenAI's chunks (``serve_api``). The wire format
+(request models, errors: 400 for a bad request, 404 for an unknown model) lives in ``serve_api``.
+Beyond ``max_queued_requests`` Serve answers 503 at once instead of queueing without bound.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures' types at runtime.
@@ -24,49 +25,19 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Literal
+from typing import Any, AsyncIterator
 
 import torch
-from fastapi import FastAPI, HTTPException, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from fastapi import HTTPException
+from fastapi.responses import StreamingResponse
 from ray import serve
 
 from dlm_ray.checkpoint import inference_placement, load_inference
-from dlm_ray.config import MAX_CFG_SCALE, SampleConfig, ServeConfig
-from dlm_ray.inference import Completion, PromptError, complete_ids, encode_prompt, finish
+from dlm_ray.config import SampleConfig, ServeConfig
+from dlm_ray.inference import Completion, PromptError, complete_ids, encode_chat, encode_prompt, finish
 from dlm_ray.sampling import generate_rows
-
-MASK_GLYPH = "_"
-MAX_INT = 2**31 - 1  # no integer setting comes near it; larger ones would overflow tensor sizes
-
-
-class CompletionRequest(BaseModel):
-    """``POST /v1/completions``: OpenAI's fields we honour, plus the sampler's own."""
-
-    # Strict types: no "yes" for a flag, no true for a number, no "3" for an integer; numbers finite.
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    model: str
-    prompt: str | list[str]
-    max_tokens: int | None = Field(None, gt=0, le=MAX_INT)  # → gen_length; the context bounds it further
-    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)  # OpenAI's range
-    n: int = Field(1, gt=0, le=MAX_INT)
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    stop: str | list[str] | None = None
-    stream: bool = False
-    user: str | None = None
-    # Diffusion sampling (OpenAI clients pass these through extra_body); SampleConfig bounds them.
-    steps: int | None = Field(None, gt=0, le=MAX_INT)
-    block_length: int | None = Field(None, gt=0, le=MAX_INT)
-    remasking: Literal["low_confidence", "random"] | None = None
-    cfg_scale: float | None = Field(None, ge=0, le=MAX_CFG_SCALE, allow_inf_nan=False)
-    threshold: float | None = Field(None, gt=0, le=2, allow_inf_nan=False)
-    factor: float | None = Field(None, gt=0, le=100, allow_inf_nan=False)
-    cache: Literal["none", "prefix", "dual"] | None = None
-
+from dlm_ray.serve_api import (MASK_GLYPH, ChatCompletionRequest, CompletionRequest, SamplingFields, StreamText, app,
+                               chat_body, chat_chunk, cut_at_stop, resolve_sample, text_body, text_event)
 
 @dataclass
 class Item:
@@ -90,62 +61,6 @@ class Stream:
     def send(self, msg: tuple) -> None:
         """From the sampling thread: hand an event to the request's coroutine."""
         self.loop.call_soon_threadsafe(self.events.put_nowait, msg)
-
-
-def resolve_sample(req: CompletionRequest, default: SampleConfig) -> SampleConfig:
-    """The request's settings over the server's; block and step counts follow max_tokens when the
-    request leaves them out (steps keep the default's tokens-per-step ratio)."""
-    gen = req.max_tokens or default.gen_length
-    block = req.block_length or (default.block_length if gen % default.block_length == 0 else gen)
-    steps = req.steps
-    if steps is None and gen % block == 0:
-        blocks = gen // block
-        steps = max(1, round(gen * default.steps / default.gen_length / blocks)) * blocks
-    fields = {"gen_length": gen, "block_length": block, "steps": steps or gen, "temperature": req.temperature,
-              "remasking": req.remasking, "cfg_scale": req.cfg_scale, "threshold": req.threshold, "factor": req.factor,
-              "cache": req.cache}
-    update = {k: v for k, v in fields.items() if v is not None}
-    # A request's fast-decoding rule replaces the server's default rule, whichever that is.
-    if req.factor is not None and req.threshold is None:
-        update["threshold"] = None
-    if req.threshold is not None and req.factor is None:
-        update["factor"] = None
-    try:
-        return SampleConfig.model_validate({**default.to_dict(), **update})
-    except ValidationError as exc:
-        raise HTTPException(400, "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())) from None
-
-
-def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
-    """The text before the first stop sequence, and whether one was found."""
-    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
-
-
-def _error(status: int, message: str, *, param: str | None = None, code: str | None = None) -> JSONResponse:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
-
-
-app = FastAPI(title="dlm-ray")
-
-
-@app.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    first = exc.errors()[0]
-    where = ".".join(str(p) for p in first["loc"] if p != "body")
-    message = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}"
-                        for e in exc.errors()[:5])
-    return _error(400, message, param=where or None)
-
-
-@app.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    """Every HTTP error in one body: ours, and the router's 404 (unknown path) and 405 (wrong method)."""
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-    if exc.status_code == 404 and str(exc.detail).startswith("model "):
-        code = "model_not_found"
-    return _error(exc.status_code, str(exc.detail), code=code)
 
 
 @serve.deployment
@@ -194,60 +109,67 @@ class DenoiserServer:
 
     @app.post("/v1/completions")
     async def completions(self, req: CompletionRequest) -> Any:
-        if req.model != self.cfg.model_name:
-            raise HTTPException(404, f"model {req.model!r} is not served here; GET /v1/models lists "
-                                     f"{self.cfg.model_name!r}")
-        sample = resolve_sample(req, self.cfg.sample)
+        self._check_model(req)
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
-        self._check(prompts, req, stops)
-        base_seed = req.seed if req.seed is not None else secrets.randbits(62)
+        if not prompts:
+            raise HTTPException(400, "prompt is an empty list")
+        if len(prompts) > self.cfg.max_prompts:
+            raise HTTPException(400, f"{len(prompts)} prompts; at most {self.cfg.max_prompts} per request")
+        for k, p in enumerate(prompts):
+            if not p.strip():
+                raise HTTPException(400, f"prompt {k} is empty")
         try:
             ids = [encode_prompt(self.tok, p) for p in prompts]
         except PromptError as exc:
             raise HTTPException(400, str(exc)) from None
+        return await self._answer(req, ids, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, req: ChatCompletionRequest) -> Any:
+        self._check_model(req)
+        try:
+            ids = [encode_chat(self.tok, [m.model_dump(exclude_none=True) for m in req.messages])]
+        except PromptError as exc:
+            raise HTTPException(400, str(exc)) from None
+        return await self._answer(req, ids, chat=True)
+
+    def _check_model(self, req: SamplingFields) -> None:
+        if req.model != self.cfg.model_name:
+            raise HTTPException(404, f"model {req.model!r} is not served here; GET /v1/models lists "
+                                     f"{self.cfg.model_name!r}")
+
+    async def _answer(self, req: SamplingFields, ids: list[list[int]], *, chat: bool) -> Any:
+        """Sample for the tokenized prompts of a request; the body (or stream) in its API's shape."""
+        sample = resolve_sample(req, self.cfg.sample)
+        stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
+        if req.n > self.cfg.max_n:
+            raise HTTPException(400, f"n={req.n}; at most {self.cfg.max_n}")
+        if len(stops) > 4:
+            raise HTTPException(400, "at most 4 stop sequences")
+        if req.stream and (len(ids) > 1 or req.n > 1):
+            raise HTTPException(400, "stream supports one prompt and n=1")
         for k, p in enumerate(ids):
             if len(p) + sample.gen_length > self.max_seq_len:
-                raise HTTPException(400, f"prompt {k} is {len(p)} tokens; with max_tokens {sample.gen_length} that "
+                what = "the conversation" if chat else f"prompt {k}"
+                raise HTTPException(400, f"{what} is {len(p)} tokens; with max_tokens {sample.gen_length} that "
                                          f"exceeds the model's context of {self.max_seq_len}")
+        base_seed = req.seed if req.seed is not None else secrets.randbits(62)
         items = [Item(p, sample, base_seed + k * req.n + j) for k, p in enumerate(ids) for j in range(req.n)]
-        rid = f"cmpl-{secrets.token_hex(12)}"
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}"
         if req.stream:
             self.active_streams += 1
-            return StreamingResponse(self._stream(rid, items[0], stops), media_type="text/event-stream")
+            return StreamingResponse(self._stream(rid, items[0], stops, chat), media_type="text/event-stream")
         outs = await asyncio.gather(*(self.complete_batch(it) for it in items))
         failed = next((o for o in outs if isinstance(o, Exception)), None)
         if failed is not None:
             status = 400 if isinstance(failed, ValueError) else 500
             raise HTTPException(status, f"this request failed while sampling: {failed}")
-        choices, completion_tokens = [], 0
-        for index, c in enumerate(outs):
+        answers = []
+        for c in outs:
             text, stopped = cut_at_stop(c.text, stops)
-            completion_tokens += len(c.ids)
-            # model_calls: of the generate() batch that made this choice (a call serves the whole batch).
-            choices.append({"index": index, "text": text, "logprobs": None,
-                            "finish_reason": "stop" if stopped or c.finished else "length",
-                            "model_calls": c.num_model_calls})
-        prompt_tokens = sum(len(p) for p in ids) * req.n
-        return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": self.cfg.model_name,
-                "choices": choices, "seed": base_seed,
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                          "total_tokens": prompt_tokens + completion_tokens}}
-
-    def _check(self, prompts: list[str], req: CompletionRequest, stops: list[str]) -> None:
-        if not prompts:
-            raise HTTPException(400, "prompt is an empty list")
-        if len(prompts) > self.cfg.max_prompts:
-            raise HTTPException(400, f"{len(prompts)} prompts; at most {self.cfg.max_prompts} per request")
-        if req.n > self.cfg.max_n:
-            raise HTTPException(400, f"n={req.n}; at most {self.cfg.max_n}")
-        for k, p in enumerate(prompts):
-            if not p.strip():
-                raise HTTPException(400, f"prompt {k} is empty")
-        if len(stops) > 4:
-            raise HTTPException(400, "at most 4 stop sequences")
-        if req.stream and (len(prompts) > 1 or req.n > 1):
-            raise HTTPException(400, "stream supports one prompt and n=1")
+            answers.append((text, "stop" if stopped or c.finished else "length", c))
+        build = chat_body if chat else text_body
+        return build(rid, self.cfg.model_name, answers, prompt_tokens=sum(len(p) for p in ids) * req.n, seed=base_seed)
 
     # ------------------------------------------------------------------------------- sampling
 
@@ -331,26 +253,30 @@ class DenoiserServer:
                 run.append(t)
         return "".join(parts) + self.tok.decode(run)
 
-    async def _stream(self, rid: str, item: Item, stops: list[str]) -> AsyncIterator[str]:
+    async def _stream(self, rid: str, item: Item, stops: list[str], chat: bool) -> AsyncIterator[str]:
         stream = Stream(item, asyncio.Queue(), asyncio.get_running_loop())
         # The batch runs on its own: it outlives this request if the client goes, for the others in it.
         batch = asyncio.ensure_future(self.stream_batch(stream))
         self._stream_tasks.add(batch)
         batch.add_done_callback(self._stream_tasks.discard)
+        name, answer = self.cfg.model_name, StreamText(self.tok, stops)
 
-        def event(text: str, step: int, gen_ids: list[int], finish: str | None) -> str:
+        def event(step: int, gen_ids: list[int], final: str | None, finish_reason: str | None) -> str:
             masked = sum(t == self.tok.mask_id for t in gen_ids)
-            return "data: " + json.dumps({
-                "id": rid, "object": "text_completion", "model": self.cfg.model_name,
-                "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
-                "step": step, "num_masked": masked, "num_unmasked": len(gen_ids) - masked}) + "\n\n"
+            progress = {"step": step, "num_masked": masked, "num_unmasked": len(gen_ids) - masked}
+            if not chat:
+                return text_event(rid, name, final if final is not None else self.render(gen_ids), finish_reason,
+                                  **progress)
+            delta = answer.rest(final) if final is not None else answer.delta(gen_ids)
+            return chat_chunk(rid, name, {"content": delta}, finish_reason, canvas=self.render(gen_ids), **progress)
 
         try:
+            if chat:
+                yield chat_chunk(rid, name, {"role": "assistant", "content": ""}, None)
             while True:
                 kind, *msg = await stream.events.get()
                 if kind == "step":
-                    i, gen_ids = msg
-                    yield event(self.render(gen_ids), i, gen_ids, None)
+                    yield event(msg[0], msg[1], None, None)
                     continue
                 if kind == "error":
                     body = {"error": {"message": f"this request failed while sampling: {msg[0]}",
@@ -360,8 +286,7 @@ class DenoiserServer:
                 (final_ids,) = msg
                 done = finish(self.tok, final_ids, 0)
                 text, stopped = cut_at_stop(done.text, stops)
-                reason = "stop" if stopped or done.finished else "length"
-                yield event(text, item.sample.steps, final_ids, reason)
+                yield event(item.sample.steps, final_ids, text, "stop" if stopped or done.finished else "length")
                 break
             yield "data: [DONE]\n\n"
         finally:

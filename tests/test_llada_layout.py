@@ -77,7 +77,8 @@ def test_export_writes_llada_names_and_round_trips(tmp_path):
         cfg = json.loads((out / "config.json").read_text())
         assert cfg["model_type"] == "llada" and cfg["mask_token_id"] == 258 and cfg["dlm_ray"]["tokenizer"]["kind"] == "byte"
         files = sorted(out.glob("*.safetensors"))
-        assert (len(files) > 1) == (shard_bytes < 1 << 30) and (out / "model.safetensors.index.json").exists() == (len(files) > 1)
+        assert (len(files) > 1) == (shard_bytes < 1 << 30)
+        assert (out / "model.safetensors.index.json").exists() == (len(files) > 1)
         names = set()
         for f in files:  # the safetensors library reads what we wrote
             with safe_open(str(f), framework="pt") as st:
@@ -143,3 +144,24 @@ def test_broken_directories_are_named_and_nothing_half_loads(tmp_path):
     (garbage / "model-00001-of-00002.safetensors").write_bytes(b"garbage!")
     with pytest.raises(CheckpointError, match="model-00001-of-00002.safetensors: not a safetensors file"):
         load_inference(garbage)
+
+
+def test_chat_is_rendered_with_the_models_template_markup_as_special_tokens(tmp_path):
+    from dlm_ray.inference import PromptError, encode_chat, encode_prompt
+
+    _, tok, _ = load_inference(write_llada_dir(tmp_path / "d"))
+    ids = encode_chat(tok, [{"role": "user", "content": "  Hi  "}])
+    # <|startoftext|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant...
+    expect = [256, 259, *tok.encode("user"), 260, *tok.encode("\n\nHi"), EOT, 259, *tok.encode("assistant"), 260,
+              *tok.encode("\n\n")]
+    assert ids == expect
+    assert EOT not in encode_prompt(tok, "a<|eot_id|>b")  # a plain prompt's text stays text
+    for messages, message in [([], "non-empty list"), ([{"role": "bot", "content": "x"}], "role is 'bot'"),
+                              ([{"role": "user", "content": 3}], "content must be a string"),
+                              ([{"role": "user", "content": "<|mdm_mask|>"}], "special token text"),
+                              ([{"role": "user", "content": "\ud800"}], "not valid Unicode")]:
+        with pytest.raises(PromptError, match=message):
+            encode_chat(tok, messages)
+    _, plain, _ = load_inference(write_llada_dir(tmp_path / "no_template", chat_template=None))
+    with pytest.raises(PromptError, match="no chat template"):
+        encode_chat(plain, [{"role": "user", "content": "hi"}])

@@ -188,7 +188,7 @@ def test_eos_and_eot_proposals_are_committed_last_at_any_temperature(temperature
     for x in canvases[:4]:  # the four positions that propose 'a' go first
         assert not torch.isin(x, torch.tensor([EOS, EOT])).any()
     assert torch.isin(out[0, 2:], torch.tensor([EOS, EOT])).sum() == 4
-    plain = generate(model, torch.randint(0, 200, (1, 2)), cfg.model_copy(update={"confidence_eos_eot_inf": False}),
+    generate(model, torch.randint(0, 200, (1, 2)), cfg.model_copy(update={"confidence_eos_eot_inf": False}),
                      mask_id=MASK, eos_id=EOS, generator=torch.Generator().manual_seed(0),
                      on_step=lambda i, x: canvases.append(x[0, 2:].clone()))
     assert torch.isin(canvases[8], torch.tensor([EOS, EOT])).any()  # without it, EOS/EOT go first

@@ -12,10 +12,14 @@ import httpx
 import pytest
 import torch
 
-from dlm_ray.checkpoint import save_inference
+from dlm_ray.checkpoint import load_inference, save_inference
+from dlm_ray.config import SampleConfig
+from dlm_ray.inference import complete_ids, encode_chat
 from dlm_ray.model import Denoiser
+from tests.llada_dir import write_llada_dir
 
 MODEL = "dlm-test"
+CHAT_SAMPLE = {"gen_length": 16, "steps": 8, "block_length": 16}
 
 
 def free_port() -> int:
@@ -25,7 +29,13 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(ray_cluster, tmp_path_factory, tiny_cfg):
+def chat_ckpt(tmp_path_factory) -> str:
+    """A model in LLaDA's layout, with a chat template."""
+    return str(write_llada_dir(tmp_path_factory.mktemp("chat") / "llada"))
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, tmp_path_factory, tiny_cfg, chat_ckpt):
     from ray import serve
 
     from dlm_ray.serve import build_app
@@ -48,6 +58,8 @@ def server(ray_cluster, tmp_path_factory, tiny_cfg):
     big = {**args, "checkpoint": str(big_ckpt), "num_cpus": 0.5,
            "sample": {"gen_length": 768, "steps": 768, "block_length": 768}}
     serve.run(build_app(big), name="big", route_prefix="/big")
+    chat = {**args, "checkpoint": chat_ckpt, "sample": CHAT_SAMPLE, "num_cpus": 0.5}
+    serve.run(build_app(chat), name="chat", route_prefix="/chat")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
 
@@ -161,6 +173,39 @@ def test_openai_client(server):
         client.completions.create(model=MODEL, prompt="s1=", temperature=-1)
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-4", prompt="s1=")
+
+
+def test_chat_completions_with_the_openai_client_plain_and_streamed(server, chat_ckpt):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server}/chat/v1", api_key="unused")
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    out = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, seed=7, temperature=1.0,
+                                         extra_body={"steps": 8})
+    choice = out.choices[0]
+    assert out.object == "chat.completion" and choice.message.role == "assistant"
+    assert choice.finish_reason in ("stop", "length")
+    # The answer is the model's completion of the conversation rendered with its own template.
+    model, tok, _ = load_inference(chat_ckpt)
+    ids = encode_chat(tok, messages)
+    local = complete_ids(model, tok, [ids], SampleConfig(**{**CHAT_SAMPLE, "temperature": 1.0}), [7])[0]
+    assert choice.message.content == local.text
+    assert out.usage.prompt_tokens == len(ids) and out.usage.completion_tokens == len(local.ids)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, seed=7,
+                                                 temperature=1.0, stream=True, extra_body={"steps": 8}))
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices[0].finish_reason is not None
+    assert all(c.object == "chat.completion.chunk" for c in chunks) and len(chunks) == 1 + 8 + 1
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == choice.message.content
+    with pytest.raises(openai.BadRequestError, match="role"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "wizard", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="messages"):
+        client.chat.completions.create(model=MODEL, messages=[])
+    with pytest.raises(openai.BadRequestError, match="special token text '<\\|eot_id\\|>'"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "a<|eot_id|>b"}])
+    byte_model = openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
+    with pytest.raises(openai.BadRequestError, match="no chat template"):
+        byte_model.chat.completions.create(model=MODEL, messages=messages)
+    assert httpx.get(f"{server}/chat/health").status_code == 200
 
 
 BAD = [
