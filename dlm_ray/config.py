@@ -325,6 +325,9 @@ class GenerateConfig(Config):
     output: str = "runs/tiny/generations"
     format: Literal["auto", "parquet", "jsonl"] = "auto"
     prompt_column: str = "prompt"
+    # A row may instead hold a conversation (OpenAI's [{"role", "content"}, ...]) in this column,
+    # rendered with the model's chat template.
+    messages_column: str = "messages"
     # Unique per row; without it a row's id is "<file relative to the input root>:<row number>".
     id_column: str | None = None
     sample: SampleConfig = Field(default_factory=lambda: SampleConfig(gen_length=24, steps=24, block_length=24))

@@ -13,8 +13,12 @@ The checkpoint is kept after success, so a rerun of a finished job writes nothin
 a grown input generates only the new ids. ``<output>/_job.json`` pins the settings an output was
 made with; resuming with other settings is refused rather than mixing two kinds of rows.
 
-Output columns: id, prompt, completion, completion_ids, num_model_calls, num_generated_tokens,
-seed, sample (the row's sampler settings as JSON), checkpoint (hash), source (file and row), error.
+A row may hold ``messages`` (a conversation, OpenAI's format) instead of a prompt: it is rendered
+with the model's chat template, and the answer ends at the model's end-of-turn token.
+
+Output columns: id, prompt, messages (JSON, for conversations), completion, completion_ids,
+num_model_calls, num_generated_tokens, seed, sample (the row's sampler settings as JSON),
+checkpoint (hash), source (file and row), error.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from dlm_ray.runtime import pace_scheduling
 from dlm_ray.sources import filesystem_for
 
 OUTPUT_SCHEMA = pa.schema([
-    ("id", pa.string()), ("prompt", pa.string()), ("completion", pa.string()),
+    ("id", pa.string()), ("prompt", pa.string()), ("messages", pa.string()), ("completion", pa.string()),
     ("completion_ids", pa.list_(pa.int32())), ("num_model_calls", pa.int32()),
     ("num_generated_tokens", pa.int32()), ("seed", pa.int64()), ("sample", pa.string()),
     ("checkpoint", pa.string()), ("source", pa.string()), ("error", pa.string()),
@@ -83,7 +87,8 @@ class Completer:
         for i, c in zip(ok, results):
             completion[i], comp_ids[i], calls[i], gen_tokens[i] = c.text, c.ids, c.num_model_calls, c.num_generated
         return pa.table({
-            "id": batch["id"], "prompt": batch["prompt"], "completion": completion, "completion_ids": comp_ids,
+            "id": batch["id"], "prompt": batch["prompt"], "messages": batch["messages"], "completion": completion,
+            "completion_ids": comp_ids,
             "num_model_calls": calls, "num_generated_tokens": gen_tokens, "seed": batch["seed"],
             "sample": batch["sample"], "checkpoint": [self.hash] * n, "source": batch["where"],
             "error": batch["error"],
@@ -99,7 +104,8 @@ def _absolute(path: str) -> str:
 
 def _job_identity(cfg: GenerateConfig, ckpt_hash: str) -> dict[str, Any]:
     return {"checkpoint": ckpt_hash, "sample": cfg.sample.to_dict(), "seed": cfg.seed,
-            "prompt_column": cfg.prompt_column, "id_column": cfg.id_column, "prepend_eos": cfg.prepend_eos}
+            "prompt_column": cfg.prompt_column, "messages_column": cfg.messages_column, "id_column": cfg.id_column,
+            "prepend_eos": cfg.prepend_eos}
 
 
 def check_output(cfg: GenerateConfig, identity: dict[str, Any]) -> list[str]:
@@ -112,7 +118,8 @@ def check_output(cfg: GenerateConfig, identity: dict[str, Any]) -> list[str]:
     if filesystem.get_file_info(job_file).type == pafs.FileType.File:
         with filesystem.open_input_stream(job_file) as f:
             before = json.loads(f.read())
-        diff = sorted(k for k in identity if before.get(k) != identity[k])
+        # A setting an older output did not record (added since) is no difference.
+        diff = sorted(k for k in identity if k in before and before[k] != identity[k])
         if diff:
             raise ValueError(f"{cfg.output} was generated with other settings ({', '.join(diff)} differ); "
                              "write to a new output, or delete it to start over")

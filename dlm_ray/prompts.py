@@ -27,7 +27,7 @@ from ray.data.block import BlockMetadata
 
 from dlm_ray.config import CorpusConfig, GenerateConfig, SampleConfig
 from dlm_ray.corpus import HELDOUT_SEED, iter_examples
-from dlm_ray.inference import encode_prompt
+from dlm_ray.inference import encode_chat, encode_prompt
 from dlm_ray.sources import BadInputError, file_format, filesystem_for, iter_lines, list_files
 
 # Per-row sampler overrides: input columns with these names, when present and not null.
@@ -35,7 +35,7 @@ OVERRIDE_FIELDS = (*SampleConfig.model_fields, "seed")
 ROWS_PER_BLOCK = 1024  # read granularity only: build_dataset re-forms blocks for the model
 BUILTIN_SHARD = 500
 
-READ_SCHEMA = pa.schema([("id", pa.string()), ("where", pa.string()), ("prompt", pa.string()),
+READ_SCHEMA = pa.schema([("id", pa.string()), ("where", pa.string()), ("prompt", pa.string()), ("messages", pa.string()),
                          ("overrides", pa.string()), ("error", pa.string())])
 
 
@@ -43,13 +43,18 @@ def _rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=READ_SCHEMA)
 
 
-def _row(id_: str, where: str, prompt: Any, overrides: dict[str, Any], error: str | None) -> dict[str, Any]:
-    if error is None and not isinstance(prompt, str):
+def _row(id_: str, where: str, prompt: Any, overrides: dict[str, Any], error: str | None,
+         messages: Any = None) -> dict[str, Any]:
+    """A read row; ``messages`` (a conversation) stands in for the prompt, checked when encoded."""
+    if error is None and messages is not None and prompt is not None:
+        error = "row has both a prompt and messages; give one"
+    if error is None and messages is None and not isinstance(prompt, str):
         error = "prompt is missing (null)" if prompt is None else f"prompt is {type(prompt).__name__}, not text"
-    if error is None and not prompt.strip():
+    if error is None and messages is None and not prompt.strip():
         error = "prompt is empty"
     kept = {k: v for k, v in overrides.items() if v is not None}
     return {"id": id_, "where": where, "prompt": prompt if isinstance(prompt, str) else None,
+            "messages": None if messages is None else json.dumps(messages, ensure_ascii=False),
             "overrides": json.dumps(kept, sort_keys=True) if kept else None, "error": error}
 
 
@@ -85,7 +90,7 @@ def _records(fmt: str, uri: str, columns: set[str]) -> Iterator[tuple[int, dict[
 
 
 def _read_file(uri: str, name: str, fmt: str, cfg: GenerateConfig) -> Iterator[pa.Table]:
-    columns = {cfg.prompt_column, *OVERRIDE_FIELDS} | ({cfg.id_column} if cfg.id_column else set())
+    columns = {cfg.prompt_column, cfg.messages_column, *OVERRIDE_FIELDS} | ({cfg.id_column} if cfg.id_column else set())
     rows: list[dict[str, Any]] = []
     for n, record, error in _records(fmt, uri, columns):
         where = f"{name} row {n}"
@@ -98,7 +103,7 @@ def _read_file(uri: str, name: str, fmt: str, cfg: GenerateConfig) -> Iterator[p
                 id_ = str(given)
         record = record or {}
         overrides = {k: record.get(k) for k in OVERRIDE_FIELDS}
-        rows.append(_row(id_, where, record.get(cfg.prompt_column), overrides, error))
+        rows.append(_row(id_, where, record.get(cfg.prompt_column), overrides, error, record.get(cfg.messages_column)))
         if len(rows) == ROWS_PER_BLOCK:
             yield _rows_to_table(rows)
             rows = []
@@ -242,7 +247,10 @@ def prepare_batch(batch: pa.Table, *, cfg: GenerateConfig, tokenizer: Any, max_s
         sample, seed = None, 0
         if errors[i] is None:
             try:
-                ids = encode_prompt(tokenizer, rows["prompt"][i], prepend_eos=cfg.prepend_eos)
+                if rows["messages"][i] is not None:
+                    ids = encode_chat(tokenizer, json.loads(rows["messages"][i]))
+                else:
+                    ids = encode_prompt(tokenizer, rows["prompt"][i], prepend_eos=cfg.prepend_eos)
                 sc, own_seed = resolve_row(rows["overrides"][i], cfg.sample)
                 seed = own_seed if own_seed is not None else row_seed(cfg.seed, rows["id"][i])
                 if len(ids) + sc.gen_length > max_seq_len:

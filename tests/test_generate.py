@@ -217,6 +217,33 @@ def test_a_block_whose_checkpoint_stayed_pending_is_generated_again(ray_cluster,
     assert not list((tmp_path / "out" / CHECKPOINT_DIR).glob("*.pending.parquet"))
 
 
+def test_a_messages_column_is_rendered_with_the_models_chat_template(ray_cluster, tmp_path):
+    from dlm_ray.checkpoint import load_inference
+    from dlm_ray.inference import complete_ids, encode_chat
+    from tests.llada_dir import write_llada_dir
+
+    ckpt = str(write_llada_dir(tmp_path / "llada"))
+    convs = [[{"role": "user", "content": f"question {i}"}] for i in range(6)]
+    rows = [{"messages": c} for c in convs] + [
+        {"messages": [{"role": "wizard", "content": "x"}]}, {"messages": []},
+        {"messages": convs[0], "prompt": "also a prompt"}, {"prompt": "plain"}]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = make_cfg(ckpt, tmp_path / "in", tmp_path / "out", actors=(1, 1))
+    summary = run(cfg)
+    out = {r["id"]: r for r in read_output(tmp_path / "out").to_pylist()}
+    assert summary["rows"] == 10 and summary["rows_errored"] == 3
+    assert "role is 'wizard'" in out["chat.jsonl:6"]["error"] and "non-empty" in out["chat.jsonl:7"]["error"]
+    assert "both a prompt and messages" in out["chat.jsonl:8"]["error"]
+    assert out["chat.jsonl:9"]["error"] is None and out["chat.jsonl:9"]["messages"] is None
+    model, tok, _ = load_inference(ckpt)
+    for i in (0, 5):
+        row = out[f"chat.jsonl:{i}"]
+        assert json.loads(row["messages"]) == convs[i] and row["prompt"] is None
+        local = complete_ids(model, tok, [encode_chat(tok, convs[i])], cfg.sample, [row["seed"]])[0]
+        assert row["completion"] == local.text and row["completion_ids"] == local.ids
+
+
 def test_resume_with_other_settings_or_foreign_output_is_refused(checkpoint, prompts, tmp_path):
     cfg = make_cfg(checkpoint, prompts, tmp_path / "out")
     check_output(cfg, {"checkpoint": "aaa", "seed": 0})
