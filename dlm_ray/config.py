@@ -176,9 +176,15 @@ class DataConfig(Config):
     """
 
     source: str = "builtin"
+    # "pretrain": documents packed into rows; "sft": one (prompt, response) example per row, the
+    # prompt never masked (dlm_ray.sft), from messages or prompt/response columns.
+    task: Literal["pretrain", "sft"] = "pretrain"
     corpus: CorpusConfig = Field(default_factory=CorpusConfig)
     format: Literal["auto", "parquet", "jsonl", "text", "hf", "prepared"] = "auto"
     text_column: str = "text"
+    prompt_column: str = "prompt"  # fine-tuning examples: prompt and response, or messages
+    response_column: str = "response"
+    messages_column: str = "messages"
     # Plain text: one document per line, or one per file.
     text_unit: Literal["line", "file"] = "line"
     # Held-out data: a separate source, else documents whose content hash falls in this fraction.
@@ -295,14 +301,18 @@ class PretrainConfig(Config):
     storage_path: str = "runs"
     model: ModelConfig = Field(default_factory=lambda: ModelConfig(preset="tiny"))
     diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
-    tokenizer: str = "byte"
+    # "byte", a tokenizer.json path, or a tokenizer config (set from init_from).
+    tokenizer: str | dict[str, Any] = "byte"
+    # Start from an inference checkpoint (ours or a LLaDA directory): its weights, shape and tokenizer.
+    init_from: str | None = None
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @model_validator(mode="after")
     def _check_lengths(self) -> PretrainConfig:
-        if self.data.seq_len > self.model.max_seq_len:
+        # With init_from the model's shape is the checkpoint's, checked once it is read (with_init_from).
+        if self.init_from is None and self.data.seq_len > self.model.max_seq_len:
             raise ValueError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
             )

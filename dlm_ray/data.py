@@ -121,11 +121,15 @@ class TokenizePack:
                     rows.pop("doc_ids", None)  # a quarter of the bytes per row, unused unless asked for
                 if self.diffusion is not None:
                     rows = self.mask_rows(rows, self.diffusion, seed=self.cfg.seed, mask_id=self.tok.mask_id,
-                                     item_id=stable_id(item["key"]), strata=self.strata)
+                                          item_id=stable_id(item["key"]), strata=self.strata,
+                                          prompt_len_R=rows.get("prompt_len"))
                 yield rows
             self.stats.add.remote({"resume.rows_passed_over": skipped})
 
     def _item(self, item: dict[str, Any], epoch: int, skip: int) -> Iterator[dict[str, np.ndarray]]:
+        if self.cfg.task == "sft":
+            yield from self._examples(item, epoch, skip)
+            return
         if item["format"] == "prepared":
             yield from self._prepared(item, epoch, skip)
             return
@@ -179,6 +183,54 @@ class TokenizePack:
             counts["rows"] += len(rows["row_id"])
             yield rows
         if epoch == 0 and not skip:  # count each document once: not again per epoch, nor on a resume
+            self.stats.add.remote(dict(counts))
+
+    def _examples(self, item: dict[str, Any], epoch: int, skip: int) -> Iterator[dict[str, np.ndarray]]:
+        """Fine-tuning rows (``dlm_ray.sft``): one example each; a row's index is its example's."""
+        from dlm_ray.sft import ExampleError, build_rows, encode_example, iter_records
+
+        cfg, counts = self.cfg, Counter({"files": 1})
+        batch: list[tuple[list[int], list[int]]] = []
+        first = n = 0
+
+        def flush() -> dict[str, np.ndarray]:
+            nonlocal first
+            rows = build_rows(batch, seq_len=cfg.seq_len, eos_id=self.tok.eos_id, key=item["key"], first_index=first)
+            first += len(batch)
+            batch.clear()
+            counts["rows"] += len(rows["row_id"])
+            return rows
+
+        try:
+            for where, record, reason in iter_records(item, cfg):
+                try:
+                    if reason is not None:
+                        raise ExampleError(reason, reason.replace("_", " "))
+                    prompt, response = encode_example(self.tok, record, cfg)
+                    if len(prompt) + len(response) >= cfg.seq_len:  # room for at least one EOS
+                        raise ExampleError("too_long", f"{len(prompt)} prompt + {len(response)} response tokens "
+                                                       f"leave no room for EOS in seq_len {cfg.seq_len}")
+                except ExampleError as exc:
+                    if cfg.strict:
+                        raise BadInputError(f"{item['where']}: {where}: {exc}") from None
+                    counts[f"skipped.{exc.reason}"] += 1
+                    continue
+                n += 1
+                if n <= skip:  # rows a resumed run already trained on: not even built
+                    first += 1
+                    continue
+                batch.append((prompt, response))
+                counts["documents"] += 1
+                counts["tokens"] += len(prompt) + len(response)
+                if len(batch) == cfg.docs_per_batch:
+                    yield flush()
+        except OSError as exc:
+            if cfg.strict:
+                raise BadInputError(f"{item['where']}: unreadable: {exc}") from exc
+            counts["skipped_files.unreadable"] += 1
+        if batch:
+            yield flush()
+        if epoch == 0 and not skip:
             self.stats.add.remote(dict(counts))
 
     def _prepared(self, item: dict[str, Any], epoch: int, skip: int) -> Iterator[dict[str, np.ndarray]]:

@@ -139,15 +139,19 @@ def diffusion_loss(
     num_real_tokens: torch.Tensor | int,
     *,
     mask_id: int,
+    row_weight_B: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Σ_masked −log pθ(x0|xt) / p(t), over the number of real tokens: NELBO per token (scalar).
 
     ``num_real_tokens`` is passed in rather than counted here so that data-parallel workers can
-    normalise by the global count and their gradients add up to the full-batch gradient.
+    normalise by the global count and their gradients add up to the full-batch gradient. The SFT
+    form weights each row by 1 / its answer length (``row_weight_B``) and divides by the rows.
     """
     nll_BL = masked_token_nll(logits_BLV, x0_BL, masked_BL.bool(), mask_id)
-    weighted = (nll_BL / p_mask_B.float()[:, None]).sum()
-    return weighted / num_real_tokens
+    per_row_B = (nll_BL / p_mask_B.float()[:, None]).sum(-1)
+    if row_weight_B is not None:
+        per_row_B = per_row_B * row_weight_B.float()
+    return per_row_B.sum() / num_real_tokens
 
 
 # ---------------------------------------------------------------------------------- NELBO estimate
@@ -162,8 +166,12 @@ def estimate_nelbo(
     num_samples: int,
     attention_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    maskable: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Negative ELBO in nats per real token, per row: Tensor[B].
+
+    With ``maskable`` [B, L] (say, the answer after a prompt) only those positions are masked and
+    scored: the bound on -log p(answer | prompt) per answer token, as LLaDA scores a completion.
 
     The low-variance form: per sample draw a count l in 1..n (n = the row's real tokens), mask
     exactly l real positions uniformly without replacement and weight the masked cross-entropy by
@@ -176,6 +184,8 @@ def estimate_nelbo(
     device = input_ids_BL.device
     B, L = input_ids_BL.shape
     real_BL = torch.ones_like(input_ids_BL, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    if maskable is not None:
+        real_BL = real_BL & maskable.bool()
     n_B = real_BL.sum(-1)
     if (n_B == 0).any():
         raise ValueError("estimate_nelbo: a row has no real tokens")

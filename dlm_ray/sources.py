@@ -209,39 +209,59 @@ def _raw_documents(item: dict[str, Any], cfg: DataConfig) -> Iterator[tuple[str,
             for n, value in enumerate(fast):
                 yield f"record {n}", value
             return
-        for n, line in enumerate(iter_lines(uri), 1):
-            if not line.strip():
-                continue  # blank lines between records are not records
-            try:
-                record = json.loads(line.decode("utf-8"))
-            except UnicodeDecodeError:
-                yield f"line {n}", _NON_UTF8
-                continue
-            except json.JSONDecodeError:
-                yield f"line {n}", _BAD_JSON
-                continue
-            yield f"line {n}", record.get(cfg.text_column) if isinstance(record, dict) else _NOT_OBJECT
+        for where, record in iter_jsonl_records(uri):
+            yield where, record.get(cfg.text_column) if isinstance(record, dict) else record
     elif fmt in ("parquet", "arrow"):
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        filesystem, path = filesystem_for(uri)
-        with filesystem.open_input_file(path) as f:
-            try:
-                reader = pq.ParquetFile(f) if fmt == "parquet" else pa.ipc.open_stream(f)
-            except pa.ArrowInvalid as exc:
-                raise OSError(str(exc)) from exc
-            schema = reader.schema_arrow if fmt == "parquet" else reader.schema
-            if cfg.text_column not in schema.names:
-                raise OSError(f"no column {cfg.text_column!r} (columns: {schema.names})")
-            batches = reader.iter_batches(columns=[cfg.text_column]) if fmt == "parquet" else reader
-            n = 0
-            for batch in batches:
-                for value in batch.column(batch.schema.get_field_index(cfg.text_column)).to_pylist():
-                    yield f"row {n}", value
-                    n += 1
+        for where, record in iter_table_records(fmt, uri, [cfg.text_column], required=cfg.text_column):
+            yield where, record[cfg.text_column]
     else:
         raise ValueError(f"unknown format {fmt!r} for {uri}")
+
+
+def iter_jsonl_records(uri: str) -> Iterator[tuple[str, Any]]:
+    """(where, record) of each JSONL line; a line that is no JSON object gives a reason marker."""
+    for n, line in enumerate(iter_lines(uri), 1):
+        if not line.strip():
+            continue  # blank lines between records are not records
+        try:
+            record = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            yield f"line {n}", _NON_UTF8
+            continue
+        except json.JSONDecodeError:
+            yield f"line {n}", _BAD_JSON
+            continue
+        yield f"line {n}", record if isinstance(record, dict) else _NOT_OBJECT
+
+
+def iter_table_records(fmt: str, uri: str, columns: list[str], *, required: str | None = None
+                       ) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, record of the ``columns`` the file has) of each row of a Parquet or Arrow file; a file
+    without the ``required`` column, or not readable as its format, is an ``OSError``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    filesystem, path = filesystem_for(uri)
+    with filesystem.open_input_file(path) as f:
+        try:
+            reader = pq.ParquetFile(f) if fmt == "parquet" else pa.ipc.open_stream(f)
+        except pa.ArrowInvalid as exc:
+            raise OSError(str(exc)) from exc
+        schema = reader.schema_arrow if fmt == "parquet" else reader.schema
+        if required is not None and required not in schema.names:
+            raise OSError(f"no column {required!r} (columns: {schema.names})")
+        cols = [c for c in columns if c in schema.names]
+        batches = reader.iter_batches(columns=cols) if fmt == "parquet" else reader
+        n = 0
+        for batch in batches:
+            for record in batch.select(cols).to_pylist():
+                yield f"row {n}", record
+                n += 1
+
+
+def marker_reason(value: Any) -> str | None:
+    """The reason a raw value from ``iter_jsonl_records`` is not a record, or None if it is one."""
+    return _MARKERS.get(id(value))
 
 
 # Markers for raw values that are not documents, each with its own reason.

@@ -83,8 +83,10 @@ def _evaluate(engine: Any, val_shard: Any, cfg: PretrainConfig, mask_id: int, de
     for batch in val_shard.iter_torch_batches(batch_size=cfg.train.micro_batch_size, drop_last=True):
         b = _to_device(batch, device)
         real = b["attention_mask"].bool()
+        if "prompt_len" in b:  # fine-tuning: the answer given the prompt
+            real = real & (torch.arange(real.shape[1], device=device)[None, :] >= b["prompt_len"][:, None])
         nelbo = estimate_nelbo(model, b["input_ids"].long(), mask_id=mask_id, num_samples=cfg.eval.nelbo_samples,
-                               attention_mask=b["attention_mask"].long(), generator=gen)
+                               attention_mask=b["attention_mask"].long(), generator=gen, maskable=real)
         total += torch.stack([(nelbo.double() * real.sum(-1)).sum(), real.sum().double()])
         count += 1
         if count >= cfg.train.eval_batches:
@@ -128,10 +130,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     np.random.seed(tc.seed)
     tok = load_tokenizer(cfg.tokenizer)
     model = Denoiser(cfg.model)
+    checkpoint = ray.train.get_checkpoint()
+    if cfg.init_from and not checkpoint:  # a resume restores its own weights
+        from dlm_ray.checkpoint import load_inference
+
+        model.load_state_dict(load_inference(cfg.init_from)[0].state_dict())
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                            config=deepspeed_config(tc, use_gpu=tc.use_gpu))
     state: dict[str, Any] = {"step": 0, "tokens_seen": 0, "position": DataPosition().to_list()}
-    checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
             state = load_training(Path(d), engine, rank=rank)
@@ -160,8 +166,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         for group in engine.optimizer.param_groups:
             group["lr"] = lr_at(state["step"], tc)
         logits = engine(b["noisy_ids"].long(), b["attention_mask"].long())
-        n_real = b["attention_mask"].sum().clamp_min(1)
-        loss = diffusion_loss(logits, b["input_ids"].long(), b["loss_mask"], b["p_mask"], n_real, mask_id=tok.mask_id)
+        if "answer_len" in b:  # fine-tuning (LLaDA): each row over its answer length, then over the rows
+            loss = diffusion_loss(logits, b["input_ids"].long(), b["loss_mask"], b["p_mask"], len(b["answer_len"]),
+                                  mask_id=tok.mask_id, row_weight_B=1.0 / b["answer_len"].float())
+        else:
+            n_real = b["attention_mask"].sum().clamp_min(1)
+            loss = diffusion_loss(logits, b["input_ids"].long(), b["loss_mask"], b["p_mask"], n_real,
+                                  mask_id=tok.mask_id)
         engine.backward(loss)
         engine.step()
         micro += 1
@@ -240,6 +251,21 @@ def _fail_once(cfg: PretrainConfig, rank: int) -> None:
 # ------------------------------------------------------------------------------------------ driver
 
 
+def with_init_from(cfg: PretrainConfig) -> PretrainConfig:
+    """The run's config with ``init_from``'s model shape and tokenizer (its tokenizer file by absolute
+    path, its token ids from its config): a fine-tune must read text as the model was trained to."""
+    if not cfg.init_from:
+        return cfg
+    from dlm_ray.checkpoint import local_path, read_inference_config
+
+    meta, _ = read_inference_config(cfg.init_from)
+    tokenizer = dict(meta["tokenizer"])
+    if tokenizer.get("kind") == "hf":
+        tokenizer["path"] = str(local_path(cfg.init_from).resolve() / tokenizer["path"])
+    out = PretrainConfig.model_validate({**cfg.to_dict(), "model": meta["model"], "tokenizer": tokenizer})
+    return out
+
+
 def fit(cfg: PretrainConfig) -> ray.train.Result:
     """Train on the configured corpus; resumes the run of the same name if it has a checkpoint."""
     from ray.data import ExecutionOptions, ExecutionResources
@@ -247,6 +273,7 @@ def fit(cfg: PretrainConfig) -> ray.train.Result:
 
     from dlm_ray.tokenizer import load_tokenizer
 
+    cfg = with_init_from(cfg)
     tok = load_tokenizer(cfg.tokenizer)
     if tok.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"tokenizer has {tok.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}")
