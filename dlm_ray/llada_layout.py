@@ -193,24 +193,34 @@ def _read_into(f: Any, dest: torch.Tensor, dtype: torch.dtype, nbytes: int, path
 def save_weights(tensors: Iterator[tuple[str, torch.Tensor]], directory: Path, *, dtype: torch.dtype,
                  shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[Path]:
     """Write ``(LLaDA name, tensor)`` pairs as safetensors in ``dtype``: one file, or shards of at most
-    ``shard_bytes`` with an index, as Hugging Face writes them."""
-    shards: list[list[tuple[str, torch.Tensor]]] = [[]]
+    ``shard_bytes`` with an index, as Hugging Face writes them. Each shard is written as soon as it
+    is full, so memory holds one shard's tensors at most (beyond what the caller holds)."""
+    parts: list[tuple[Path, list[str], int]] = []  # (temporary file, names, bytes)
+    shard: list[tuple[str, torch.Tensor]] = []
     size = 0
+
+    def flush() -> None:
+        tmp = directory / f".shard-{len(parts):05d}.tmp"
+        _write_file(tmp, shard)
+        parts.append((tmp, [n for n, _ in shard], size))
+        shard.clear()
+
     for name, t in tensors:
         t = t.detach().to("cpu", dtype).contiguous()
-        if shards[-1] and size + t.numel() * t.itemsize > shard_bytes:
-            shards.append([])
+        if shard and size + t.numel() * t.itemsize > shard_bytes:
+            flush()
             size = 0
-        shards[-1].append((name, t))
+        shard.append((name, t))
         size += t.numel() * t.itemsize
-    n = len(shards)
+    if shard or not parts:
+        flush()
+    n = len(parts)
     names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    for shard, fname in zip(shards, names):
-        _write_file(directory / fname, shard)
+    for (tmp, _, _), fname in zip(parts, names):
+        tmp.replace(directory / fname)
     if n > 1:
-        total = sum(t.numel() * t.itemsize for s in shards for _, t in s)
-        index = {"metadata": {"total_size": total},
-                 "weight_map": {name: fname for shard, fname in zip(shards, names) for name, _ in shard}}
+        index = {"metadata": {"total_size": sum(b for _, _, b in parts)},
+                 "weight_map": {t: fname for (_, ts, _), fname in zip(parts, names) for t in ts}}
         (directory / INDEX_FILE).write_text(json.dumps(index, indent=2))
     return [directory / f for f in names]
 

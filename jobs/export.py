@@ -17,13 +17,17 @@ import torch
 from dlm_ray.checkpoint import export
 
 
-def main(argv: list[str] | None = None) -> str:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint", help="a checkpoint_* directory of a run")
     ap.add_argument("output", help="directory for the inference checkpoint")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                     help="dtype of the written weights (LLaDA's own are bfloat16)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> str:
+    args = parser().parse_args(argv)
     out = export(args.checkpoint, args.output, dtype=getattr(torch, args.dtype))
     print(f"exported {args.checkpoint} -> {out}")
     return str(out)

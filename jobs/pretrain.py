@@ -22,15 +22,15 @@ from dlm_ray.metrics import write_summary
 from dlm_ray.model import Denoiser, num_params
 from dlm_ray.runtime import init_ray
 from dlm_ray.tokenizer import load_tokenizer
-from dlm_ray.train import fit
+from dlm_ray.train import fit, with_init_from
 
 
-def results_table(before: dict, after: dict) -> str:
+def results_table(before: dict, after: dict, first: str = "untrained") -> str:
     """Untrained vs trained: held-out NELBO and validity per task family, one row each."""
     cols = list(after["validity"])
     head = f"{'':10s} {'NELBO bits/token':>17s} " + " ".join(f"{c:>13s}" for c in cols)
     rows = [f"{label:10s} {s['nelbo_bits']:17.3f} " + " ".join(f"{s['validity'][c]:13.0%}" for c in cols)
-            for label, s in (("untrained", before), ("trained", after))]
+            for label, s in ((first, before), ("trained", after))]
     return "\n".join([head, *rows])
 
 
@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
                                lambda ap: ap.add_argument("--export-dir", help="default: <run dir>/export"))
     t0 = time.time()
     init_ray()
+    cfg = with_init_from(cfg)  # continued pretraining: the checkpoint's shape and tokenizer
     tc = cfg.train
     where = f"{tc.gpus_per_worker:g} GPU" if tc.use_gpu else f"{tc.cpus_per_worker:g} CPU"
     print(f"[pretrain] model {num_params(cfg.model) / 1e6:.2f}M params | run {run_dir(cfg)}\n"
@@ -48,7 +49,8 @@ def main(argv: list[str] | None = None) -> dict:
     tok = load_tokenizer(cfg.tokenizer)
     torch.manual_seed(tc.seed)  # the same initial weights the workers start from
     families = cfg.data.corpus.families
-    before = score(Denoiser(cfg.model).eval(), tok, families, cfg.eval, seq_len=cfg.data.seq_len) if builtin else None
+    start = load_inference(cfg.init_from)[0] if cfg.init_from else Denoiser(cfg.model).eval()
+    before = score(start, tok, families, cfg.eval, seq_len=cfg.data.seq_len) if builtin else None
 
     t_train = time.time()
     result = fit(cfg)
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
     if builtin:
         model, tok, _ = load_inference(export_dir)
         after = score(model, tok, cfg.data.corpus.families, cfg.eval, seq_len=cfg.data.seq_len)
-        print(results_table(before, after))
+        print(results_table(before, after, "init_from" if cfg.init_from else "untrained"))
         for fam, rows in after["samples"].items():
             for prompt, comp, ok in rows:
                 print(f"  {fam:13s} {prompt!r:22s} -> {comp!r} {'ok' if ok else 'wrong'}")

@@ -11,6 +11,7 @@ built-in corpus it prints held-out validity per task family before and after.
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -26,10 +27,11 @@ DEFAULT_CONFIG = Path(__file__).parent / "configs" / "sft.yaml"
 
 
 def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--config" not in argv and not any(a.startswith("--config=") for a in argv):
+        argv = ["--config", str(DEFAULT_CONFIG), *argv]
     cfg, args = parse_job_args(PretrainConfig, argv, __doc__.splitlines()[0],
                                lambda ap: ap.add_argument("--export-dir", help="default: <run dir>/export"))
-    if args.config is None:
-        cfg, args = parse_job_args(PretrainConfig, ["--config", str(DEFAULT_CONFIG), *(argv or [])], "")
     if cfg.data.task != "sft" or not cfg.init_from:
         raise SystemExit("jobs/sft.py needs data.task: sft and init_from (a model to start from)")
     t0 = time.time()
