@@ -256,7 +256,11 @@ class TrainConfig(Config):
     checkpoint_every: int = Field(400, gt=0)
     num_to_keep: int = Field(2, gt=0)
     max_failures: int = Field(2, ge=-1)
-    # For MFU: peak FLOP/s of one worker's device (989e12: H100 dense bf16); unset, no MFU is reported.
+    # Recompute activations in the backward pass instead of keeping them: every block, or every k-th.
+    activation_checkpointing: Literal["none", "full", "every_k"] = "none"
+    activation_checkpointing_k: int = Field(2, gt=0)
+    # For MFU: peak FLOP/s of one worker's device; unset, it comes from the GPU's name (H100, H200,
+    # A100, L40S in dense bf16), and on a CPU or an unknown device no MFU is reported.
     peak_flops: float | None = Field(None, gt=0)
     # TensorBoard event files under <run dir>/tensorboard as well as metrics.jsonl (the [tensorboard] extra).
     tensorboard: bool = False

@@ -12,6 +12,10 @@ Shape legend:  B batch, L sequence length, D d_model, H heads, K head dim (D / H
 
 For fast sampling the model can also return its keys/values (``prefill``) and then recompute only
 a window of the canvas against them (``forward_window``): the bidirectional analogue of a KV cache.
+Every entry point can return logits for a span of positions only (``logits_span``): a sampler
+reads one block's, and at LLaDA's vocabulary (126,464) the whole canvas's float32 logits are
+gigabytes per step. ``checkpointed`` (block indices) recomputes those blocks' activations in the
+backward pass instead of keeping them (activation checkpointing), in training only.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from dlm_ray.config import ModelConfig
@@ -111,10 +116,13 @@ class Block(nn.Module):
 class Denoiser(nn.Module):
     """``model(input_ids_BL, attention_mask_BL=None) -> logits_BLV`` (float32)."""
 
+    supports_logits_span = True  # samplers ask for one block's logits only
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
         self.max_seq_len = cfg.max_seq_len
+        self.checkpointed: frozenset[int] = frozenset()
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -131,13 +139,16 @@ class Denoiser(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=std * scale)
 
     def forward(
-        self, input_ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor | None = None
+        self, input_ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor | None = None, *,
+        logits_span: tuple[int, int] | None = None,
     ) -> torch.Tensor:
-        logits_BLV, _ = self.prefill(input_ids_BL, attention_mask_BL, keep_cache=False)
+        """Logits [B, L, V], or [B, b - a, V] for positions [a, b) with ``logits_span=(a, b)``."""
+        logits_BLV, _ = self.prefill(input_ids_BL, attention_mask_BL, keep_cache=False, logits_span=logits_span)
         return logits_BLV
 
     def prefill(
-        self, input_ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor | None = None, *, keep_cache: bool = True
+        self, input_ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor | None = None, *, keep_cache: bool = True,
+        logits_span: tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, KVCache | None]:
         """The plain forward, also returning every layer's keys/values for ``forward_window``."""
         B, L = input_ids_BL.shape
@@ -155,24 +166,31 @@ class Denoiser(nn.Module):
         cos, sin = rope_tables(pos_BL, self.config.d_model // self.config.n_heads, self.config.rope_theta)
         x_BLD = self.wte(input_ids_BL)
         layers = []
-        for block in self.blocks:
-            x_BLD, fresh = block(x_BLD, cos, sin, keep_B11L)
+        for i, block in enumerate(self.blocks):
+            if self.training and i in self.checkpointed:
+                x_BLD, fresh = torch.utils.checkpoint.checkpoint(block, x_BLD, cos, sin, keep_B11L, use_reentrant=False)
+            else:
+                x_BLD, fresh = block(x_BLD, cos, sin, keep_B11L)
             if keep_cache:
                 layers.append(fresh)
+        if logits_span is not None:
+            x_BLD = x_BLD[:, logits_span[0]:logits_span[1]]  # the head (L x V) only where it is read
         logits_BLV = self.lm_head(self.ln_f(x_BLD)).float()
         return logits_BLV, (KVCache(layers, pos_BL, keep_B11L) if keep_cache else None)
 
-    def forward_window(self, window_ids_BW: torch.Tensor, start: int, cache: KVCache) -> torch.Tensor:
+    def forward_window(self, window_ids_BW: torch.Tensor, start: int, cache: KVCache, *,
+                       logits_len: int | None = None) -> torch.Tensor:
         """Logits of the window [start, start + W) of the canvas ``cache`` was made from, with the
         window's tokens replaced by ``window_ids_BW``; every other position's keys/values come from
-        the cache (approximate: they are not updated for the window's new tokens)."""
+        the cache (approximate: they are not updated for the window's new tokens). With
+        ``logits_len`` only the window's first ``logits_len`` positions get logits."""
         W = window_ids_BW.shape[1]
         pos_BW = cache.pos_BL[:, start:start + W]
         cos, sin = rope_tables(pos_BW, self.config.d_model // self.config.n_heads, self.config.rope_theta)
         x_BWD = self.wte(window_ids_BW)
         for block, kv in zip(self.blocks, cache.layers):
             x_BWD, _ = block(x_BWD, cos, sin, cache.keep_B11L, kv, start)
-        return self.lm_head(self.ln_f(x_BWD)).float()
+        return self.lm_head(self.ln_f(x_BWD[:, :logits_len])).float()
 
 
 LayerKV = tuple[torch.Tensor, torch.Tensor]  # keys (after RoPE) and values [B, H, L, K]

@@ -106,19 +106,25 @@ def _validate(
 
 def _logits(
     model: ModelFn, x_BT: torch.Tensor, am_BT: torch.Tensor | None, prompt_real_BT: torch.Tensor,
-    cfg_scale: float, mask_id: int,
+    cfg_scale: float, mask_id: int, span: tuple[int, int],
 ) -> torch.Tensor:
+    """Logits of the positions in ``span`` (the current block): from the model alone when it can
+    (``supports_logits_span``), else cut from the whole canvas's."""
+    def call(x: torch.Tensor, am: torch.Tensor | None) -> torch.Tensor:
+        if getattr(model, "supports_logits_span", False):
+            return model(x, am, logits_span=span)
+        return model(x, am)[:, span[0]:span[1]]
+
     if cfg_scale == 0:
-        return model(x_BT, am_BT)
+        return call(x_BT, am_BT)
     # Unsupervised classifier-free guidance: the unconditional pass sees the prompt fully masked.
     un_x_BT = x_BT.masked_fill(prompt_real_BT, mask_id)
     am2 = None if am_BT is None else torch.cat([am_BT, am_BT])
-    both = model(torch.cat([x_BT, un_x_BT]), am2)
-    cond, uncond = both.chunk(2)
+    cond, uncond = call(torch.cat([x_BT, un_x_BT]), am2).chunk(2)
     return uncond + (cfg_scale + 1) * (cond - uncond)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(
     model: ModelFn,
     prompt_ids_BP: torch.Tensor,
@@ -166,8 +172,11 @@ def generate(
     am_BT = None
     prompt_real_BT = torch.zeros_like(x_BT, dtype=torch.bool)
     if attention_mask is not None:
-        am_BT = torch.cat([attention_mask.long(), torch.ones((B, cfg.gen_length), dtype=torch.long, device=device)], 1)
         prompt_real_BT[:, :P] = attention_mask.bool()
+        # Without padding the model gets no mask at all, so attention can take its fused kernel.
+        if not bool(attention_mask.bool().all()):
+            am_BT = torch.cat([attention_mask.long(), torch.ones((B, cfg.gen_length), dtype=torch.long,
+                                                                 device=device)], 1)
     else:
         prompt_real_BT[:, :P] = True
 
@@ -187,15 +196,16 @@ def generate(
             refresh = i == 0 or (cfg.refresh_every is not None and i % cfg.refresh_every == 0)
             if cfg.cache == "none":
                 pr_AT = prompt_real_BT if every else prompt_real_BT[rows_A]
-                logits_ALV = _logits(model, xa_AT, ama_AT, pr_AT, cfg.cfg_scale, mask_id)[:, start:end]
+                logits_ALV = _logits(model, xa_AT, ama_AT, pr_AT, cfg.cfg_scale, mask_id, (start, end))
             elif refresh:
-                logits_ATV, cache = model.prefill(xa_AT, ama_AT)  # type: ignore[attr-defined]
-                cache_rows, logits_ALV = rows_A, logits_ATV[:, start:end]
+                logits_ALV, cache = model.prefill(xa_AT, ama_AT, logits_span=(start, end))  # type: ignore[attr-defined]
+                cache_rows = rows_A
             else:
                 if not torch.equal(cache_rows, rows_A):  # some rows finished the block: drop them
                     cache, cache_rows = cache.rows(torch.searchsorted(cache_rows, rows_A)), rows_A
                 stop = x_BT.shape[1] if cfg.cache == "prefix" else end
-                logits_ALV = model.forward_window(xa_AT[:, start:stop], start, cache)[:, :end - start]  # type: ignore
+                logits_ALV = model.forward_window(xa_AT[:, start:stop], start, cache,  # type: ignore[attr-defined]
+                                                  logits_len=end - start)
             num_calls += 1
             if vocab_size is not None:
                 logits_ALV = logits_ALV[..., :vocab_size]  # softmax and argmax over real tokens only

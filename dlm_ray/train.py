@@ -2,7 +2,11 @@
 
 Each Ray Train worker builds the denoiser, calls ``deepspeed.initialize`` itself (ZeRO 0-3, CPU
 offload optional; bf16 on GPU, fp32 on CPU with gloo), and reads its shard of masked, packed rows
-from the Ray Data pipeline. The loss is ``dlm_ray.diffusion.diffusion_loss``. Checkpoints go
+from the Ray Data pipeline. The loss is ``dlm_ray.diffusion.diffusion_loss``. On GPU the optimizer
+is torch's fused AdamW; activation checkpointing is per block (``train.activation_checkpointing``);
+before training, rank 0 prints DeepSpeed's memory estimate for the model and ZeRO stage, and a
+configuration that cannot fit is refused. MFU uses the device's peak FLOP/s by name (none on CPU).
+The step loop syncs with the device only at log windows. Checkpoints go
 through ``ray.train.report``; rerunning with the same run name resumes from the latest one
 (``ray.train.get_checkpoint()``), and ``FailureConfig`` restarts from it after a worker or node loss.
 
@@ -43,6 +47,66 @@ def lr_at(step: int, tc: TrainConfig) -> float:
     return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+# Dense bf16 tensor-core peaks (FLOP/s) by a substring of the GPU's name; the first match wins.
+PEAK_FLOPS = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12))
+
+
+def peak_flops(device_name: str, tc: TrainConfig) -> float | None:
+    """One device's peak FLOP/s for MFU: ``train.peak_flops`` if set, else by the GPU's name; None on
+    a CPU or a device not in the table (no MFU rather than a made-up one)."""
+    if tc.peak_flops:
+        return tc.peak_flops
+    return next((f for key, f in PEAK_FLOPS if key in device_name), None)
+
+
+def checkpointed_blocks(tc: TrainConfig, n_layers: int) -> frozenset[int]:
+    """The blocks whose activations are recomputed in the backward pass."""
+    if tc.activation_checkpointing == "full":
+        return frozenset(range(n_layers))
+    if tc.activation_checkpointing == "every_k":
+        return frozenset(range(0, n_layers, tc.activation_checkpointing_k))
+    return frozenset()
+
+
+def check_memory(model_cfg: Any, tc: TrainConfig, device_bytes: int | None) -> str:
+    """DeepSpeed's estimate of the per-GPU memory of the model states (parameters, gradients,
+    optimizer; activations come on top) for this model, ZeRO stage and worker count, as a line to
+    print; a configuration that cannot fit in ``device_bytes`` is refused with the numbers."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    from dlm_ray.model import num_params
+
+    n, workers = num_params(model_cfg), tc.num_workers
+    if tc.zero_stage == 3:
+        largest = model_cfg.vocab_size * model_cfg.d_model  # the embedding (and the head) is the largest layer
+        _, need, _ = estimate_zero3_model_states_mem_needs(n, largest, num_gpus_per_node=workers,
+                                                           cpu_offload=tc.offload_optimizer,
+                                                           cpu_offload_params=tc.offload_param)
+    elif tc.zero_stage in (1, 2):
+        _, need = estimate_zero2_model_states_mem_needs(n, num_gpus_per_node=workers, cpu_offload=tc.offload_optimizer)
+    else:
+        need = 20 * n  # nothing partitioned: bf16 params and grads, fp32 master, two Adam moments
+    gib = 2**30
+    line = (f"[memory] DeepSpeed ZeRO-{tc.zero_stage} estimate: {need / gib:.1f} GiB per GPU for the model states "
+            f"of {n / 1e9:.2f}B parameters on {workers} GPUs (activations come on top)")
+    if device_bytes is None:
+        return line + "; no device memory to check against"
+    if need > device_bytes:
+        raise ValueError(f"this configuration cannot fit: ZeRO-{tc.zero_stage} needs {need / gib:.1f} GiB per GPU "
+                         f"for the model states of {n / 1e9:.2f}B parameters on {workers} GPUs, and the device "
+                         f"has {device_bytes / gib:.1f} GiB; raise zero_stage or num_workers, or offload")
+    return line + f" of {device_bytes / gib:.1f} GiB"
+
+
+def make_optimizer(params: Iterable[torch.nn.Parameter], tc: TrainConfig, *, use_gpu: bool) -> Any:
+    """On GPU, torch's fused AdamW (one kernel for every parameter's update), handed to DeepSpeed;
+    on CPU None: DeepSpeed builds its own from the config."""
+    if not use_gpu:
+        return None
+    return torch.optim.AdamW(params, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay, fused=True)
+
+
 def deepspeed_config(tc: TrainConfig, *, use_gpu: bool) -> dict[str, Any]:
     """The generated DeepSpeed config; keys of ``train.deepspeed_config`` (a JSON file) override it."""
     bf16 = use_gpu if tc.bf16 is None else tc.bf16
@@ -64,6 +128,8 @@ def deepspeed_config(tc: TrainConfig, *, use_gpu: bool) -> dict[str, Any]:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if use_gpu:
+        del cfg["optimizer"]  # make_optimizer's fused AdamW
     if tc.deepspeed_config:
         override = json.loads(Path(tc.deepspeed_config).read_text())
         cfg = {**cfg, **override}
@@ -130,12 +196,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     np.random.seed(tc.seed)
     tok = load_tokenizer(cfg.tokenizer)
     model = Denoiser(cfg.model)
+    model.checkpointed = checkpointed_blocks(tc, cfg.model.n_layers)
     checkpoint = ray.train.get_checkpoint()
     if cfg.init_from and not checkpoint:  # a resume restores its own weights
         from dlm_ray.checkpoint import load_inference
 
         model.load_state_dict(load_inference(cfg.init_from)[0].state_dict())
+    on_cuda = device.type == "cuda"
+    line = check_memory(cfg.model, tc, torch.cuda.get_device_properties(device).total_memory if on_cuda else None)
+    if rank == 0:
+        _say(line)
+    peak = peak_flops(torch.cuda.get_device_name(device) if on_cuda else "cpu", tc)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                           optimizer=make_optimizer(model.parameters(), tc, use_gpu=tc.use_gpu),
                                            config=deepspeed_config(tc, use_gpu=tc.use_gpu))
     state: dict[str, Any] = {"step": 0, "tokens_seen": 0, "position": DataPosition().to_list()}
     if checkpoint:
@@ -189,7 +262,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             tps = window_tokens / dt
             record = {"step": step, "loss": float(loss_sum) / max(1, micro), "lr": lr_at(step - 1, tc),
                       "grad_norm": float(engine.get_global_grad_norm() or 0.0), "tokens_per_s": tps,
-                      "mfu": tps * flops_tok / (tc.peak_flops * world) if tc.peak_flops else None,
+                      "mfu": tps * flops_tok / (peak * world) if peak else None,
                       "tokens_seen": state["tokens_seen"], "epoch": consumed.epoch, "data_wait_frac": data_wait / dt}
             window_t, window_tokens, micro, data_wait = time.perf_counter(), 0, 0, 0.0
             loss_sum.zero_()

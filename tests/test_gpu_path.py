@@ -1,0 +1,147 @@
+"""The GPU path, proven on CPU: block-only logits, no mask tensor without padding, activation
+checkpointing, the fused optimizer, peak FLOP/s and the memory check give what the plain path gives."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dlm_ray.config import ModelConfig, SampleConfig
+from dlm_ray.model import Denoiser
+from dlm_ray.sampling import generate, left_pad
+
+MASK, PAD, EOS = 258, 256, 257
+
+
+class FullLogits:
+    """The path before block-only logits: every call computes the whole canvas's logits and the
+    sampler cuts the block out."""
+
+    def __init__(self, model: Denoiser) -> None:
+        self.model, self.max_seq_len = model, model.max_seq_len
+
+    def __call__(self, x, am=None):
+        return self.model(x, am)
+
+    def prefill(self, x, am=None, *, logits_span=None):
+        logits, cache = self.model.prefill(x, am)
+        return logits[:, logits_span[0]:logits_span[1]], cache
+
+    def forward_window(self, ids, start, cache, *, logits_len=None):
+        return self.model.forward_window(ids, start, cache)[:, :logits_len]
+
+
+@pytest.fixture
+def model(tiny_cfg):
+    torch.manual_seed(0)
+    return Denoiser(tiny_cfg.model_copy(update={"vocab_size": 264})).eval()
+
+
+@torch.no_grad()
+def test_logits_for_a_span_equal_the_full_logits_there(model):
+    x = torch.randint(0, 250, (2, 30))
+    am = torch.ones_like(x)
+    am[0, :4] = 0
+    full = model(x, am)
+    torch.testing.assert_close(model(x, am, logits_span=(10, 18)), full[:, 10:18], atol=1e-6, rtol=1e-6)
+    logits, _ = model.prefill(x, am, logits_span=(20, 30))
+    assert logits.shape == (2, 10, 264)
+
+
+SETTINGS = [
+    {}, {"temperature": 1.0}, {"remasking": "random", "temperature": 0.7}, {"threshold": 0.3},
+    {"factor": 1.0}, {"cache": "prefix", "threshold": 0.5}, {"cache": "dual"}, {"cache": "dual", "refresh_every": 2},
+    {"cfg_scale": 1.5}, {"stop_at_eos": True, "temperature": 1.0}, {"confidence_eos_eot_inf": True},
+]
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()) or "reference")
+@pytest.mark.parametrize("padded", [False, True])
+def test_every_sampler_setting_gives_the_same_tokens_as_full_logits(model, settings, padded):
+    cfg = SampleConfig(gen_length=16, steps=8, block_length=8, **settings)
+    prompts = [torch.randint(0, 250, (n,)).tolist() for n in ((5, 9, 7) if padded else (7, 7, 7))]
+    ids, am = left_pad(prompts, PAD)
+    out = {}
+    for name, m in (("block", model), ("full", FullLogits(model))):
+        gens = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
+        out[name] = generate(m, ids, cfg, mask_id=MASK, attention_mask=am, eos_id=EOS, generator=gens)
+    assert torch.equal(out["block"], out["full"])
+
+
+def test_an_unpadded_batch_reaches_the_model_without_a_mask(model):
+    seen = []
+
+    def spy(x, am=None, **kw):
+        seen.append(am)
+        return model(x, am, **kw)
+    spy.supports_logits_span = True
+    ids, am = left_pad([[1, 2, 3], [4, 5, 6]], PAD)
+    cfg = SampleConfig(gen_length=8, steps=4, block_length=8)
+    with_mask = generate(model, ids, cfg, mask_id=MASK)
+    assert torch.equal(generate(spy, ids, cfg, mask_id=MASK, attention_mask=am), with_mask)
+    assert seen and all(a is None for a in seen)
+    padded_ids, padded_am = left_pad([[1, 2], [4, 5, 6]], PAD)
+    generate(spy, padded_ids, cfg, mask_id=MASK, attention_mask=padded_am)
+    assert seen[-1] is not None
+
+
+@pytest.mark.parametrize("blocks", [frozenset({0, 1, 2, 3}), frozenset({1, 3})])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(tiny_cfg, blocks):
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (4, 32))
+    grads = []
+    for checkpointed in (frozenset(), blocks):
+        torch.manual_seed(1)
+        m = Denoiser(tiny_cfg).train()
+        m.checkpointed = checkpointed
+        loss = m(x).logsumexp(-1).mean()
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in m.parameters()]))
+    torch.testing.assert_close(grads[0][0], grads[1][0], atol=0, rtol=0)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_activation_checkpointing_setting_picks_blocks():
+    from dlm_ray.config import TrainConfig
+    from dlm_ray.train import checkpointed_blocks
+
+    assert checkpointed_blocks(TrainConfig(), 8) == frozenset()
+    assert checkpointed_blocks(TrainConfig(activation_checkpointing="full"), 4) == frozenset(range(4))
+    every = TrainConfig(activation_checkpointing="every_k", activation_checkpointing_k=3)
+    assert checkpointed_blocks(every, 8) == frozenset({0, 3, 6})
+
+
+def test_the_optimizer_is_torch_fused_adamw_on_gpu_and_deepspeed_s_on_cpu():
+    from dlm_ray.config import TrainConfig
+    from dlm_ray.train import deepspeed_config, make_optimizer
+
+    tc = TrainConfig()
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    gpu = make_optimizer(params, tc, use_gpu=True)
+    assert isinstance(gpu, torch.optim.AdamW) and gpu.defaults["fused"] is True
+    assert "optimizer" not in deepspeed_config(tc, use_gpu=True)
+    assert make_optimizer(params, tc, use_gpu=False) is None and "optimizer" in deepspeed_config(tc, use_gpu=False)
+
+
+def test_peak_flops_by_device_and_none_on_cpu():
+    from dlm_ray.config import TrainConfig
+    from dlm_ray.train import peak_flops
+
+    assert peak_flops("NVIDIA H100 80GB HBM3", TrainConfig()) == 989e12
+    assert peak_flops("NVIDIA A100-SXM4-80GB", TrainConfig()) == 312e12
+    assert peak_flops("cpu", TrainConfig()) is None
+    assert peak_flops("NVIDIA H100 80GB HBM3", TrainConfig(peak_flops=1e12)) == 1e12  # the setting wins
+    assert peak_flops("Some Future GPU", TrainConfig()) is None
+
+
+def test_a_configuration_that_cannot_fit_is_refused_with_the_numbers():
+    from dlm_ray.config import TrainConfig
+    from dlm_ray.train import check_memory
+
+    eight_b = ModelConfig(preset="8b")
+    line = check_memory(eight_b, TrainConfig(zero_stage=3, num_workers=8), device_bytes=80 * 2**30)
+    assert "ZeRO-3" in line and "GiB" in line
+    with pytest.raises(ValueError, match=r"needs .* GiB .* has 80.0 GiB"):
+        check_memory(eight_b, TrainConfig(zero_stage=2, num_workers=1), device_bytes=80 * 2**30)
+    assert "no device memory to check" in check_memory(eight_b, TrainConfig(zero_stage=2, num_workers=1), None)
