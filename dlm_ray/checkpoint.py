@@ -276,11 +276,11 @@ def _tokenizer(spec: dict[str, Any], d: Path) -> Any:
 
 
 def load_inference(directory: str | Path, *, device: str | torch.device = "cpu",
-                   dtype: torch.dtype = torch.float32) -> tuple[Denoiser, Any, dict[str, Any]]:
+                   dtype: torch.dtype = torch.float32, compile: bool = False) -> tuple[Denoiser, Any, dict[str, Any]]:
     """(model in eval mode, tokenizer, settings) from an inference checkpoint, local or at a URI.
 
     The weights go tensor by tensor into a model allocated once in ``dtype`` on ``device``; nothing
-    is returned unless every tensor was found with the right shape."""
+    is returned unless every tensor was found with the right shape. ``compile`` compiles its blocks."""
     d = local_path(directory)
     meta, tok = read_inference_config(d)
     with torch.device("meta"):
@@ -291,6 +291,10 @@ def load_inference(directory: str | Path, *, device: str | torch.device = "cpu",
         layout.load_weights(model, layout.weight_files(d), rename)
     except layout.LayoutError as exc:
         raise CheckpointError(str(exc)) from None
+    if compile:
+        from dlm_ray.model import compile_blocks
+
+        compile_blocks(model)
     return model.eval(), tok, meta
 
 

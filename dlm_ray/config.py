@@ -55,6 +55,8 @@ class ModelConfig(Config):
     rope_theta: float = Field(10000.0, gt=0)
     norm_eps: float = Field(1e-5, gt=0)
     init_std: float = Field(0.02, gt=0)
+    # torch.compile each block (training, and sampling where the job sets compile): off by default.
+    compile: bool = False
 
     @model_validator(mode="before")
     @classmethod
@@ -356,6 +358,7 @@ class GenerateConfig(Config):
     gpus_per_actor: float = Field(0.0, ge=0)
     torch_threads: int | None = Field(None, gt=0)  # per actor; None = one per CPU it holds
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    compile: bool = False  # torch.compile the model's blocks (worth it on GPUs, for long jobs)
     rows_per_file: int = Field(100_000, gt=0)
     strict: bool = False  # fail on the first bad row instead of writing an error row
     progress_bars: bool = True
@@ -413,3 +416,4 @@ class ServeConfig(Config):
     num_gpus: float = Field(0.0, ge=0)
     torch_threads: int | None = Field(None, gt=0)  # None: one per CPU the replica holds
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    compile: bool = False  # torch.compile the model's blocks (worth it on GPUs, for long jobs)

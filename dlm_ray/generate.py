@@ -62,7 +62,8 @@ class Completer:
     def __init__(self, cfg: dict[str, Any], ckpt_hash: str) -> None:
         self.cfg = c = GenerateConfig.model_validate(cfg)
         self.device, dtype = inference_placement(c.gpus_per_actor > 0, c.dtype, c.torch_threads or int(c.cpus_per_actor))
-        self.model, self.tok, _ = load_inference(c.checkpoint, device=self.device, dtype=dtype)
+        self.model, self.tok, _ = load_inference(c.checkpoint, device=self.device, dtype=dtype,
+                                                  compile=c.compile)
         self.hash = ckpt_hash
 
     def _maybe_fail(self) -> None:

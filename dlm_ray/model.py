@@ -193,6 +193,14 @@ class Denoiser(nn.Module):
         return self.lm_head(self.ln_f(x_BWD[:, :logits_len])).float()
 
 
+def compile_blocks(model: Denoiser) -> Denoiser:
+    """``torch.compile`` each block in place: every entry point (forward, prefill, forward_window)
+    runs the compiled blocks, and parameter names (checkpoints, exports) do not change."""
+    for block in model.blocks:
+        block.compile()
+    return model
+
+
 LayerKV = tuple[torch.Tensor, torch.Tensor]  # keys (after RoPE) and values [B, H, L, K]
 
 

@@ -71,7 +71,8 @@ class DenoiserServer:
     def __init__(self, cfg: dict[str, Any]) -> None:
         self.cfg = c = ServeConfig.model_validate(cfg)
         self.device, dtype = inference_placement(c.num_gpus > 0, c.dtype, c.torch_threads or int(c.num_cpus))
-        self.model, self.tok, self.meta = load_inference(c.checkpoint, device=self.device, dtype=dtype)
+        self.model, self.tok, self.meta = load_inference(c.checkpoint, device=self.device, dtype=dtype,
+                                                           compile=c.compile)
         self.max_seq_len = self.model.max_seq_len
         self.batch_sizes: Counter[int] = Counter()
         self.stream_batch_sizes: Counter[int] = Counter()

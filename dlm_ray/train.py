@@ -35,7 +35,7 @@ from dlm_ray.config import PretrainConfig, TrainConfig
 from dlm_ray.data import DataPosition, masked_dataset
 from dlm_ray.diffusion import diffusion_loss, estimate_nelbo, nats_to_bits
 from dlm_ray.metrics import MetricsLog, console_line
-from dlm_ray.model import Denoiser, flops_per_token
+from dlm_ray.model import Denoiser, compile_blocks, flops_per_token
 from dlm_ray.runtime import pace_scheduling, quiet_third_party
 
 
@@ -197,6 +197,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     tok = load_tokenizer(cfg.tokenizer)
     model = Denoiser(cfg.model)
     model.checkpointed = checkpointed_blocks(tc, cfg.model.n_layers)
+    if cfg.model.compile:
+        compile_blocks(model)
     checkpoint = ray.train.get_checkpoint()
     if cfg.init_from and not checkpoint:  # a resume restores its own weights
         from dlm_ray.checkpoint import load_inference
