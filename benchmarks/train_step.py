@@ -78,7 +78,7 @@ def plain(cfg: ModelConfig, data, device: str, dtype) -> float:
 def deepspeed_engine(cfg: PretrainConfig, data, device: str, stage: int) -> float:
     import deepspeed
 
-    from dlm_ray.train import deepspeed_config
+    from dlm_ray.engine import deepspeed_config
 
     tc = cfg.train.model_copy(update={"zero_stage": stage, "num_workers": 1})
     torch.manual_seed(0)

@@ -11,7 +11,7 @@ from dlm_ray.checkpoint import CheckpointError, export, load_inference, load_tra
 from dlm_ray.config import PretrainConfig
 from dlm_ray.config_io import load_config
 from dlm_ray.model import Denoiser
-from dlm_ray.train import deepspeed_config
+from dlm_ray.engine import deepspeed_config
 
 
 @pytest.fixture(scope="module")

@@ -104,7 +104,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(tiny_cfg, bl
 
 def test_activation_checkpointing_setting_picks_blocks():
     from dlm_ray.config import TrainConfig
-    from dlm_ray.train import checkpointed_blocks
+    from dlm_ray.engine import checkpointed_blocks
 
     assert checkpointed_blocks(TrainConfig(), 8) == frozenset()
     assert checkpointed_blocks(TrainConfig(activation_checkpointing="full"), 4) == frozenset(range(4))
@@ -114,7 +114,7 @@ def test_activation_checkpointing_setting_picks_blocks():
 
 def test_the_optimizer_is_torch_fused_adamw_on_gpu_and_deepspeed_s_on_cpu():
     from dlm_ray.config import TrainConfig
-    from dlm_ray.train import deepspeed_config, make_optimizer
+    from dlm_ray.engine import deepspeed_config, make_optimizer
 
     tc = TrainConfig()
     params = [torch.nn.Parameter(torch.zeros(3))]
@@ -126,7 +126,7 @@ def test_the_optimizer_is_torch_fused_adamw_on_gpu_and_deepspeed_s_on_cpu():
 
 def test_peak_flops_by_device_and_none_on_cpu():
     from dlm_ray.config import TrainConfig
-    from dlm_ray.train import peak_flops
+    from dlm_ray.engine import peak_flops
 
     assert peak_flops("NVIDIA H100 80GB HBM3", TrainConfig()) == 989e12
     assert peak_flops("NVIDIA A100-SXM4-80GB", TrainConfig()) == 312e12
@@ -137,7 +137,7 @@ def test_peak_flops_by_device_and_none_on_cpu():
 
 def test_a_configuration_that_cannot_fit_is_refused_with_the_numbers():
     from dlm_ray.config import TrainConfig
-    from dlm_ray.train import check_memory
+    from dlm_ray.engine import check_memory
 
     eight_b = ModelConfig(preset="8b")
     line = check_memory(eight_b, TrainConfig(zero_stage=3, num_workers=8), device_bytes=80 * 2**30)
