@@ -173,3 +173,30 @@ def test_compiled_blocks_match_eager_within_dtype_tolerance(tiny_cfg):
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     for p, q in zip(compiled.parameters(), eager.parameters()):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.slow
+def test_the_gpu_check_runs_on_cpu_in_smoke_mode(tmp_path):
+    """benchmarks/gpu_check.py cannot rot: its smoke mode (tiny preset, CPU) runs every section, in
+    a process of its own (it starts its own one-process DeepSpeed group)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from dlm_ray.model import num_params
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "gpu_check.json"
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu_check.py"), "--smoke", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    train = {(r["engine"], r["activation_checkpointing"]): r for r in result["training"]}
+    assert set(train) == {("deepspeed", "none"), ("plain", "none"), ("deepspeed", "full"), ("plain", "full")}
+    assert all(r["tokens_per_s"] > 0 and r["mfu"] is None for r in train.values())  # no MFU on a CPU
+    calls = {(r["sampler"], r["batch"]): r["model_calls"] for r in result["sampling"]}
+    assert calls[("reference", 1)] == calls[("dual cache", 4)] == 32 // 4  # the same commits per call
+    assert calls[("autoregressive (1 token/call, KV cache)", 1)] == 32 + 1
+    assert result["8b"]["params"] == num_params(ModelConfig(preset="8b")) and "ZeRO-3" in result["8b"]["zero3_8gpu"]
+    assert "| training |" in proc.stdout and "| sampling |" in proc.stdout
