@@ -283,9 +283,7 @@ def load_inference(directory: str | Path, *, device: str | torch.device = "cpu",
     is returned unless every tensor was found with the right shape. ``compile`` compiles its blocks."""
     d = local_path(directory)
     meta, tok = read_inference_config(d)
-    with torch.device("meta"):
-        model = Denoiser(ModelConfig.model_validate(meta["model"]))
-    model = model.to(dtype=dtype).to_empty(device=device)
+    model = Denoiser.empty(ModelConfig.model_validate(meta["model"]), device=device, dtype=dtype)
     rename = (lambda name: name) if meta["layout"] == "legacy" else layout.from_llada_name  # noqa: E731
     try:
         layout.load_weights(model, layout.weight_files(d), rename)

@@ -20,8 +20,10 @@ backward pass instead of keeping them (activation checkpointing), in training on
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -129,6 +131,14 @@ class Denoiser(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.reset_parameters()
 
+    @classmethod
+    def empty(cls, cfg: ModelConfig, *, device: str | torch.device, dtype: torch.dtype) -> Denoiser:
+        """A model with uninitialised parameters allocated once, in ``dtype`` on ``device``: for
+        weights about to be loaded (no fp32 copy, no time spent drawing random weights)."""
+        with _no_init(), torch.device("meta"):
+            model = cls(cfg)
+        return model.to(dtype=dtype).to_empty(device=device)
+
     def reset_parameters(self) -> None:
         std = self.config.init_std
         for name, p in self.named_parameters():
@@ -191,6 +201,21 @@ class Denoiser(nn.Module):
         for block, kv in zip(self.blocks, cache.layers):
             x_BWD, _ = block(x_BWD, cos, sin, cache.keep_B11L, kv, start)
         return self.lm_head(self.ln_f(x_BWD[:, :logits_len])).float()
+
+
+@contextlib.contextmanager
+def _no_init() -> Iterator[None]:
+    """torch.nn.init's initialisers as no-ops while a model is built on the meta device: there is
+    nothing to draw, and drawing on meta tensors imports torch's compiler stack for nothing."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "zeros_", "ones_")
+    saved = {n: getattr(nn.init, n) for n in names}
+    for n in names:
+        setattr(nn.init, n, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(nn.init, n, fn)
 
 
 def compile_blocks(model: Denoiser) -> Denoiser:

@@ -200,3 +200,24 @@ def test_the_gpu_check_runs_on_cpu_in_smoke_mode(tmp_path):
     assert calls[("autoregressive (1 token/call, KV cache)", 1)] == 32 + 1
     assert result["8b"]["params"] == num_params(ModelConfig(preset="8b")) and "ZeRO-3" in result["8b"]["zero3_8gpu"]
     assert "| training |" in proc.stdout and "| sampling |" in proc.stdout
+
+
+def test_fused_adamw_updates_the_weights_as_the_unfused_one_does(tiny_cfg):
+    from dlm_ray.config import TrainConfig
+    from dlm_ray.engine import make_optimizer
+
+    x = torch.randint(0, 256, (2, 16))
+    weights = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        m = Denoiser(tiny_cfg)
+        opt = make_optimizer(m.parameters(), TrainConfig(), use_gpu=True) if fused else \
+            torch.optim.AdamW(m.parameters(), lr=TrainConfig().lr, betas=TrainConfig().betas,
+                              weight_decay=TrainConfig().weight_decay)
+        for _ in range(3):
+            m(x).logsumexp(-1).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        weights.append([p.detach().clone() for p in m.parameters()])
+    for a, b in zip(*weights):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
