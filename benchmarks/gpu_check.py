@@ -8,7 +8,8 @@ a bare GPU machine and run it. It measures
 
 - training: the ``1b`` preset, sequence 2,048, bf16, DeepSpeed ZeRO-2 on one device, the largest
   micro-batch that fits (powers of two), activation checkpointing off and on: tokens/s, MFU, peak
-  memory; the same step in plain PyTorch (fused AdamW, bf16 autocast) beside it: DeepSpeed's cost;
+  memory, host-device syncs per step; the same step in plain PyTorch (fused AdamW, bf16 autocast)
+  beside it: DeepSpeed's cost;
 - sampling: the ``1b`` preset (random weights), 256 tokens in blocks of 32, batch 1 and 64: the
   reference sampler and the dual cache at the same commit count (4 tokens per call, so both do the
   same work per call), and threshold 0.9 with the dual cache; then the autoregressive line: the
@@ -119,12 +120,32 @@ def train_case(cfg: ModelConfig, tc: TrainConfig, micro: int, seq: int, steps: i
             opt.step()
             opt.zero_grad(set_to_none=True)
     reset_peak(device)
-    seconds = timed_steps(step, batch(cfg, micro, seq, device), steps, device)
+    b = batch(cfg, micro, seq, device)
+    seconds = timed_steps(step, b, steps, device)
     tps = micro * seq / seconds
     peak = peak_flops(torch.cuda.get_device_name(device) if on_gpu else "cpu", tc)
     return {"engine": engine_kind, "micro_batch": micro, "activation_checkpointing": tc.activation_checkpointing,
             "s_per_step": seconds, "tokens_per_s": tps, "mfu": tps * flops_per_token(cfg, seq) / peak if peak else None,
-            "peak_gib": peak_gib(device)}
+            "peak_gib": peak_gib(device), "host_syncs_per_step": host_syncs(step, b, device)}
+
+
+def host_syncs(step: Callable[[dict[str, torch.Tensor]], None], b: dict[str, torch.Tensor],
+               device: torch.device) -> int | None:
+    """Host-device synchronisations in one training step, counted by CUDA's sync debug mode (each
+    one stalls the CPU until the GPU catches up); None on a CPU."""
+    if device.type != "cuda":
+        return None
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step(b)
+            torch.cuda.synchronize()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message).lower() for w in caught)
 
 
 def largest_fitting(run: Callable[[int], dict[str, Any]], candidates: list[int], device: torch.device
@@ -256,12 +277,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     result["seconds"] = round(time.time() - t0, 1)
     print(f"\n{result['device']}, torch {result['torch']}, preset {s['preset']}, sequence {s['seq']}\n")
-    print("| training | micro-batch | act. ckpt | tokens/s | MFU | peak GiB | DeepSpeed overhead |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| training | micro-batch | act. ckpt | tokens/s | MFU | peak GiB | host syncs/step | DeepSpeed overhead |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in result["training"]:
         print(f"| {r['engine']} | {fmt(r.get('micro_batch'))} | {r['activation_checkpointing']} | "
               f"{fmt(r.get('tokens_per_s'))} | {fmt(r.get('mfu'))} | {fmt(r.get('peak_gib'))} | "
-              f"{fmt(r.get('deepspeed_overhead'))} |")
+              f"{fmt(r.get('host_syncs_per_step'))} | {fmt(r.get('deepspeed_overhead'))} |")
     print("\n| sampling | batch | tokens/s | model calls | seconds | peak GiB |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in result["sampling"]:
