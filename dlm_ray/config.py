@@ -57,6 +57,10 @@ class ModelConfig(Config):
     init_std: float = Field(0.02, gt=0)
     # torch.compile each block (training, and sampling where the job sets compile): off by default.
     compile: bool = False
+    # "full": every position sees every other (LLaDA). "block_causal": causal across blocks of
+    # block_size positions, full within a block (block diffusion): an exact key/value cache.
+    attention: Literal["full", "block_causal"] = "full"
+    block_size: int = Field(16, gt=0)
 
     @model_validator(mode="before")
     @classmethod
@@ -70,6 +74,8 @@ class ModelConfig(Config):
 
     @model_validator(mode="after")
     def _check_heads(self) -> ModelConfig:
+        if self.attention == "block_causal" and self.max_seq_len % self.block_size:
+            raise ValueError(f"block_size={self.block_size} does not divide max_seq_len={self.max_seq_len}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if (self.d_model // self.n_heads) % 2:
@@ -115,7 +121,8 @@ class SampleConfig(Config):
     factor: float | None = Field(None, gt=0, le=100.0, allow_inf_nan=False)
     # Block KV cache: "prefix" recomputes the current block and everything after it each step, with
     # the keys/values before it from the block's first call; "dual" recomputes only the block.
-    cache: Literal["none", "prefix", "dual"] = "none"
+    # "blocks": a block-causal model's exact cache (finished blocks' keys/values, computed once).
+    cache: Literal["none", "prefix", "dual", "blocks"] = "none"
     # With a cache: a full forward (refreshing it) every this many steps within a block; None = only
     # at the block's first step.
     refresh_every: int | None = Field(None, gt=0)

@@ -181,6 +181,9 @@ def estimate_nelbo(
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if getattr(model, "block_causal", False):
+        raise ValueError("estimate_nelbo bounds a full-attention model; a block-causal model's bound is a sum "
+                         "over blocks, each given the clean blocks before it, which this version does not compute")
     device = input_ids_BL.device
     B, L = input_ids_BL.shape
     real_BL = torch.ones_like(input_ids_BL, dtype=torch.bool) if attention_mask is None else attention_mask.bool()

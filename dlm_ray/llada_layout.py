@@ -31,6 +31,7 @@ CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 OURS = "dlm_ray"  # config.json key of our own settings
+BLOCK_MODEL_TYPE = "dlm_ray_block_diffusion"  # LLaDA's layout, block-causal attention
 DEFAULT_SHARD_BYTES = 4 << 30
 
 DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
@@ -82,8 +83,13 @@ REQUIRED = {"block_type": "llama", "include_bias": False, "include_qkv_bias": Fa
 def llada_config(model: ModelConfig, *, mask_id: int, eos_id: int, pad_id: int, dtype: torch.dtype,
                  ours: dict[str, Any]) -> dict[str, Any]:
     """config.json for a ``Denoiser`` of shape ``model``: LLaDA's keys, ours under ``dlm_ray``."""
+    if model.attention != "full":
+        # Not LLaDA's architecture: a tool built for LLaDA must not take it for one. Same keys and names.
+        block = {"model_type": BLOCK_MODEL_TYPE, "attention": model.attention, "block_size": model.block_size}
+    else:
+        block = {"model_type": "llada", "architectures": ["LLaDAModelLM"]}
     return {
-        "model_type": "llada", "architectures": ["LLaDAModelLM"],
+        **block,
         "d_model": model.d_model, "n_heads": model.n_heads, "n_kv_heads": model.n_heads,
         "n_layers": model.n_layers, "mlp_hidden_size": model.d_mlp, "mlp_ratio": max(1, model.d_mlp // model.d_model),
         "vocab_size": model.vocab_size, "embedding_size": model.vocab_size,
@@ -97,8 +103,12 @@ def llada_config(model: ModelConfig, *, mask_id: int, eos_id: int, pad_id: int, 
 
 def model_config(cfg: dict[str, Any], where: str) -> ModelConfig:
     """The ``ModelConfig`` of a LLaDA config.json; a setting we cannot run is refused by name."""
-    if cfg.get("model_type") != "llada":
+    if cfg.get("model_type") not in ("llada", BLOCK_MODEL_TYPE):
         raise LayoutError(f"{where}: model_type is {cfg.get('model_type')!r}, not 'llada'")
+    attention = cfg.get("attention", "full")
+    if attention not in ("full", "block_causal"):
+        raise LayoutError(f"{where}: attention = {attention!r} is a model kind this version does not know "
+                          "(full, block_causal)")
     for key, want in REQUIRED.items():
         got = cfg.get(key, want)
         if got != want and not (key == "multi_query_attention" and got is False):
@@ -114,7 +124,8 @@ def model_config(cfg: dict[str, Any], where: str) -> ModelConfig:
         return ModelConfig(vocab_size=cfg.get("embedding_size") or cfg["vocab_size"], d_model=cfg["d_model"],
                            n_layers=cfg["n_layers"], n_heads=cfg["n_heads"], d_mlp=d_mlp,
                            max_seq_len=cfg["max_sequence_length"], rope_theta=cfg.get("rope_theta", 10000.0),
-                           norm_eps=cfg.get("rms_norm_eps", 1e-5))
+                           norm_eps=cfg.get("rms_norm_eps", 1e-5), attention=attention,
+                           block_size=cfg.get("block_size", 16))
     except ValueError as exc:
         raise LayoutError(f"{where}: {exc}") from None
 

@@ -12,6 +12,11 @@ Shape legend:  B batch, L sequence length, D d_model, H heads, K head dim (D / H
 
 For fast sampling the model can also return its keys/values (``prefill``) and then recompute only
 a window of the canvas against them (``forward_window``): the bidirectional analogue of a KV cache.
+With ``attention: block_causal`` (block diffusion) a position sees every position of its own block
+and of the blocks before it, never a later block; blocks are counted from ``block_start`` (0 in
+training; the generation start when sampling, the prompt's blocks counted back from it). A
+finished block's keys/values then never change, so ``forward_block`` denoises the next block
+against a cache of everything before it, exactly, and ``extend`` appends the finished block.
 Every entry point can return logits for a span of positions only (``logits_span``): a sampler
 reads one block's, and at LLaDA's vocabulary (126,464) the whole canvas's float32 logits are
 gigabytes per step. ``checkpointed`` (block indices) recomputes those blocks' activations in the
@@ -150,17 +155,23 @@ class Denoiser(nn.Module):
 
     def forward(
         self, input_ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor | None = None, *,
-        logits_span: tuple[int, int] | None = None,
+        logits_span: tuple[int, int] | None = None, block_start: int = 0,
     ) -> torch.Tensor:
         """Logits [B, L, V], or [B, b - a, V] for positions [a, b) with ``logits_span=(a, b)``."""
-        logits_BLV, _ = self.prefill(input_ids_BL, attention_mask_BL, keep_cache=False, logits_span=logits_span)
+        logits_BLV, _ = self.prefill(input_ids_BL, attention_mask_BL, keep_cache=False, logits_span=logits_span,
+                                     block_start=block_start)
         return logits_BLV
+
+    @property
+    def block_causal(self) -> bool:
+        return self.config.attention == "block_causal"
 
     def prefill(
         self, input_ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor | None = None, *, keep_cache: bool = True,
-        logits_span: tuple[int, int] | None = None,
+        logits_span: tuple[int, int] | None = None, block_start: int = 0,
     ) -> tuple[torch.Tensor, KVCache | None]:
-        """The plain forward, also returning every layer's keys/values for ``forward_window``."""
+        """The plain forward, also returning every layer's keys/values for ``forward_window`` (full
+        attention) or ``forward_block`` (block-causal)."""
         B, L = input_ids_BL.shape
         if L > self.max_seq_len:
             raise ValueError(f"sequence length {L} exceeds the model's context of {self.max_seq_len}")
@@ -173,20 +184,59 @@ class Denoiser(nn.Module):
             # same row unpadded: batched results then equal unbatched ones.
             pos_BL = (real_BL.long().cumsum(-1) - 1).clamp(min=0)
             keep_B11L = real_BL[:, None, None, :]
+        attend = keep_B11L
+        if self.block_causal:
+            attend = self._block_mask(L, block_start, keep_B11L, input_ids_BL.device)
         cos, sin = rope_tables(pos_BL, self.config.d_model // self.config.n_heads, self.config.rope_theta)
         x_BLD = self.wte(input_ids_BL)
         layers = []
         for i, block in enumerate(self.blocks):
             if self.training and i in self.checkpointed:
-                x_BLD, fresh = torch.utils.checkpoint.checkpoint(block, x_BLD, cos, sin, keep_B11L, use_reentrant=False)
+                x_BLD, fresh = torch.utils.checkpoint.checkpoint(block, x_BLD, cos, sin, attend, use_reentrant=False)
             else:
-                x_BLD, fresh = block(x_BLD, cos, sin, keep_B11L)
+                x_BLD, fresh = block(x_BLD, cos, sin, attend)
             if keep_cache:
                 layers.append(fresh)
         if logits_span is not None:
             x_BLD = x_BLD[:, logits_span[0]:logits_span[1]]  # the head (L x V) only where it is read
         logits_BLV = self.lm_head(self.ln_f(x_BLD)).float()
         return logits_BLV, (KVCache(layers, pos_BL, keep_B11L) if keep_cache else None)
+
+    def _block_mask(self, L: int, block_start: int, keep_B11L: torch.Tensor | None,
+                    device: torch.device) -> torch.Tensor:
+        """[B or 1, 1, L, L]: query q sees key k when k's block is not after q's and k is real (and
+        always itself, so a padding query is never left with nothing to attend to)."""
+        idx = torch.arange(L, device=device)
+        blk = torch.div(idx - block_start, self.config.block_size, rounding_mode="floor")
+        attend_LL = (blk[None, :] <= blk[:, None])[None, None]
+        if keep_B11L is not None:
+            attend_LL = attend_LL & keep_B11L
+        return attend_LL | torch.eye(L, dtype=torch.bool, device=device)
+
+    def forward_block(self, block_ids_BW: torch.Tensor, cache: KVCache, *, extend: bool = False,
+                      logits_len: int | None = None) -> tuple[torch.Tensor, KVCache | None]:
+        """Logits of a block that follows everything in ``cache`` (block-causal models): its
+        positions see every cached key and each other. With ``extend``, also the cache with this
+        block's keys/values appended (for a finished block). Exact: nothing before a block depends on it."""
+        B, W = block_ids_BW.shape
+        S = cache.pos_BL.shape[1]
+        if S + W > self.max_seq_len:
+            raise ValueError(f"sequence length {S + W} exceeds the model's context of {self.max_seq_len}")
+        pos_BW = cache.pos_BL[:, -1:] + 1 + torch.arange(W, device=block_ids_BW.device)
+        keep_B11S = cache.keep_B11L
+        if keep_B11S is not None:
+            keep_B11S = torch.cat([keep_B11S, keep_B11S.new_ones(B, 1, 1, W)], -1)
+        cos, sin = rope_tables(pos_BW, self.config.d_model // self.config.n_heads, self.config.rope_theta)
+        x_BWD = self.wte(block_ids_BW)
+        layers = []
+        for block, kv in zip(self.blocks, cache.layers):
+            x_BWD, (k_new, v_new) = block(x_BWD, cos, sin, keep_B11S, kv, S)
+            if extend:
+                layers.append((torch.cat([kv[0], k_new], 2), torch.cat([kv[1], v_new], 2)))
+        logits = self.lm_head(self.ln_f(x_BWD[:, :logits_len])).float()
+        if not extend:
+            return logits, None
+        return logits, KVCache(layers, torch.cat([cache.pos_BL, pos_BW], 1), keep_B11S)
 
     def forward_window(self, window_ids_BW: torch.Tensor, start: int, cache: KVCache, *,
                        logits_len: int | None = None) -> torch.Tensor:

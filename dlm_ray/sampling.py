@@ -106,11 +106,14 @@ def _validate(
 
 def _logits(
     model: ModelFn, x_BT: torch.Tensor, am_BT: torch.Tensor | None, prompt_real_BT: torch.Tensor,
-    cfg_scale: float, mask_id: int, span: tuple[int, int],
+    cfg_scale: float, mask_id: int, span: tuple[int, int], gen_start: int,
 ) -> torch.Tensor:
     """Logits of the positions in ``span`` (the current block): from the model alone when it can
-    (``supports_logits_span``), else cut from the whole canvas's."""
+    (``supports_logits_span``), else cut from the whole canvas's. A block-causal model counts its
+    blocks from the generation start."""
     def call(x: torch.Tensor, am: torch.Tensor | None) -> torch.Tensor:
+        if getattr(model, "block_causal", False):
+            return model(x, am, logits_span=span, block_start=gen_start)
         if getattr(model, "supports_logits_span", False):
             return model(x, am, logits_span=span)
         return model(x, am)[:, span[0]:span[1]]
@@ -159,11 +162,7 @@ def generate(
         raise ValueError("stop_at_eos, logits_eos_inf and confidence_eos_eot_inf need eos_id")
     ends = torch.tensor(sorted({eos_id, *(end_ids or ())}) if eos_id is not None else [], dtype=torch.long,
                         device=prompt_ids_BP.device)
-    if cfg.cache != "none":
-        if not hasattr(model, "prefill") or not hasattr(model, "forward_window"):
-            raise ValueError("cache needs a model with prefill() and forward_window(), like dlm_ray.model.Denoiser")
-        if cfg.cfg_scale:
-            raise ValueError("cache is not supported with cfg_scale > 0")
+    _check_model_kind(model, cfg, prompt_ids_BP.shape[1])
     B, P = prompt_ids_BP.shape
     if not (generator is None or isinstance(generator, torch.Generator)) and len(generator) != B:
         raise ValueError(f"got {len(generator)} generators for a batch of {B}")
@@ -182,10 +181,15 @@ def generate(
 
     steps_per_block = cfg.steps // cfg.num_blocks
     num_calls = step = 0
+    blocks_cache = None  # cache="blocks": keys/values of the prompt and every finished block
     for blk in range(cfg.num_blocks):
         start, end = P + blk * cfg.block_length, P + (blk + 1) * cfg.block_length
         counts_BS = num_transfer_tokens((x_BT[:, start:end] == mask_id).sum(-1), steps_per_block)
         cache, cache_rows = None, None
+        if cfg.cache == "blocks" and blocks_cache is None:  # the prompt's keys/values, computed once
+            _, blocks_cache = model.prefill(x_BT[:, :P], None if am_BT is None else am_BT[:, :P],  # type: ignore
+                                            block_start=P, logits_span=(P - 1, P))
+            num_calls += 1
         for i in range(steps_per_block):
             rows_A = (x_BT[:, start:end] == mask_id).any(-1).nonzero().squeeze(-1)
             if rows_A.numel() == 0:
@@ -196,7 +200,10 @@ def generate(
             refresh = i == 0 or (cfg.refresh_every is not None and i % cfg.refresh_every == 0)
             if cfg.cache == "none":
                 pr_AT = prompt_real_BT if every else prompt_real_BT[rows_A]
-                logits_ALV = _logits(model, xa_AT, ama_AT, pr_AT, cfg.cfg_scale, mask_id, (start, end))
+                logits_ALV = _logits(model, xa_AT, ama_AT, pr_AT, cfg.cfg_scale, mask_id, (start, end), P)
+            elif cfg.cache == "blocks":
+                cache_A = blocks_cache if every else blocks_cache.rows(rows_A)  # type: ignore[union-attr]
+                logits_ALV, _ = model.forward_block(xa_AT[:, start:end], cache_A)  # type: ignore[attr-defined]
             elif refresh:
                 logits_ALV, cache = model.prefill(xa_AT, ama_AT, logits_span=(start, end))  # type: ignore[attr-defined]
                 cache_rows = rows_A
@@ -239,9 +246,40 @@ def generate(
                     rows_SB = x_BT[stop_B]
                     x_BT[stop_B] = rows_SB.masked_fill(rows_SB == mask_id, eos_id)
             step += 1
+        if cfg.cache == "blocks" and end < x_BT.shape[1] and (x_BT[:, end:] == mask_id).any():
+            # The finished block joins the cache: one pass over its final tokens, exact from here on.
+            _, blocks_cache = model.forward_block(x_BT[:, start:end], blocks_cache, extend=True,  # type: ignore
+                                                  logits_len=0)
+            num_calls += 1
     if stats is not None:
         stats["model_calls"] = num_calls
     return x_BT
+
+
+def _check_model_kind(model: ModelFn, cfg: SampleConfig, P: int) -> None:
+    """Settings that only one kind of model can use: the block cache needs a block-causal model, and
+    a block-causal model samples in its own blocks, with its own cache."""
+    block_causal = getattr(model, "block_causal", False)
+    if block_causal:
+        size = model.config.block_size  # type: ignore[attr-defined]
+        if cfg.block_length != size:
+            raise ValueError(f"a block-causal model samples in its own blocks: block_length must be {size}, "
+                             f"got {cfg.block_length}")
+        if cfg.cache in ("prefix", "dual"):
+            raise ValueError(f"cache={cfg.cache!r} is for full-attention models; a block-causal model's cache "
+                             "is cache='blocks' (exact)")
+    elif cfg.cache == "blocks":
+        raise ValueError("cache='blocks' needs a block-causal model (model.attention: block_causal); "
+                         "full-attention models use 'prefix' or 'dual'")
+    if cfg.cache != "none":
+        needed = ("prefill", "forward_block") if cfg.cache == "blocks" else ("prefill", "forward_window")
+        if not all(hasattr(model, n) for n in needed):
+            raise ValueError(f"cache={cfg.cache!r} needs a model with {' and '.join(needed)}(), like "
+                             "dlm_ray.model.Denoiser")
+        if cfg.cfg_scale:
+            raise ValueError("cache is not supported with cfg_scale > 0")
+        if cfg.cache == "blocks" and P == 0:
+            raise ValueError("cache='blocks' needs a prompt of at least one token")
 
 
 def _num_commits(conf_AL: torch.Tensor, schedule_A: torch.Tensor, cfg: SampleConfig) -> torch.Tensor:

@@ -261,6 +261,10 @@ def fit(cfg: PretrainConfig) -> ray.train.Result:
     from dlm_ray.tokenizer import load_tokenizer
 
     cfg = with_init_from(cfg)
+    if cfg.model.attention != "full":
+        raise ValueError("model.attention=block_causal: training a block diffusion model needs its own objective "
+                         "(a noise level per block, the noisy and clean rows together), which this version does "
+                         "not have yet; block-causal models can be loaded and sampled")
     tok = load_tokenizer(cfg.tokenizer)
     if tok.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"tokenizer has {tok.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}")
