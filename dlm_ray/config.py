@@ -325,6 +325,9 @@ class PretrainConfig(Config):
     @model_validator(mode="after")
     def _check_lengths(self) -> PretrainConfig:
         # With init_from the model's shape is the checkpoint's, checked once it is read (with_init_from).
+        if self.model.attention == "block_causal" and self.data.seq_len % self.model.block_size:
+            raise ValueError(f"data.seq_len={self.data.seq_len} is not a multiple of model.block_size="
+                             f"{self.model.block_size}: every row must hold whole blocks")
         if self.init_from is None and self.data.seq_len > self.model.max_seq_len:
             raise ValueError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"

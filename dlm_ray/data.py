@@ -90,7 +90,7 @@ class TokenizePack:
     """Actor UDF: one work item in, its packed (and masked) rows out, streamed. Loads the tokenizer once."""
 
     def __init__(self, data_cfg: dict[str, Any], tokenizer_cfg: dict[str, Any] | str, stats: Any,
-                 diffusion: dict[str, Any] | None = None, strata: int = 1) -> None:
+                 diffusion: dict[str, Any] | None = None, strata: int = 1, block_size: int | None = None) -> None:
         self.cfg = DataConfig.model_validate(data_cfg)
         self.tok = load_tokenizer(tokenizer_cfg)
         self.stats = stats
@@ -100,7 +100,7 @@ class TokenizePack:
             from dlm_ray.diffusion import mask_rows
 
             self.mask_rows = mask_rows
-        self.strata = strata
+        self.strata, self.block_size = strata, block_size
         self.forbidden = np.asarray(sorted({self.tok.mask_id, self.tok.pad_id}))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
@@ -122,7 +122,7 @@ class TokenizePack:
                 if self.diffusion is not None:
                     rows = self.mask_rows(rows, self.diffusion, seed=self.cfg.seed, mask_id=self.tok.mask_id,
                                           item_id=stable_id(item["key"]), strata=self.strata,
-                                          prompt_len_R=rows.get("prompt_len"))
+                                          prompt_len_R=rows.get("prompt_len"), block_size=self.block_size)
                 yield rows
             self.stats.add.remote({"resume.rows_passed_over": skipped})
 
@@ -285,7 +285,7 @@ def work_items(cfg: DataConfig, split: str, num_epochs: int, start: DataPosition
 
 def packed_dataset(cfg: DataConfig, tokenizer_cfg: dict[str, Any] | str, split: str, *, num_epochs: int = 1,
                    start: DataPosition = DataPosition(), stats: Any = None, diffusion: DiffusionConfig | None = None,
-                   strata: int = 1) -> ray.data.Dataset:
+                   strata: int = 1, block_size: int | None = None) -> ray.data.Dataset:
     """Read → tokenize → pack: rows of ``input_ids``, ``attention_mask``, ``row_id`` and the position
     columns ``epoch``, ``item_index``, ``row_index`` (and ``doc_ids``, each position's document number
     within its row, with ``data.document_ids``), from ``start`` on.
@@ -297,7 +297,8 @@ def packed_dataset(cfg: DataConfig, tokenizer_cfg: dict[str, Any] | str, split: 
     ds = ds.map_batches(
         TokenizePack, batch_size=1, compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
         fn_constructor_kwargs={"data_cfg": cfg.to_dict(), "tokenizer_cfg": tokenizer_cfg, "stats": stats,
-                               "diffusion": None if diffusion is None else diffusion.to_dict(), "strata": strata},
+                               "diffusion": None if diffusion is None else diffusion.to_dict(), "strata": strata,
+                               "block_size": block_size},
         num_cpus=0.5,
     )
     if cfg.shuffle == "rows":
@@ -307,12 +308,12 @@ def packed_dataset(cfg: DataConfig, tokenizer_cfg: dict[str, Any] | str, split: 
 
 def masked_dataset(cfg: DataConfig, tokenizer_cfg: dict[str, Any] | str, diffusion: DiffusionConfig, split: str, *,
                    num_epochs: int = 1, start: DataPosition = DataPosition(), stats: Any = None,
-                   strata: int = 1) -> ray.data.Dataset:
+                   strata: int = 1, block_size: int | None = None) -> ray.data.Dataset:
     """The training feed: packed rows plus ``noisy_ids``, ``loss_mask``, ``t`` and ``p_mask``. With
     ``time_sampling: low_discrepancy``, ``strata`` (the micro-batch size) consecutive rows of an item
-    spread their t evenly."""
+    spread their t evenly. With ``block_size`` (block diffusion) each block has its own t."""
     return packed_dataset(cfg, tokenizer_cfg, split, num_epochs=num_epochs, start=start, stats=stats,
-                          diffusion=diffusion, strata=strata)
+                          diffusion=diffusion, strata=strata, block_size=block_size)
 
 
 # ------------------------------------------------------------------------------------- prepare once

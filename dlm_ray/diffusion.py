@@ -81,14 +81,19 @@ def apply_mask(x0_BL: Array, p_B: Array, u_BL: Array, maskable_BL: Array, mask_i
 
     The uniforms ``u_BL`` come from the caller, so it owns the randomness. Works on numpy and torch.
     """
-    masked_BL = (u_BL < p_B[:, None]) & maskable_BL
+    p_BL = p_B[:, None] if p_B.ndim == 1 else p_B  # a probability per row, or per position (blocks)
+    masked_BL = (u_BL < p_BL) & maskable_BL
     if isinstance(x0_BL, torch.Tensor):
         return torch.where(masked_BL, torch.full_like(x0_BL, mask_id), x0_BL), masked_BL
     return np.where(masked_BL, mask_id, x0_BL).astype(x0_BL.dtype), masked_BL
 
 
+GOLDEN = 0.6180339887498949  # block k's time is the row's shifted by k golden ratios (mod 1)
+
+
 def mask_rows(rows: dict[str, np.ndarray], cfg: DiffusionConfig, *, seed: int, mask_id: int, item_id: int = 0,
-              strata: int = 1, prompt_len_R: np.ndarray | None = None) -> dict[str, np.ndarray]:
+              strata: int = 1, prompt_len_R: np.ndarray | None = None,
+              block_size: int | None = None) -> dict[str, np.ndarray]:
     """The forward diffusion training uses: rows plus ``noisy_ids``, ``loss_mask``, ``t``, ``p_mask``.
 
     ``rows`` holds ``input_ids`` and ``attention_mask`` [R, L] and per row ``epoch``, ``row_id``
@@ -96,12 +101,26 @@ def mask_rows(rows: dict[str, np.ndarray], cfg: DiffusionConfig, *, seed: int, m
     draw is a function of (seed, epoch, row): a rerun masks a row the same way, each epoch afresh,
     whichever batch or worker it lands in. Padding is never masked; with ``prompt_len_R`` (the SFT
     variant) nor are the first ``prompt_len`` tokens of a row.
+
+    With ``block_size`` (block diffusion) every block of a row has its own noise level: i.i.d. under
+    ``uniform``; under ``low_discrepancy`` block k's is the row's (stratified over the micro-batch)
+    shifted by k golden ratios mod 1, so a row's blocks spread over [0, 1) too. ``t`` is then
+    [R, blocks] and ``p_mask`` [R, L], per position.
     """
     x0_RL = rows["input_ids"]
     R, L = x0_RL.shape
     t_R = sample_times(cfg, seed=seed, epoch_R=rows["epoch"], item_id=item_id, row_index_R=rows["row_index"],
                        row_id_R=rows["row_id"], strata=strata)
     p_R = mask_probability(t_R, cfg)
+    if block_size is not None:
+        K = L // block_size
+        if cfg.time_sampling == "uniform":
+            u_RK = counter_uniforms(seed, rows["epoch"], rows["row_id"], L + 1 + K)[:, L + 1:]
+        else:
+            u_RK = ((t_R - cfg.eps) / (1.0 - cfg.eps))[:, None] + GOLDEN * np.arange(K)[None, :]
+            u_RK = u_RK - np.floor(u_RK)
+        t_R = (1.0 - cfg.eps) * u_RK + cfg.eps
+        p_R = np.repeat(mask_probability(t_R, cfg), block_size, axis=1)
     maskable_RL = rows["attention_mask"].astype(bool)
     if prompt_len_R is not None:
         maskable_RL = maskable_RL & (np.arange(L)[None, :] >= np.asarray(prompt_len_R)[:, None])
@@ -148,7 +167,8 @@ def diffusion_loss(
     form weights each row by 1 / its answer length (``row_weight_B``) and divides by the rows.
     """
     nll_BL = masked_token_nll(logits_BLV, x0_BL, masked_BL.bool(), mask_id)
-    per_row_B = (nll_BL / p_mask_B.float()[:, None]).sum(-1)
+    p_BL = p_mask_B.float()[:, None] if p_mask_B.dim() == 1 else p_mask_B.float()  # per row, or per position
+    per_row_B = (nll_BL / p_BL).sum(-1)
     if row_weight_B is not None:
         per_row_B = per_row_B * row_weight_B.float()
     return per_row_B.sum() / num_real_tokens
@@ -182,8 +202,8 @@ def estimate_nelbo(
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if getattr(model, "block_causal", False):
-        raise ValueError("estimate_nelbo bounds a full-attention model; a block-causal model's bound is a sum "
-                         "over blocks, each given the clean blocks before it, which this version does not compute")
+        return _block_nelbo(model, input_ids_BL, mask_id=mask_id, num_samples=num_samples,
+                            attention_mask=attention_mask, generator=generator, maskable=maskable)
     device = input_ids_BL.device
     B, L = input_ids_BL.shape
     real_BL = torch.ones_like(input_ids_BL, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
@@ -210,3 +230,37 @@ def estimate_nelbo(
 
 def nats_to_bits(nats: torch.Tensor | float) -> torch.Tensor | float:
     return nats / math.log(2)
+
+
+def _block_nelbo(model: ModelFn, input_ids_BL: torch.Tensor, *, mask_id: int, num_samples: int,
+                 attention_mask: torch.Tensor | None, generator: torch.Generator | None,
+                 maskable: torch.Tensor | None) -> torch.Tensor:
+    """The block diffusion bound, nats per real token [B]: the sum over blocks of each block's NELBO
+    given the clean blocks before it. Per sample and block, l of the block's n real tokens are masked
+    (l stratified across samples as above) and weighted by n / l; one noisy-and-clean forward scores
+    every block at once."""
+    device = input_ids_BL.device
+    B, L = input_ids_BL.shape
+    size = model.config.block_size  # type: ignore[attr-defined]
+    if L % size:
+        raise ValueError(f"estimate_nelbo: length {L} is not a multiple of the block size {size}")
+    real_BL = torch.ones_like(input_ids_BL, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    if maskable is not None:
+        real_BL = real_BL & maskable.bool()
+    n_BK = real_BL.view(B, L // size, size).sum(-1)
+    if (n_BK.sum(-1) == 0).any():
+        raise ValueError("estimate_nelbo: a row has no real tokens")
+    offset = torch.rand((), generator=generator, device=device)
+    total_B = torch.zeros(B, dtype=torch.float64, device=device)
+    for s in range(num_samples):
+        frac = (s + offset) / num_samples
+        l_BK = (frac * n_BK).long().clamp(max=(n_BK - 1).clamp(min=0)) + 1  # in 1..n (1 for an empty block)
+        scores_BL = torch.rand((B, L), generator=generator, device=device).masked_fill(~real_BL, 2.0)
+        rank_BL = scores_BL.view(B, -1, size).argsort(-1).argsort(-1).view(B, L)
+        masked_BL = (rank_BL < l_BK.repeat_interleave(size, -1)) & real_BL
+        xt_BL = input_ids_BL.masked_fill(masked_BL, mask_id)
+        logits_BLV = model(xt_BL, attention_mask, clean_ids=input_ids_BL)
+        nll_BL = masked_token_nll(logits_BLV, input_ids_BL, masked_BL, mask_id)
+        weight_BL = (n_BK / l_BK).repeat_interleave(size, -1)
+        total_B += (nll_BL.double() * weight_BL).sum(-1)
+    return (total_B / num_samples / n_BK.sum(-1)).float()

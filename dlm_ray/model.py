@@ -155,9 +155,12 @@ class Denoiser(nn.Module):
 
     def forward(
         self, input_ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor | None = None, *,
-        logits_span: tuple[int, int] | None = None, block_start: int = 0,
+        logits_span: tuple[int, int] | None = None, block_start: int = 0, clean_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits [B, L, V], or [B, b - a, V] for positions [a, b) with ``logits_span=(a, b)``."""
+        """Logits [B, L, V], or [B, b - a, V] for positions [a, b) with ``logits_span=(a, b)``. With
+        ``clean_ids`` (block-causal models, training): ``noisy_given_clean(input_ids, clean_ids)``."""
+        if clean_ids is not None:
+            return self.noisy_given_clean(input_ids_BL, clean_ids, attention_mask_BL)
         logits_BLV, _ = self.prefill(input_ids_BL, attention_mask_BL, keep_cache=False, logits_span=logits_span,
                                      block_start=block_start)
         return logits_BLV
@@ -188,7 +191,14 @@ class Denoiser(nn.Module):
         if self.block_causal:
             attend = self._block_mask(L, block_start, keep_B11L, input_ids_BL.device)
         cos, sin = rope_tables(pos_BL, self.config.d_model // self.config.n_heads, self.config.rope_theta)
-        x_BLD = self.wte(input_ids_BL)
+        x_BLD, layers = self._layers(self.wte(input_ids_BL), cos, sin, attend, keep_cache)
+        if logits_span is not None:
+            x_BLD = x_BLD[:, logits_span[0]:logits_span[1]]  # the head (L x V) only where it is read
+        logits_BLV = self.lm_head(self.ln_f(x_BLD)).float()
+        return logits_BLV, (KVCache(layers, pos_BL, keep_B11L) if keep_cache else None)
+
+    def _layers(self, x_BLD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: torch.Tensor | None,
+                keep_cache: bool) -> tuple[torch.Tensor, list[LayerKV]]:
         layers = []
         for i, block in enumerate(self.blocks):
             if self.training and i in self.checkpointed:
@@ -197,10 +207,30 @@ class Denoiser(nn.Module):
                 x_BLD, fresh = block(x_BLD, cos, sin, attend)
             if keep_cache:
                 layers.append(fresh)
-        if logits_span is not None:
-            x_BLD = x_BLD[:, logits_span[0]:logits_span[1]]  # the head (L x V) only where it is read
-        logits_BLV = self.lm_head(self.ln_f(x_BLD)).float()
-        return logits_BLV, (KVCache(layers, pos_BL, keep_B11L) if keep_cache else None)
+        return x_BLD, layers
+
+    def noisy_given_clean(self, noisy_BL: torch.Tensor, clean_BL: torch.Tensor,
+                          attention_mask_BL: torch.Tensor | None = None) -> torch.Tensor:
+        """Block diffusion's training forward (BD3-LM's vectorised form): the noisy row and the clean
+        row side by side, [B, 2L]. A noisy block sees itself and the clean blocks before it; a clean
+        block sees the clean blocks up to itself. One pass gives every noisy block's logits [B, L, V],
+        each conditioned on exactly what sampling conditions it on."""
+        B, L = noisy_BL.shape
+        if L > self.max_seq_len:
+            raise ValueError(f"sequence length {L} exceeds the model's context of {self.max_seq_len}")
+        device = noisy_BL.device
+        real_BL = torch.ones_like(noisy_BL, dtype=torch.bool) if attention_mask_BL is None else attention_mask_BL.bool()
+        pos_BL = (real_BL.long().cumsum(-1) - 1).clamp(min=0)
+        blk = torch.div(torch.arange(L, device=device), self.config.block_size, rounding_mode="floor")
+        blk2, clean2 = blk.repeat(2), torch.arange(2 * L, device=device) >= L
+        q_blk, k_blk, q_clean, k_clean = blk2[:, None], blk2[None, :], clean2[:, None], clean2[None, :]
+        attend_QK = ((~q_clean & ~k_clean & (q_blk == k_blk)) | (~q_clean & k_clean & (k_blk < q_blk))
+                     | (q_clean & k_clean & (k_blk <= q_blk)))
+        attend = (attend_QK[None, None] & real_BL.repeat(1, 2)[:, None, None, :]) | torch.eye(2 * L, dtype=torch.bool,
+                                                                                             device=device)
+        cos, sin = rope_tables(pos_BL.repeat(1, 2), self.config.d_model // self.config.n_heads, self.config.rope_theta)
+        x_BSD, _ = self._layers(self.wte(torch.cat([noisy_BL, clean_BL], 1)), cos, sin, attend, False)
+        return self.lm_head(self.ln_f(x_BSD[:, :L])).float()
 
     def _block_mask(self, L: int, block_start: int, keep_B11L: torch.Tensor | None,
                     device: torch.device) -> torch.Tensor:

@@ -152,7 +152,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         b = _to_device(batch, device)
         for group in engine.optimizer.param_groups:
             group["lr"] = lr_at(state["step"], tc)
-        logits = engine(b["noisy_ids"].long(), b["attention_mask"].long())
+        # A block diffusion model sees the noisy row and the clean row together (BD3-LM).
+        clean = {"clean_ids": b["input_ids"].long()} if cfg.model.attention == "block_causal" else {}
+        logits = engine(b["noisy_ids"].long(), b["attention_mask"].long(), **clean)
         if "answer_len" in b:  # fine-tuning (LLaDA): each row over its answer length, then over the rows
             loss = diffusion_loss(logits, b["input_ids"].long(), b["loss_mask"], b["p_mask"], len(b["answer_len"]),
                                   mask_id=tok.mask_id, row_weight_B=1.0 / b["answer_len"].float())
@@ -261,10 +263,6 @@ def fit(cfg: PretrainConfig) -> ray.train.Result:
     from dlm_ray.tokenizer import load_tokenizer
 
     cfg = with_init_from(cfg)
-    if cfg.model.attention != "full":
-        raise ValueError("model.attention=block_causal: training a block diffusion model needs its own objective "
-                         "(a noise level per block, the noisy and clean rows together), which this version does "
-                         "not have yet; block-causal models can be loaded and sampled")
     tok = load_tokenizer(cfg.tokenizer)
     if tok.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"tokenizer has {tok.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}")
@@ -277,13 +275,14 @@ def fit(cfg: PretrainConfig) -> ray.train.Result:
         print(f"[fit] resuming {run_dir(cfg)} from {resume[0]} (step {state['step']}, data position {start})",
               flush=True)
     tc = cfg.train
+    block_size = cfg.model.block_size if cfg.model.attention == "block_causal" else None
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cfg.data.progress_bars
     ctx.print_on_execution_start = cfg.data.progress_bars  # the dataset plan lines, with the bars
     datasets = {
         "train": masked_dataset(cfg.data, cfg.tokenizer, cfg.diffusion, "train", num_epochs=tc.max_epochs,
-                                start=start, strata=tc.micro_batch_size),
-        "val": masked_dataset(cfg.data, cfg.tokenizer, cfg.diffusion, "val"),
+                                start=start, strata=tc.micro_batch_size, block_size=block_size),
+        "val": masked_dataset(cfg.data, cfg.tokenizer, cfg.diffusion, "val", block_size=block_size),
     }
     for ds in datasets.values():
         pace_scheduling(ds.context, cfg.data.pacing)
