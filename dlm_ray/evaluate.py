@@ -15,7 +15,7 @@ import torch
 from dlm_ray.config import EvalConfig, SampleConfig
 from dlm_ray.corpus import HELDOUT_SEED, check_answer, check_document, take_examples
 from dlm_ray.diffusion import estimate_nelbo, nats_to_bits
-from dlm_ray.inference import Tok, complete_texts
+from dlm_ray.inference import Tok, complete_texts, sampler_for
 from dlm_ray.sampling import ModelFn
 
 
@@ -43,20 +43,6 @@ def heldout_bits_per_token(model: ModelFn, tok: Tok, families: dict[str, float],
     return float(nats_to_bits(torch.cat(vals).mean()))
 
 
-def sampler_for(model: ModelFn, cfg: SampleConfig) -> SampleConfig:
-    """``cfg`` as a model of this kind can run it: a block-causal model samples in its own blocks
-    (the length rounded up to whole blocks, the same tokens per step) with its exact cache."""
-    if not getattr(model, "block_causal", False):
-        return cfg
-    size = model.config.block_size  # type: ignore[attr-defined]
-    gen = -(-cfg.gen_length // size) * size
-    per_step = max(1, round(cfg.gen_length / cfg.steps))
-    steps = max(1, size // per_step) * (gen // size)
-    cache = "blocks" if not cfg.cfg_scale else "none"
-    return cfg.model_copy(update={"gen_length": gen, "block_length": size, "steps": steps, "cache": cache,
-                                  "refresh_every": None})
-
-
 @dataclass
 class ValidityReport:
     rates: dict[str, float]
@@ -74,7 +60,7 @@ def validity(model: ModelFn, tok: Tok, families: list[str], cfg: SampleConfig, *
     """
     rates: dict[str, float] = {}
     samples: dict[str, list[tuple[str, str, bool]]] = {}
-    cfg = sampler_for(model, cfg)
+    cfg = sampler_for(getattr(model, "config", None), cfg)
 
     def complete(prompts: list[str], cfg: SampleConfig) -> list[str]:
         seeds = [seed + i for i in range(len(prompts))]

@@ -184,7 +184,8 @@ def build_dataset(cfg: GenerateConfig, ckpt_hash: str, done: list[str] | None = 
     ds = ray.data.read_datasource(source, override_num_blocks=source.num_read_tasks())
     ds = ds.repartition(target_num_rows_per_block=cfg.batch_size * cfg.group_batches)
     ds = ds.map_batches(prepare_batch, batch_format="pyarrow", batch_size=cfg.batch_size * cfg.group_batches,
-                        fn_kwargs={"cfg": cfg, "tokenizer": tokenizer, "max_seq_len": max_seq_len})
+                        fn_kwargs={"cfg": cfg, "tokenizer": tokenizer, "max_seq_len": max_seq_len,
+                                   "model_cfg": meta["model"]})
     lo, hi = cfg.actors
     # The loop waits on a few long actor calls: on a small CPU machine it would spin on a core they need.
     pace_scheduling(ds.context, cfg.pacing)

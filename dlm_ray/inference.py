@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import torch
 
-from dlm_ray.config import SampleConfig
+from dlm_ray.config import ModelConfig, SampleConfig
 from dlm_ray.sampling import ModelFn, generate_many, trim_after_eos
 from dlm_ray.tokenizer import ByteTokenizer, HFTokenizer
 
@@ -61,6 +61,21 @@ def encode_prompt(tok: Tok, text: str, *, prepend_eos: bool = True) -> list[int]
         raise PromptError(f"the prompt encodes to the tokenizer's {'mask' if tok.mask_id in bad else 'pad'} token "
                           f"(id {min(bad)}), which no content may hold")
     return [tok.eos_id, *ids] if prepend_eos else ids
+
+
+def sampler_for(model_cfg: ModelConfig | None, cfg: SampleConfig) -> SampleConfig:
+    """``cfg`` as a model of this shape runs it: a block-causal model samples in its own blocks (the
+    length rounded up to whole blocks, about the same tokens per step) with its exact cache; a
+    full-attention model takes ``cfg`` as it is. Batch generation, Serve and evaluation apply it."""
+    if model_cfg is None or model_cfg.attention != "block_causal":
+        return cfg
+    size = model_cfg.block_size
+    gen = -(-cfg.gen_length // size) * size
+    per_step = max(1, round(cfg.gen_length / cfg.steps))
+    steps = max(1, size // per_step) * (gen // size)
+    cache = "none" if cfg.cfg_scale else "blocks"  # guidance needs a second, uncached pass
+    return cfg.model_copy(update={"gen_length": gen, "block_length": size, "steps": steps, "cache": cache,
+                                  "refresh_every": None})
 
 
 CHAT_ROLES = ("system", "user", "assistant")

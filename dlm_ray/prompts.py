@@ -25,9 +25,9 @@ from pydantic import ValidationError
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 
-from dlm_ray.config import CorpusConfig, GenerateConfig, SampleConfig
+from dlm_ray.config import CorpusConfig, GenerateConfig, ModelConfig, SampleConfig
 from dlm_ray.corpus import HELDOUT_SEED, iter_examples
-from dlm_ray.inference import encode_chat, encode_prompt
+from dlm_ray.inference import encode_chat, encode_prompt, sampler_for
 from dlm_ray.sources import BadInputError, file_format, filesystem_for, iter_lines, list_files
 
 # Per-row sampler overrides: input columns with these names, when present and not null.
@@ -233,9 +233,12 @@ PREPARED_SCHEMA = READ_SCHEMA.append(pa.field("prompt_ids", pa.list_(pa.int32())
     .append(pa.field("sample", pa.string())).append(pa.field("seed", pa.int64()))
 
 
-def prepare_batch(batch: pa.Table, *, cfg: GenerateConfig, tokenizer: Any, max_seq_len: int) -> pa.Table:
-    """Add ``prompt_ids``, ``sample`` (the row's settings as JSON) and ``seed``; fill ``error`` for
-    rows that cannot be generated. Under ``cfg.strict`` the first bad row raises instead."""
+def prepare_batch(batch: pa.Table, *, cfg: GenerateConfig, tokenizer: Any, max_seq_len: int,
+                  model_cfg: dict[str, Any] | None = None) -> pa.Table:
+    """Add ``prompt_ids``, ``sample`` (the row's settings as JSON, as the model runs them) and
+    ``seed``; fill ``error`` for rows that cannot be generated. Under ``cfg.strict`` the first bad
+    row raises instead."""
+    shape = None if model_cfg is None else ModelConfig.model_validate(model_cfg)
     rows = batch.to_pydict()
     n = batch.num_rows
     prompt_ids: list[list[int]] = []
@@ -252,6 +255,7 @@ def prepare_batch(batch: pa.Table, *, cfg: GenerateConfig, tokenizer: Any, max_s
                 else:
                     ids = encode_prompt(tokenizer, rows["prompt"][i], prepend_eos=cfg.prepend_eos)
                 sc, own_seed = resolve_row(rows["overrides"][i], cfg.sample)
+                sc = sampler_for(shape, sc)
                 seed = own_seed if own_seed is not None else row_seed(cfg.seed, rows["id"][i])
                 if len(ids) + sc.gen_length > max_seq_len:
                     raise ValueError(f"prompt is {len(ids)} tokens; with gen_length {sc.gen_length} that is "

@@ -34,7 +34,7 @@ from ray import serve
 
 from dlm_ray.checkpoint import inference_placement, load_inference
 from dlm_ray.config import SampleConfig, ServeConfig
-from dlm_ray.inference import Completion, PromptError, complete_ids, encode_chat, encode_prompt, finish
+from dlm_ray.inference import Completion, PromptError, complete_ids, encode_chat, encode_prompt, finish, sampler_for
 from dlm_ray.sampling import generate_rows
 from dlm_ray.serve_api import (MASK_GLYPH, ChatCompletionRequest, CompletionRequest, SamplingFields, StreamText, app,
                                chat_body, chat_chunk, cut_at_stop, resolve_sample, text_body, text_event)
@@ -141,7 +141,7 @@ class DenoiserServer:
 
     async def _answer(self, req: SamplingFields, ids: list[list[int]], *, chat: bool) -> Any:
         """Sample for the tokenized prompts of a request; the body (or stream) in its API's shape."""
-        sample = resolve_sample(req, self.cfg.sample)
+        sample = sampler_for(self.model.config, resolve_sample(req, self.cfg.sample))
         stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
         if req.n > self.cfg.max_n:
             raise HTTPException(400, f"n={req.n}; at most {self.cfg.max_n}")

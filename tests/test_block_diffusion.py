@@ -214,3 +214,27 @@ def test_block_models_train_evaluate_export_and_sample(ray_cluster, tmp_path):
     assert (cfg_s.gen_length, cfg_s.block_length, cfg_s.steps, cfg_s.cache) == (24, 8, 12, "blocks")
     report = validity(model, tok, ["sort"], SampleConfig(gen_length=20, steps=10, block_length=20), num_prompts=4)
     assert 0 <= report.rates["sort"] <= 1 and len(report.samples["sort"]) == 3
+
+
+def test_batch_generation_runs_a_block_model_in_its_own_blocks(ray_cluster, block_model, tmp_path):
+    from dlm_ray.config import GenerateConfig
+    from dlm_ray.generate import run
+    from dlm_ray.inference import complete_ids, encode_prompt, sampler_for
+    import pyarrow.dataset as pads
+
+    ckpt = save_inference(block_model.float(), {"kind": "byte"}, tmp_path / "block")
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "p.jsonl").write_text("".join(json.dumps({"prompt": f"s{i}9{i}="}) + "\n" for i in range(12)))
+    cfg = GenerateConfig(checkpoint=str(ckpt), input=str(tmp_path / "in"), output=str(tmp_path / "out"),
+                         actors=(1, 1), progress_bars=False, batch_size=8,
+                         sample=SampleConfig(gen_length=10, steps=10, block_length=10, temperature=1.0))
+    summary = run(cfg)
+    assert summary["rows"] == 12 and summary["rows_errored"] == 0
+    rows = pads.dataset(str(tmp_path / "out"), format="parquet").to_table().to_pylist()
+    used = SampleConfig.model_validate_json(rows[0]["sample"])
+    assert (used.gen_length, used.block_length, used.cache) == (12, B, "blocks")  # whole blocks, exact cache
+    model, tok, _ = load_inference(ckpt)
+    for r in rows[:3]:
+        local = complete_ids(model, tok, [encode_prompt(tok, r["prompt"])], sampler_for(model.config, cfg.sample),
+                             [r["seed"]])[0]
+        assert r["completion"] == local.text
