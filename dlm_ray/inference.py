@@ -69,6 +69,9 @@ def sampler_for(model_cfg: ModelConfig | None, cfg: SampleConfig) -> SampleConfi
     full-attention model takes ``cfg`` as it is. Batch generation, Serve and evaluation apply it."""
     if model_cfg is None or model_cfg.attention != "block_causal":
         return cfg
+    if cfg.cache in ("prefix", "dual"):
+        raise ValueError(f"cache={cfg.cache!r} is for full-attention models; this block-causal model uses its "
+                         "exact block cache")
     size = model_cfg.block_size
     gen = -(-cfg.gen_length // size) * size
     per_step = max(1, round(cfg.gen_length / cfg.steps))

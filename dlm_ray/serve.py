@@ -141,7 +141,10 @@ class DenoiserServer:
 
     async def _answer(self, req: SamplingFields, ids: list[list[int]], *, chat: bool) -> Any:
         """Sample for the tokenized prompts of a request; the body (or stream) in its API's shape."""
-        sample = sampler_for(self.model.config, resolve_sample(req, self.cfg.sample))
+        try:
+            sample = sampler_for(self.model.config, resolve_sample(req, self.cfg.sample))
+        except ValueError as exc:
+            raise HTTPException(400, str(exc)) from None
         stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
         if req.n > self.cfg.max_n:
             raise HTTPException(400, f"n={req.n}; at most {self.cfg.max_n}")

@@ -238,3 +238,22 @@ def test_batch_generation_runs_a_block_model_in_its_own_blocks(ray_cluster, bloc
         local = complete_ids(model, tok, [encode_prompt(tok, r["prompt"])], sampler_for(model.config, cfg.sample),
                              [r["seed"]])[0]
         assert r["completion"] == local.text
+
+
+def test_the_main_job_runs_on_the_block_config(ray_cluster, tmp_path):
+    """jobs/pretrain.py with jobs/configs/tiny_block.yaml (fewer steps and prompts): train, export,
+    score, each with the block model."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("pretrain_job", root / "jobs" / "pretrain.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    summary = job.main(["--config", str(root / "jobs" / "configs" / "tiny_block.yaml"), f"--storage_path={tmp_path}",
+                        "--train.max_steps=10", "--train.checkpoint_every=10", "--train.eval_every=10",
+                        "--train.log_every=5", "--data.builtin_docs=3000", "--eval.num_prompts_per_family=4",
+                        "--eval.num_nelbo_docs=16", "--eval.nelbo_samples=2"])
+    assert summary["steps"] == 10 and 0 < summary["nelbo_bits_after"] < summary["nelbo_bits_before"]
+    model, _, meta = load_inference(summary["export"])
+    assert model.block_causal and meta["model"]["block_size"] == 8

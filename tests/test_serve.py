@@ -59,6 +59,10 @@ def server(ray_cluster, tmp_path_factory, tiny_cfg, chat_ckpt):
            "sample": {"gen_length": 768, "steps": 768, "block_length": 768}}
     serve.run(build_app(big), name="big", route_prefix="/big")
     chat = {**args, "checkpoint": chat_ckpt, "sample": CHAT_SAMPLE, "num_cpus": 0.5}
+    # A block diffusion model (blocks of 4): served in its own blocks with its exact cache.
+    block_cfg = tiny_cfg.model_copy(update={"attention": "block_causal", "block_size": 4})
+    block_ckpt = save_inference(Denoiser(block_cfg).eval(), {"kind": "byte"}, tmp_path_factory.mktemp("block_ckpt"))
+    serve.run(build_app({**args, "checkpoint": str(block_ckpt), "num_cpus": 0.5}), name="block", route_prefix="/block")
     serve.run(build_app(chat), name="chat", route_prefix="/chat")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
@@ -206,6 +210,21 @@ def test_chat_completions_with_the_openai_client_plain_and_streamed(server, chat
     with pytest.raises(openai.BadRequestError, match="no chat template"):
         byte_model.chat.completions.create(model=MODEL, messages=messages)
     assert httpx.get(f"{server}/chat/health").status_code == 200
+
+
+def test_a_block_model_is_served_in_its_own_blocks_plain_and_streamed(server):
+    body = {"model": MODEL, "prompt": "s1234=", "max_tokens": 10, "seed": 4, "temperature": 1.0}
+    plain = httpx.post(f"{server}/block/v1/completions", json=body, timeout=60).json()
+    # 10 tokens round up to 3 blocks of 4; 2 steps per block (the default's 2 tokens per step), plus
+    # one pass for the prompt and one per finished block but the last.
+    assert plain["choices"][0]["model_calls"] == 3 * 2 + 1 + 2
+    events = []
+    with httpx.stream("POST", f"{server}/block/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                events.append(json.loads(line[6:]))
+    assert len(events) == 3 * 2 + 1 and events[-1]["choices"][0]["text"] == plain["choices"][0]["text"]
+    assert httpx.post(f"{server}/block/v1/completions", json={**body, "cache": "dual"}, timeout=60).status_code == 400
 
 
 BAD = [
