@@ -189,7 +189,8 @@ def test_block_models_train_evaluate_export_and_sample(ray_cluster, tmp_path):
     from dlm_ray.checkpoint import export, run_dir
     from dlm_ray.config import PretrainConfig
     from dlm_ray.config_io import load_config
-    from dlm_ray.evaluate import sampler_for, validity
+    from dlm_ray.evaluate import validity
+    from dlm_ray.inference import sampler_for
     from dlm_ray.metrics import read_metrics
     from dlm_ray.train import fit
 
@@ -210,7 +211,7 @@ def test_block_models_train_evaluate_export_and_sample(ray_cluster, tmp_path):
         out = export(ckpt, tmp_path / "export")
     model, tok, meta = load_inference(out)
     assert model.block_causal and meta["model"]["block_size"] == 8
-    cfg_s = sampler_for(model, SampleConfig(gen_length=20, steps=10, block_length=20))
+    cfg_s = sampler_for(model.config, SampleConfig(gen_length=20, steps=10, block_length=20))
     assert (cfg_s.gen_length, cfg_s.block_length, cfg_s.steps, cfg_s.cache) == (24, 8, 12, "blocks")
     report = validity(model, tok, ["sort"], SampleConfig(gen_length=20, steps=10, block_length=20), num_prompts=4)
     assert 0 <= report.rates["sort"] <= 1 and len(report.samples["sort"]) == 3
