@@ -242,7 +242,7 @@ def read_inference_config(directory: str | Path) -> tuple[dict[str, Any], Any]:
         raise CheckpointError(f"{d / CONFIG_FILE} is not valid JSON: {exc}") from None
     if "model" in raw and "model_type" not in raw:  # an export of an earlier version
         meta = {**raw, "layout": "legacy"}
-    elif raw.get("model_type") in ("llada", layout.BLOCK_MODEL_TYPE):
+    elif raw.get("model_type") in layout.MODEL_TYPES:
         try:
             model_cfg = layout.model_config(raw, str(d / CONFIG_FILE))
         except layout.LayoutError as exc:

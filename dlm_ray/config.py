@@ -57,9 +57,11 @@ class ModelConfig(Config):
     init_std: float = Field(0.02, gt=0)
     # torch.compile each block (training, and sampling where the job sets compile): off by default.
     compile: bool = False
-    # "full": every position sees every other (LLaDA). "block_causal": causal across blocks of
-    # block_size positions, full within a block (block diffusion): an exact key/value cache.
-    attention: Literal["full", "block_causal"] = "full"
+    # The attention decides the objective. "full": every position sees every other (LLaDA, masked
+    # diffusion). "block_causal": causal across blocks of block_size positions, full within a block
+    # (block diffusion): an exact key/value cache. "causal": an autoregressive model (next-token
+    # loss, token-by-token sampling with a KV cache), the baseline diffusion is compared against.
+    attention: Literal["full", "block_causal", "causal"] = "full"
     block_size: int = Field(16, gt=0)
 
     @model_validator(mode="before")

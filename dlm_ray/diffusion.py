@@ -197,10 +197,16 @@ def estimate_nelbo(
     exactly l real positions uniformly without replacement and weight the masked cross-entropy by
     n / l. The counts are stratified across samples (evenly spaced with one random offset), so a
     few dozen samples give a stable figure. A model with uniform logits over the V - 1 predictable
-    tokens (the mask excluded) scores exactly log(V - 1).
+    tokens (the mask excluded) scores exactly log(V - 1). A block-causal model gets the block bound;
+    an autoregressive one its exact NLL (``autoregressive.nll_per_token``: the first token of a row,
+    which has no context, is not scored).
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if getattr(model, "causal", False):  # an autoregressive model: the exact NLL, one forward
+        from dlm_ray.autoregressive import nll_per_token
+
+        return nll_per_token(model, input_ids_BL, mask_id=mask_id, attention_mask=attention_mask, maskable=maskable)
     if getattr(model, "block_causal", False):
         return _block_nelbo(model, input_ids_BL, mask_id=mask_id, num_samples=num_samples,
                             attention_mask=attention_mask, generator=generator, maskable=maskable)

@@ -66,7 +66,14 @@ def encode_prompt(tok: Tok, text: str, *, prepend_eos: bool = True) -> list[int]
 def sampler_for(model_cfg: ModelConfig | None, cfg: SampleConfig) -> SampleConfig:
     """``cfg`` as a model of this shape runs it: a block-causal model samples in its own blocks (the
     length rounded up to whole blocks, about the same tokens per step) with its exact cache; a
-    full-attention model takes ``cfg`` as it is. Batch generation, Serve and evaluation apply it."""
+    full-attention model takes ``cfg`` as it is; an autoregressive one writes one token per call
+    (``steps`` = ``gen_length``, one block), and diffusion-only settings are refused. Batch generation,
+    Serve and evaluation apply it."""
+    if model_cfg is not None and model_cfg.attention == "causal":
+        from dlm_ray.autoregressive import check_settings
+
+        check_settings(cfg)
+        return cfg.model_copy(update={"steps": cfg.gen_length, "block_length": cfg.gen_length, "refresh_every": None})
     if model_cfg is None or model_cfg.attention != "block_causal":
         return cfg
     if cfg.cache in ("prefix", "dual"):

@@ -32,6 +32,8 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 OURS = "dlm_ray"  # config.json key of our own settings
 BLOCK_MODEL_TYPE = "dlm_ray_block_diffusion"  # LLaDA's layout, block-causal attention
+AR_MODEL_TYPE = "dlm_ray_autoregressive"  # LLaDA's layout, causal attention: the autoregressive baseline
+MODEL_TYPES = ("llada", BLOCK_MODEL_TYPE, AR_MODEL_TYPE)
 DEFAULT_SHARD_BYTES = 4 << 30
 
 DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
@@ -85,7 +87,8 @@ def llada_config(model: ModelConfig, *, mask_id: int, eos_id: int, pad_id: int, 
     """config.json for a ``Denoiser`` of shape ``model``: LLaDA's keys, ours under ``dlm_ray``."""
     if model.attention != "full":
         # Not LLaDA's architecture: a tool built for LLaDA must not take it for one. Same keys and names.
-        block = {"model_type": BLOCK_MODEL_TYPE, "attention": model.attention, "block_size": model.block_size}
+        block = {"model_type": BLOCK_MODEL_TYPE if model.attention == "block_causal" else AR_MODEL_TYPE,
+                 "attention": model.attention, "block_size": model.block_size}
     else:
         block = {"model_type": "llada", "architectures": ["LLaDAModelLM"]}
     return {
@@ -103,12 +106,12 @@ def llada_config(model: ModelConfig, *, mask_id: int, eos_id: int, pad_id: int, 
 
 def model_config(cfg: dict[str, Any], where: str) -> ModelConfig:
     """The ``ModelConfig`` of a LLaDA config.json; a setting we cannot run is refused by name."""
-    if cfg.get("model_type") not in ("llada", BLOCK_MODEL_TYPE):
+    if cfg.get("model_type") not in MODEL_TYPES:
         raise LayoutError(f"{where}: model_type is {cfg.get('model_type')!r}, not 'llada'")
     attention = cfg.get("attention", "full")
-    if attention not in ("full", "block_causal"):
+    if attention not in ("full", "block_causal", "causal"):
         raise LayoutError(f"{where}: attention = {attention!r} is a model kind this version does not know "
-                          "(full, block_causal)")
+                          "(full, block_causal, causal)")
     for key, want in REQUIRED.items():
         got = cfg.get(key, want)
         if got != want and not (key == "multi_query_attention" and got is False):

@@ -16,7 +16,9 @@ With ``attention: block_causal`` (block diffusion) a position sees every positio
 and of the blocks before it, never a later block; blocks are counted from ``block_start`` (0 in
 training; the generation start when sampling, the prompt's blocks counted back from it). A
 finished block's keys/values then never change, so ``forward_block`` denoises the next block
-against a cache of everything before it, exactly, and ``extend`` appends the finished block.
+against a cache of everything before it, exactly, and ``extend`` appends the finished block. With
+``attention: causal`` the same network is an autoregressive model (blocks of one position, logits
+at i predicting token i + 1): the baseline the diffusion objectives are compared against.
 Every entry point can return logits for a span of positions only (``logits_span``): a sampler
 reads one block's, and at LLaDA's vocabulary (126,464) the whole canvas's float32 logits are
 gigabytes per step. ``checkpointed`` (block indices) recomputes those blocks' activations in the
@@ -169,6 +171,11 @@ class Denoiser(nn.Module):
     def block_causal(self) -> bool:
         return self.config.attention == "block_causal"
 
+    @property
+    def causal(self) -> bool:
+        """An autoregressive model: position i sees positions <= i, and its logits predict i + 1."""
+        return self.config.attention == "causal"
+
     def prefill(
         self, input_ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor | None = None, *, keep_cache: bool = True,
         logits_span: tuple[int, int] | None = None, block_start: int = 0,
@@ -188,7 +195,7 @@ class Denoiser(nn.Module):
             pos_BL = (real_BL.long().cumsum(-1) - 1).clamp(min=0)
             keep_B11L = real_BL[:, None, None, :]
         attend = keep_B11L
-        if self.block_causal:
+        if self.block_causal or self.causal:
             attend = self._block_mask(L, block_start, keep_B11L, input_ids_BL.device)
         cos, sin = rope_tables(pos_BL, self.config.d_model // self.config.n_heads, self.config.rope_theta)
         x_BLD, layers = self._layers(self.wte(input_ids_BL), cos, sin, attend, keep_cache)
@@ -235,9 +242,11 @@ class Denoiser(nn.Module):
     def _block_mask(self, L: int, block_start: int, keep_B11L: torch.Tensor | None,
                     device: torch.device) -> torch.Tensor:
         """[B or 1, 1, L, L]: query q sees key k when k's block is not after q's and k is real (and
-        always itself, so a padding query is never left with nothing to attend to)."""
+        always itself, so a padding query is never left with nothing to attend to). A causal model's
+        blocks are single positions."""
         idx = torch.arange(L, device=device)
-        blk = torch.div(idx - block_start, self.config.block_size, rounding_mode="floor")
+        size = 1 if self.causal else self.config.block_size
+        blk = torch.div(idx - block_start, size, rounding_mode="floor")
         attend_LL = (blk[None, :] <= blk[:, None])[None, None]
         if keep_B11L is not None:
             attend_LL = attend_LL & keep_B11L
@@ -245,8 +254,8 @@ class Denoiser(nn.Module):
 
     def forward_block(self, block_ids_BW: torch.Tensor, cache: KVCache, *, extend: bool = False,
                       logits_len: int | None = None) -> tuple[torch.Tensor, KVCache | None]:
-        """Logits of a block that follows everything in ``cache`` (block-causal models): its
-        positions see every cached key and each other. With ``extend``, also the cache with this
+        """Logits of a block that follows everything in ``cache`` (block-causal models; for a causal
+        model, the next token: a block of one): its positions see every cached key and each other. With ``extend``, also the cache with this
         block's keys/values appended (for a finished block). Exact: nothing before a block depends on it."""
         B, W = block_ids_BW.shape
         S = cache.pos_BL.shape[1]

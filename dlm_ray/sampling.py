@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from dlm_ray.autoregressive import generate_ar
 from dlm_ray.config import SampleConfig
 from dlm_ray.diffusion import exclude_mask_logit
 
@@ -162,6 +163,10 @@ def generate(
         raise ValueError("stop_at_eos, logits_eos_inf and confidence_eos_eot_inf need eos_id")
     ends = torch.tensor(sorted({eos_id, *(end_ids or ())}) if eos_id is not None else [], dtype=torch.long,
                         device=prompt_ids_BP.device)
+    if getattr(model, "causal", False):  # the autoregressive baseline: one token per call
+        return generate_ar(model, prompt_ids_BP, cfg, mask_id=mask_id, attention_mask=attention_mask,
+                           generator=generator, ends=ends, eos_id=eos_id, vocab_size=vocab_size, on_step=on_step,
+                           stats=stats)
     _check_model_kind(model, cfg, prompt_ids_BP.shape[1])
     B, P = prompt_ids_BP.shape
     if not (generator is None or isinstance(generator, torch.Generator)) and len(generator) != B:

@@ -2,7 +2,8 @@
 
 Each Ray Train worker builds the denoiser, calls ``deepspeed.initialize`` itself (ZeRO 0-3, CPU
 offload optional; bf16 on GPU, fp32 on CPU with gloo), and reads its shard of masked, packed rows
-from the Ray Data pipeline. The loss is ``dlm_ray.diffusion.diffusion_loss``. On GPU the optimizer
+from the Ray Data pipeline. The loss is ``dlm_ray.diffusion.diffusion_loss`` (for an autoregressive
+model, ``dlm_ray.autoregressive.next_token_loss`` on unmasked rows). On GPU the optimizer
 is torch's fused AdamW; activation checkpointing is per block (``train.activation_checkpointing``);
 before training, rank 0 prints DeepSpeed's memory estimate for the model and ZeRO stage, and a
 configuration that cannot fit is refused. MFU uses the device's peak FLOP/s by name (none on CPU).
@@ -32,7 +33,8 @@ import torch
 
 from dlm_ray.checkpoint import latest_checkpoint, run_dir
 from dlm_ray.config import PretrainConfig, TrainConfig
-from dlm_ray.data import DataPosition, masked_dataset
+from dlm_ray.data import DataPosition, packed_dataset
+from dlm_ray.autoregressive import next_token_loss
 from dlm_ray.diffusion import diffusion_loss, estimate_nelbo, nats_to_bits
 from dlm_ray.engine import check_memory, checkpointed_blocks, deepspeed_config, make_optimizer, peak_flops
 from dlm_ray.metrics import MetricsLog, console_line
@@ -72,6 +74,24 @@ def _evaluate(engine: Any, val_shard: Any, cfg: PretrainConfig, mask_id: int, de
     torch.distributed.all_reduce(total)
     model.train()
     return float(nats_to_bits(total[0] / total[1].clamp_min(1)))
+
+
+def _loss(engine: Any, b: dict[str, torch.Tensor], cfg: PretrainConfig, mask_id: int) -> torch.Tensor:
+    """The step's loss, by the model's kind: the 1/t-weighted masked cross-entropy (full attention;
+    block-causal models see the noisy row and the clean row together, BD3-LM) or the next-token loss
+    (causal). Fine-tuning rows (LLaDA) score the answer only, each row over its answer length, then
+    over the rows."""
+    x0, am = b["input_ids"].long(), b["attention_mask"].long()
+    sft = "answer_len" in b
+    weight = 1.0 / b["answer_len"].float() if sft else None
+    if cfg.model.attention == "causal":
+        answer = torch.arange(x0.shape[1], device=x0.device)[None, :] >= b["prompt_len"][:, None] if sft else None
+        n = len(b["answer_len"]) if sft else (am[:, :-1] & am[:, 1:]).sum().clamp_min(1)
+        return next_token_loss(engine(x0, am), x0, am, n, mask_id=mask_id, maskable_BL=answer, row_weight_B=weight)
+    clean = {"clean_ids": x0} if cfg.model.attention == "block_causal" else {}
+    logits = engine(b["noisy_ids"].long(), am, **clean)
+    n = len(b["answer_len"]) if sft else am.sum().clamp_min(1)
+    return diffusion_loss(logits, x0, b["loss_mask"], b["p_mask"], n, mask_id=mask_id, row_weight_B=weight)
 
 
 def _quiet_worker(use_gpu: bool) -> None:
@@ -152,16 +172,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         b = _to_device(batch, device)
         for group in engine.optimizer.param_groups:
             group["lr"] = lr_at(state["step"], tc)
-        # A block diffusion model sees the noisy row and the clean row together (BD3-LM).
-        clean = {"clean_ids": b["input_ids"].long()} if cfg.model.attention == "block_causal" else {}
-        logits = engine(b["noisy_ids"].long(), b["attention_mask"].long(), **clean)
-        if "answer_len" in b:  # fine-tuning (LLaDA): each row over its answer length, then over the rows
-            loss = diffusion_loss(logits, b["input_ids"].long(), b["loss_mask"], b["p_mask"], len(b["answer_len"]),
-                                  mask_id=tok.mask_id, row_weight_B=1.0 / b["answer_len"].float())
-        else:
-            n_real = b["attention_mask"].sum().clamp_min(1)
-            loss = diffusion_loss(logits, b["input_ids"].long(), b["loss_mask"], b["p_mask"], n_real,
-                                  mask_id=tok.mask_id)
+        loss = _loss(engine, b, cfg, tok.mask_id)
         engine.backward(loss)
         engine.step()
         micro += 1
@@ -276,13 +287,15 @@ def fit(cfg: PretrainConfig) -> ray.train.Result:
               flush=True)
     tc = cfg.train
     block_size = cfg.model.block_size if cfg.model.attention == "block_causal" else None
+    # An autoregressive model trains on the clean rows: the pipeline leaves out the masking.
+    diffusion = None if cfg.model.attention == "causal" else cfg.diffusion
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cfg.data.progress_bars
     ctx.print_on_execution_start = cfg.data.progress_bars  # the dataset plan lines, with the bars
     datasets = {
-        "train": masked_dataset(cfg.data, cfg.tokenizer, cfg.diffusion, "train", num_epochs=tc.max_epochs,
-                                start=start, strata=tc.micro_batch_size, block_size=block_size),
-        "val": masked_dataset(cfg.data, cfg.tokenizer, cfg.diffusion, "val", block_size=block_size),
+        "train": packed_dataset(cfg.data, cfg.tokenizer, "train", num_epochs=tc.max_epochs, start=start,
+                                diffusion=diffusion, strata=tc.micro_batch_size, block_size=block_size),
+        "val": packed_dataset(cfg.data, cfg.tokenizer, "val", diffusion=diffusion, block_size=block_size),
     }
     for ds in datasets.values():
         pace_scheduling(ds.context, cfg.data.pacing)
