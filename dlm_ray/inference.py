@@ -21,7 +21,8 @@ from typing import Any, Sequence
 import torch
 
 from dlm_ray.config import ModelConfig, SampleConfig
-from dlm_ray.sampling import ModelFn, generate_many, trim_after_eos
+from dlm_ray.batching import generate_many, trim_after_eos
+from dlm_ray.sampling import ModelFn
 from dlm_ray.tokenizer import ByteTokenizer, HFTokenizer
 
 Tok = ByteTokenizer | HFTokenizer

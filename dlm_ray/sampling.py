@@ -11,6 +11,10 @@ With ``temperature=0`` and ``remasking="low_confidence"`` it is LLaDA's referenc
   scores each masked position of the current block by softmax(logits)[x̂] (or a uniform draw for
   ``random``) and commits the top-n.
 
+Infilling: ``generate`` takes a suffix (the prompt/suffix form, the canvas prompt + masks + suffix)
+and ``infill`` fills masks wherever they stand in a given canvas; both need full attention.
+Batching many prompts of any lengths is ``dlm_ray.batching``.
+
 One deliberate difference from the reference code: the mask token is never proposed (its logit is
 -inf), so a weak or untrained model can never "commit" a mask and leave the canvas unfinished.
 
@@ -143,8 +147,14 @@ def generate(
     stats: dict[str, int] | None = None,
     vocab_size: int | None = None,
     end_ids: Sequence[int] | None = None,
+    suffix_ids: torch.Tensor | None = None,
+    suffix_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fill ``cfg.gen_length`` positions after each prompt: LongTensor[B, P + gen_length].
+
+    With ``suffix_ids`` [B, S] (right-padded, ``suffix_mask`` 1 for real tokens) the positions are
+    filled between the prompt and the suffix (infilling: every model call sees both sides), and
+    the canvas [B, P + gen_length + S] is returned. Only a full-attention model can infill.
 
     ``max_length`` defaults to the model's ``max_seq_len`` when it has one. ``eos_id`` is needed only
     for ``cfg.stop_at_eos``. Random draws cover the current block only, so with one generator per
@@ -163,6 +173,10 @@ def generate(
         raise ValueError("stop_at_eos, logits_eos_inf and confidence_eos_eot_inf need eos_id")
     ends = torch.tensor(sorted({eos_id, *(end_ids or ())}) if eos_id is not None else [], dtype=torch.long,
                         device=prompt_ids_BP.device)
+    S = 0 if suffix_ids is None else suffix_ids.shape[1]
+    if S:
+        _check_suffix(model, cfg, suffix_ids, suffix_mask, prompt_ids_BP.shape[0], mask_id, max_length,
+                      prompt_ids_BP.shape[1])
     if getattr(model, "causal", False):  # the autoregressive baseline: one token per call
         return generate_ar(model, prompt_ids_BP, cfg, mask_id=mask_id, attention_mask=attention_mask,
                            generator=generator, ends=ends, eos_id=eos_id, vocab_size=vocab_size, on_step=on_step,
@@ -172,18 +186,88 @@ def generate(
     if not (generator is None or isinstance(generator, torch.Generator)) and len(generator) != B:
         raise ValueError(f"got {len(generator)} generators for a batch of {B}")
     device = prompt_ids_BP.device
-    x_BT = torch.cat([prompt_ids_BP, torch.full((B, cfg.gen_length), mask_id, dtype=torch.long, device=device)], 1)
+    parts = [prompt_ids_BP, torch.full((B, cfg.gen_length), mask_id, dtype=torch.long, device=device)]
+    x_BT = torch.cat(parts + ([suffix_ids.long()] if S else []), 1)
     am_BT = None
-    prompt_real_BT = torch.zeros_like(x_BT, dtype=torch.bool)
-    if attention_mask is not None:
-        prompt_real_BT[:, :P] = attention_mask.bool()
-        # Without padding the model gets no mask at all, so attention can take its fused kernel.
-        if not bool(attention_mask.bool().all()):
-            am_BT = torch.cat([attention_mask.long(), torch.ones((B, cfg.gen_length), dtype=torch.long,
-                                                                 device=device)], 1)
-    else:
-        prompt_real_BT[:, :P] = True
+    prompt_real_BT = torch.zeros_like(x_BT, dtype=torch.bool)  # the given tokens: prompt and suffix
+    prompt_real_BT[:, :P] = True if attention_mask is None else attention_mask.bool()
+    suffix_real_BS = None
+    if S:
+        suffix_real_BS = torch.ones_like(suffix_ids, dtype=torch.bool) if suffix_mask is None else suffix_mask.bool()
+        prompt_real_BT[:, P + cfg.gen_length:] = suffix_real_BS
+    # Without padding the model gets no mask at all, so attention can take its fused kernel.
+    padded = (attention_mask is not None and not bool(attention_mask.bool().all())) or \
+        (suffix_real_BS is not None and not bool(suffix_real_BS.all()))
+    if padded:
+        am_BT = (prompt_real_BT | (x_BT == mask_id)).long()
+    return _denoise(model, x_BT, am_BT, prompt_real_BT, cfg, start=P, mask_id=mask_id, generator=generator,
+                    eos_id=eos_id, ends=ends, on_step=on_step, stats=stats, vocab_size=vocab_size)
 
+
+@torch.inference_mode()
+def infill(model: ModelFn, canvas_BT: torch.Tensor, cfg: SampleConfig, *, mask_id: int,
+           attention_mask: torch.Tensor | None = None, generator: Generators = None,
+           stats: dict[str, int] | None = None, vocab_size: int | None = None) -> torch.Tensor:
+    """Fill every ``mask_id`` of a canvas [B, T], wherever it stands (a Sudoku's blanks, a gap in a
+    sentence): a copy of the canvas, filled. The masks are one block; each row commits its own
+    masks over ``cfg.steps`` steps (at most one step per mask), most confident first, with
+    ``cfg``'s temperature, remasking, threshold or factor and guidance. ``gen_length``,
+    ``block_length``, the caches and ``stop_at_eos`` do not apply. Needs a full-attention model."""
+    if getattr(model, "block_causal", False) or getattr(model, "causal", False):
+        raise ValueError("infilling needs a full-attention model: this one never sees what comes after the "
+                         "position it writes")
+    if canvas_BT.dim() != 2:
+        raise ValueError(f"canvas must be [batch, length], got shape {tuple(canvas_BT.shape)}")
+    max_length = getattr(model, "max_seq_len", None)
+    if max_length is not None and canvas_BT.shape[1] > max_length:
+        raise ValueError(f"canvas length {canvas_BT.shape[1]} exceeds the model's context of {max_length}")
+    masked_BT = canvas_BT == mask_id
+    if attention_mask is not None and (masked_BT & ~attention_mask.bool()).any():
+        raise ValueError("a padding position holds mask_id")
+    cols = masked_BT.any(0).nonzero().squeeze(-1)
+    x_BT = canvas_BT.clone().long()
+    if cols.numel() == 0:
+        return x_BT
+    a, b = int(cols[0]), int(cols[-1]) + 1
+    run = cfg.model_copy(update={"gen_length": b - a, "block_length": b - a, "steps": min(cfg.steps, b - a),
+                                 "cache": "none", "refresh_every": None, "stop_at_eos": False})
+    am = None if attention_mask is None or bool(attention_mask.bool().all()) else attention_mask.long()
+    given_BT = ~masked_BT if attention_mask is None else attention_mask.bool() & ~masked_BT
+    ends = torch.zeros(0, dtype=torch.long, device=x_BT.device)
+    return _denoise(model, x_BT, am, given_BT, run, start=a, mask_id=mask_id, generator=generator, eos_id=None,
+                    ends=ends, on_step=None, stats=stats, vocab_size=vocab_size)
+
+
+def _check_suffix(model: ModelFn, cfg: SampleConfig, suffix_ids: torch.Tensor, suffix_mask: torch.Tensor | None,
+                  B: int, mask_id: int, max_length: int | None, P: int) -> None:
+    if getattr(model, "block_causal", False) or getattr(model, "causal", False):
+        raise ValueError("infilling needs a full-attention model: this one never sees what comes after the "
+                         "position it writes")
+    if suffix_ids.dim() != 2 or suffix_ids.shape[0] != B:
+        raise ValueError(f"suffix_ids must be [batch={B}, suffix_len], got shape {tuple(suffix_ids.shape)}")
+    if suffix_mask is not None and suffix_mask.shape != suffix_ids.shape:
+        raise ValueError(f"suffix_mask shape {tuple(suffix_mask.shape)} != suffix shape {tuple(suffix_ids.shape)}")
+    real = torch.ones_like(suffix_ids, dtype=torch.bool) if suffix_mask is None else suffix_mask.bool()
+    if (real[:, 1:] & ~real[:, :-1]).any():
+        raise ValueError("suffixes must be right-padded (suffix_mask 1s before 0s in each row)")
+    if (suffix_ids[real] == mask_id).any() or (suffix_ids[~real] == mask_id).any():
+        raise ValueError("a suffix contains mask_id")
+    total = P + cfg.gen_length + suffix_ids.shape[1]
+    if max_length is not None and total > max_length:
+        raise ValueError(f"prompt {P} + gen_length {cfg.gen_length} + suffix {suffix_ids.shape[1]} = {total} tokens "
+                         f"exceeds the model's context of {max_length}")
+    if cfg.cache == "blocks":
+        raise ValueError("cache='blocks' cannot infill")
+
+
+def _denoise(model: ModelFn, x_BT: torch.Tensor, am_BT: torch.Tensor | None, prompt_real_BT: torch.Tensor,
+             cfg: SampleConfig, *, start: int, mask_id: int, generator: Generators, eos_id: int | None,
+             ends: torch.Tensor, on_step: StepCallback | None, stats: dict[str, int] | None,
+             vocab_size: int | None) -> torch.Tensor:
+    """Unmask the ``cfg.gen_length`` positions from ``start`` on, block after block, in place.
+    Everything else in the canvas (prompt, suffix) is context."""
+    B, P, device = x_BT.shape[0], start, x_BT.device
+    gen_end = P + cfg.gen_length
     steps_per_block = cfg.steps // cfg.num_blocks
     num_calls = step = 0
     blocks_cache = None  # cache="blocks": keys/values of the prompt and every finished block
@@ -240,7 +324,7 @@ def generate(
             if cfg.stop_at_eos:
                 # A row with an EOS and no mask before it is finished: its remaining masks become
                 # EOS at once, so it costs no more model calls (mid-block too).
-                gen_BG = x_BT[:, P:]
+                gen_BG = x_BT[:, P:gen_end]
                 done_B = _finished_rows(gen_BG, ends, mask_id)
                 gen_BG[done_B] = gen_BG[done_B].masked_fill(gen_BG[done_B] == mask_id, eos_id)  # type: ignore
             if on_step is not None:
@@ -249,9 +333,9 @@ def generate(
                     if eos_id is None:
                         raise ValueError("stopping rows from on_step needs eos_id")
                     rows_SB = x_BT[stop_B]
-                    x_BT[stop_B] = rows_SB.masked_fill(rows_SB == mask_id, eos_id)
+                    x_BT[stop_B] = rows_SB.masked_fill(rows_SB == mask_id, eos_id)  # a suffix holds no mask
             step += 1
-        if cfg.cache == "blocks" and end < x_BT.shape[1] and (x_BT[:, end:] == mask_id).any():
+        if cfg.cache == "blocks" and end < gen_end and (x_BT[:, end:gen_end] == mask_id).any():
             # The finished block joins the cache: one pass over its final tokens, exact from here on.
             _, blocks_cache = model.forward_block(x_BT[:, start:end], blocks_cache, extend=True,  # type: ignore
                                                   logits_len=0)
@@ -321,60 +405,3 @@ def _finished_rows(gen_BL: torch.Tensor, ends: torch.Tensor, mask_id: int) -> to
     first_eos_B = torch.where(is_eos_BL.any(-1), is_eos_BL.float().argmax(-1), gen_BL.shape[1])
     before_BL = torch.arange(gen_BL.shape[1], device=gen_BL.device)[None, :] < first_eos_B[:, None]
     return is_eos_BL.any(-1) & ~((gen_BL == mask_id) & before_BL).any(-1)
-
-
-def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ids [B, P] and attention mask [B, P] (1 = real token)."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    am = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            ids[i, width - len(s):] = torch.tensor(s)
-            am[i, width - len(s):] = 1
-    return ids, am
-
-
-def generate_rows(
-    model: ModelFn, prompts: list[list[int]], cfg: SampleConfig, *, seeds: list[int], pad_id: int, mask_id: int,
-    eos_id: int, device: torch.device | str = "cpu", on_step: StepCallback | None = None, vocab_size: int | None = None,
-    end_ids: Sequence[int] | None = None,
-) -> tuple[list[list[int]], int]:
-    """``generate`` for a list of token-id prompts of any lengths, each row seeded on its own:
-    the generated ids of each row (EOS not trimmed) and the number of model calls."""
-    ids, am = left_pad(prompts, pad_id)
-    stats: dict[str, int] = {}
-    gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-    x = generate(model, ids.to(device), cfg, mask_id=mask_id, attention_mask=am.to(device), generator=gens,
-                 eos_id=eos_id, on_step=on_step, stats=stats, vocab_size=vocab_size, end_ids=end_ids)
-    return x[:, ids.shape[1]:].tolist(), stats["model_calls"]
-
-
-def generate_many(
-    model: ModelFn, prompts: list[list[int]], samples: list[SampleConfig], *, seeds: list[int], batch_size: int,
-    pad_id: int, mask_id: int, eos_id: int, device: torch.device | str = "cpu", vocab_size: int | None = None,
-    end_ids: Sequence[int] | None = None,
-) -> list[tuple[list[int], int]]:
-    """Rows with their own settings: rows with equal settings share ``generate_rows`` calls of at most
-    ``batch_size``, sorted by length so little of each call is padding. Per row, in input order:
-    (generated ids, model calls of the call that made them)."""
-    out: list[tuple[list[int], int]] = [([], 0)] * len(prompts)
-    groups: dict[str, list[int]] = {}
-    for i, sc in enumerate(samples):
-        groups.setdefault(sc.model_dump_json(), []).append(i)
-    for rows in groups.values():
-        rows.sort(key=lambda i: len(prompts[i]))
-        for k in range(0, len(rows), batch_size):
-            chunk = rows[k:k + batch_size]
-            gen, calls = generate_rows(model, [prompts[i] for i in chunk], samples[chunk[0]],
-                                       seeds=[seeds[i] for i in chunk], pad_id=pad_id, mask_id=mask_id,
-                                       eos_id=eos_id, device=device, vocab_size=vocab_size, end_ids=end_ids)
-            for i, g in zip(chunk, gen):
-                out[i] = (g, calls)
-    return out
-
-
-def trim_after_eos(ids: list[int], end_ids: int | Sequence[int]) -> list[int]:
-    """The generated ids up to (not including) the first end token (EOS, or any of ``end_ids``)."""
-    ends = {end_ids} if isinstance(end_ids, int) else set(end_ids)
-    return next((ids[:i] for i, t in enumerate(ids) if t in ends), ids)

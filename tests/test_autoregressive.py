@@ -15,7 +15,8 @@ from dlm_ray.config import ModelConfig, SampleConfig
 from dlm_ray.diffusion import estimate_nelbo
 from dlm_ray.inference import sampler_for
 from dlm_ray.model import Denoiser
-from dlm_ray.sampling import generate, left_pad
+from dlm_ray.batching import left_pad
+from dlm_ray.sampling import generate
 
 MASK, PAD, EOS = 258, 256, 257
 

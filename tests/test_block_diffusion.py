@@ -11,7 +11,8 @@ import torch
 from dlm_ray.checkpoint import CheckpointError, load_inference, save_inference
 from dlm_ray.config import ModelConfig, SampleConfig
 from dlm_ray.model import Denoiser
-from dlm_ray.sampling import generate, left_pad
+from dlm_ray.batching import left_pad
+from dlm_ray.sampling import generate
 
 MASK, PAD, EOS = 258, 256, 257
 B = 4  # block size

@@ -7,7 +7,8 @@ import torch
 
 from dlm_ray.config import SampleConfig
 from dlm_ray.model import Denoiser
-from dlm_ray.sampling import _num_commits, generate, left_pad
+from dlm_ray.batching import left_pad
+from dlm_ray.sampling import _num_commits, generate
 
 MASK, PAD, EOS = 258, 256, 257
 

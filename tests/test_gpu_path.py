@@ -8,7 +8,8 @@ import torch
 
 from dlm_ray.config import ModelConfig, SampleConfig
 from dlm_ray.model import Denoiser
-from dlm_ray.sampling import generate, left_pad
+from dlm_ray.batching import left_pad
+from dlm_ray.sampling import generate
 
 MASK, PAD, EOS = 258, 256, 257
 

@@ -7,7 +7,8 @@ import torch
 
 from dlm_ray.config import SampleConfig
 from dlm_ray.model import Denoiser
-from dlm_ray.sampling import generate, left_pad, num_transfer_tokens, trim_after_eos
+from dlm_ray.batching import left_pad, trim_after_eos
+from dlm_ray.sampling import generate, num_transfer_tokens
 
 MASK, PAD, EOS = 258, 256, 257
 

@@ -1,0 +1,89 @@
+"""Train diffusion, block diffusion and autoregressive models on equal terms, and compare them.
+
+    python jobs/compare.py [--config jobs/configs/tiny.yaml] [--objectives=diffusion,block,autoregressive]
+    ray job submit --working-dir . -- python jobs/compare.py --config jobs/configs/small.yaml --data.source=...
+
+Each objective is a run of the pretraining job (``<run_name>-<objective>``: rerunning resumes it)
+with the same corpus, model size, batch, steps and seed; only ``model.attention`` differs. Then
+each exported model is measured with the same code (``dlm_ray.compare``), and the table is printed
+and written to ``<storage_path>/<run_name>-compare/``: ``compare.json`` and ``compare.png``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+
+import torch
+
+from dlm_ray.checkpoint import export, load_inference, run_dir
+from dlm_ray.compare import (OBJECTIVES, Row, measure_generation, objective_config, plot, rows_as_json, samplers,
+                             table, train_tokens_per_s)
+from dlm_ray.config import PretrainConfig
+from dlm_ray.config_io import parse_job_args
+from dlm_ray.metrics import read_metrics
+from dlm_ray.model import num_params
+from dlm_ray.runtime import init_ray
+from dlm_ray.sources import filesystem_for
+from dlm_ray.train import fit
+
+
+def _args(ap) -> None:  # type: ignore[no-untyped-def]
+    ap.add_argument("--objectives", default=",".join(OBJECTIVES), help="comma-separated, from: " + ", ".join(OBJECTIVES))
+    ap.add_argument("--block_size", type=int, default=4, help="the block objective's block size")
+    ap.add_argument("--fast_threshold", type=float, default=0.9,
+                    help="diffusion models are also measured committing every position this confident")
+    ap.add_argument("--gen_batch", type=int, default=64, help="prompts per generate() call when measuring")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg, args = parse_job_args(PretrainConfig, argv, __doc__.splitlines()[0], _args)
+    if cfg.init_from:
+        raise SystemExit("compare trains every objective from scratch; init_from is not supported here")
+    objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
+    configs = [objective_config(cfg, o, block_size=args.block_size) for o in objectives]  # names bad ones first
+    t0 = time.time()
+    init_ray()
+    builtin = cfg.data.source == "builtin"
+    print(f"[compare] {', '.join(objectives)} | model {num_params(cfg.model) / 1e6:.2f}M params | "
+          f"{cfg.train.max_steps} steps of {cfg.train.batch_size} x {cfg.data.seq_len} tokens | data {cfg.data.source}",
+          flush=True)
+    rows: list[Row] = []
+    for objective, ocfg in zip(objectives, configs):
+        print(f"[compare] training {objective} ({ocfg.model.attention} attention) as run {ocfg.run_name}", flush=True)
+        result = fit(ocfg)
+        out = run_dir(ocfg) + "/export"
+        with result.checkpoint.as_directory() as ckpt:
+            export(ckpt, out)
+        history = read_metrics(run_dir(ocfg))
+        bits = next((h["val_nelbo_bits"] for h in reversed(history) if "val_nelbo_bits" in h), None)
+        model, tok, _ = load_inference(out)
+        families = sorted(cfg.data.corpus.families) if builtin else None
+        for name, sc in samplers(objective, cfg.eval.sample, args.fast_threshold).items():
+            validity, gen_tps, calls = measure_generation(model, tok, sc, families=families,
+                                                          num_prompts=cfg.eval.num_prompts_per_family,
+                                                          batch_size=args.gen_batch)
+            rows.append(Row(objective, name, bits, train_tokens_per_s(history), gen_tps, calls, validity))
+            print(f"[compare] {objective} / {name}: validity {validity}, {gen_tps:.0f} generated tok/s, "
+                  f"{calls:.1f} calls per answer", flush=True)
+    text = table(rows)
+    print(text)
+    where = f"{cfg.storage_path.rstrip('/')}/{cfg.run_name}-compare"
+    summary = {"objectives": objectives, "config": cfg.to_dict(), "block_size": args.block_size,
+               "fast_threshold": args.fast_threshold, "rows": rows_as_json(rows), "table": text,
+               "wall_seconds": round(time.time() - t0, 1)}
+    filesystem, root = filesystem_for(where)
+    filesystem.create_dir(root, recursive=True)
+    with filesystem.open_output_stream(f"{root}/compare.json") as f:
+        f.write(json.dumps(summary, indent=2).encode())
+    png = io.BytesIO()
+    plot(rows, png)
+    with filesystem.open_output_stream(f"{root}/compare.png") as f:
+        f.write(png.getvalue())
+    print(f"[compare] done in {summary['wall_seconds']:.0f} s; {where}/compare.json and compare.png", flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
