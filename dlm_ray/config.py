@@ -203,6 +203,11 @@ class DataConfig(Config):
     val_fraction: float = Field(0.01, ge=0, lt=1)
     seq_len: int = Field(64, gt=1)
     document_ids: bool = False
+    # Conditional pretraining: in this fraction of the training documents that have a prompt (the
+    # built-in corpus: up to its "="), the prompt is never masked, so the model also learns the
+    # answer given the whole prompt, which is what sampling asks of it (SFT trains only that form).
+    # Drawn per document and epoch from data.seed; held-out documents are always unconditional.
+    conditional_fraction: float = Field(0.0, ge=0, le=1)
     # LLaDA trains ~1% of rows at a random shorter length; the cut-off tokens start the next row.
     random_length_fraction: float = Field(0.0, ge=0, le=1)
     # Built-in corpus size (documents drawn, train and held-out together).
@@ -230,6 +235,9 @@ class DataConfig(Config):
         lo, hi = self.tokenizer_actors
         if not 1 <= lo <= hi:
             raise ValueError(f"tokenizer_actors must be (min, max) with 1 <= min <= max, got {self.tokenizer_actors}")
+        if self.conditional_fraction and (self.source != "builtin" or self.task != "pretrain"):
+            raise ValueError("conditional_fraction needs pretraining documents with a prompt: the built-in corpus "
+                             "(fine-tuning, data.task: sft, is conditional already)")
         return self
 
 
@@ -356,6 +364,9 @@ class GenerateConfig(Config):
     # A row may instead hold a conversation (OpenAI's [{"role", "content"}, ...]) in this column,
     # rendered with the model's chat template.
     messages_column: str = "messages"
+    # Text that comes after the completion (infilling: the completion is inserted between prompt
+    # and suffix; full-attention models only).
+    suffix_column: str = "suffix"
     # Unique per row; without it a row's id is "<file relative to the input root>:<row number>".
     id_column: str | None = None
     sample: SampleConfig = Field(default_factory=lambda: SampleConfig(gen_length=24, steps=24, block_length=24))

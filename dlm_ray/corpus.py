@@ -108,6 +108,12 @@ def check_answer(prompt: str, answer: str) -> bool:
     return agrees and _valid_sudoku(answer)
 
 
+def prompt_length(text: str) -> int:
+    """Characters of a document's prompt (through its ``=``), the part sampling is given; 0 for a
+    text that is not a built-in document."""
+    return text.index("=") + 1 if text[:1] in PREFIX_TO_FAMILY and "=" in text else 0
+
+
 def check_document(text: str) -> tuple[str | None, bool]:
     """(family or None, valid) for a whole document such as an unconditional sample."""
     family = PREFIX_TO_FAMILY.get(text[:1])

@@ -32,6 +32,7 @@ import numpy as np
 import ray
 
 from dlm_ray.config import DataConfig, DiffusionConfig
+from dlm_ray.corpus import prompt_length
 from dlm_ray.packing import Packer, stable_id
 from dlm_ray.sources import BadInputError, filesystem_for, iter_documents, resolve_items
 from dlm_ray.tokenizer import load_tokenizer
@@ -123,6 +124,7 @@ class TokenizePack:
                     rows = self.mask_rows(rows, self.diffusion, seed=self.cfg.seed, mask_id=self.tok.mask_id,
                                           item_id=stable_id(item["key"]), strata=self.strata,
                                           prompt_len_R=rows.get("prompt_len"), block_size=self.block_size)
+                rows.pop("given", None)  # read by the masking only
                 yield rows
             self.stats.add.remote({"resume.rows_passed_over": skipped})
 
@@ -134,16 +136,18 @@ class TokenizePack:
             yield from self._prepared(item, epoch, skip)
             return
         cfg, counts = self.cfg, Counter()
+        # Conditional pretraining: a drawn fraction of the training documents keep their prompt.
+        conditional = cfg.conditional_fraction > 0 and item["split"] == "train" and item["format"] == "builtin"
         packer = Packer(cfg.seq_len, self.tok.eos_id, self.tok.pad_id, key=item["key"],
-                        random_length_fraction=cfg.random_length_fraction, seed=cfg.seed)
+                        random_length_fraction=cfg.random_length_fraction, seed=cfg.seed, track_given=conditional)
         counts["files"] += 1
         texts: list[str] = []
         wheres: list[str] = []
 
         def flush() -> None:
             docs = self.tok.encode_batch(texts)
-            good = []
-            for where, doc in zip(wheres, docs):
+            good, given = [], []
+            for where, text, doc in zip(wheres, texts, docs):
                 # Content must never become the mask (or pad) token: a masked target equal to the mask
                 # has infinite loss, and an unmasked one looks like a hole to fill.
                 if np.isin(doc, self.forbidden).any():
@@ -152,11 +156,14 @@ class TokenizePack:
                     counts["skipped.special_token"] += 1
                 else:
                     good.append(doc)
+                    if conditional:
+                        drawn = stable_id("given", cfg.seed, epoch, item["key"], where) / 2**63 < cfg.conditional_fraction
+                        given.append(len(self.tok.encode(text[:prompt_length(text)])) if drawn else 0)
             texts.clear()
             wheres.clear()
             counts["documents"] += len(good)
             counts["tokens"] += sum(len(d) + 1 for d in good)
-            packer.add(good)
+            packer.add(good, given if conditional else None)
 
         try:
             for where, text, reason in iter_documents(item, cfg):

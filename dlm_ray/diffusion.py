@@ -100,7 +100,8 @@ def mask_rows(rows: dict[str, np.ndarray], cfg: DiffusionConfig, *, seed: int, m
     (stable across runs) and ``row_index`` (its position within its work item, ``item_id``). Every
     draw is a function of (seed, epoch, row): a rerun masks a row the same way, each epoch afresh,
     whichever batch or worker it lands in. Padding is never masked; with ``prompt_len_R`` (the SFT
-    variant) nor are the first ``prompt_len`` tokens of a row.
+    variant) nor are the first ``prompt_len`` tokens of a row, nor, with a ``given`` column
+    (conditional pretraining), the positions it flags.
 
     With ``block_size`` (block diffusion) every block of a row has its own noise level: i.i.d. under
     ``uniform``; under ``low_discrepancy`` block k's is the row's (stratified over the micro-batch)
@@ -122,6 +123,8 @@ def mask_rows(rows: dict[str, np.ndarray], cfg: DiffusionConfig, *, seed: int, m
         t_R = (1.0 - cfg.eps) * u_RK + cfg.eps
         p_R = np.repeat(mask_probability(t_R, cfg), block_size, axis=1)
     maskable_RL = rows["attention_mask"].astype(bool)
+    if "given" in rows:  # conditional pretraining: a document's prompt stays visible
+        maskable_RL = maskable_RL & ~rows["given"].astype(bool)
     if prompt_len_R is not None:
         maskable_RL = maskable_RL & (np.arange(L)[None, :] >= np.asarray(prompt_len_R)[:, None])
     # Column 0 of the per-row draws is left to sample_times' i.i.d. case; positions use 1..L.

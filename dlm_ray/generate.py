@@ -16,7 +16,10 @@ made with; resuming with other settings is refused rather than mixing two kinds 
 A row may hold ``messages`` (a conversation, OpenAI's format) instead of a prompt: it is rendered
 with the model's chat template, and the answer ends at the model's end-of-turn token.
 
-Output columns: id, prompt, messages (JSON, for conversations), completion, completion_ids,
+A row may also hold a ``suffix``: the completion is then inserted between prompt and suffix
+(infilling; a full-attention model only).
+
+Output columns: id, prompt, messages (JSON, for conversations), suffix, completion, completion_ids,
 num_model_calls, num_generated_tokens, seed, sample (the row's sampler settings as JSON),
 checkpoint (hash), source (file and row), error.
 """
@@ -45,7 +48,8 @@ from dlm_ray.runtime import pace_scheduling
 from dlm_ray.sources import filesystem_for
 
 OUTPUT_SCHEMA = pa.schema([
-    ("id", pa.string()), ("prompt", pa.string()), ("messages", pa.string()), ("completion", pa.string()),
+    ("id", pa.string()), ("prompt", pa.string()), ("messages", pa.string()), ("suffix", pa.string()),
+    ("completion", pa.string()),
     ("completion_ids", pa.list_(pa.int32())), ("num_model_calls", pa.int32()),
     ("num_generated_tokens", pa.int32()), ("seed", pa.int64()), ("sample", pa.string()),
     ("checkpoint", pa.string()), ("source", pa.string()), ("error", pa.string()),
@@ -84,11 +88,13 @@ class Completer:
         parsed = {j: SampleConfig.model_validate_json(j) for j in {batch["sample"][i] for i in ok}}
         results = complete_ids(self.model, self.tok, [batch["prompt_ids"][i] for i in ok],
                                [parsed[batch["sample"][i]] for i in ok], [batch["seed"][i] for i in ok],
-                               batch_size=self.cfg.batch_size, device=self.device)
+                               batch_size=self.cfg.batch_size, device=self.device,
+                               suffixes=[batch["suffix_ids"][i] for i in ok])
         for i, c in zip(ok, results):
             completion[i], comp_ids[i], calls[i], gen_tokens[i] = c.text, c.ids, c.num_model_calls, c.num_generated
         return pa.table({
-            "id": batch["id"], "prompt": batch["prompt"], "messages": batch["messages"], "completion": completion,
+            "id": batch["id"], "prompt": batch["prompt"], "messages": batch["messages"], "suffix": batch["suffix"],
+            "completion": completion,
             "completion_ids": comp_ids,
             "num_model_calls": calls, "num_generated_tokens": gen_tokens, "seed": batch["seed"],
             "sample": batch["sample"], "checkpoint": [self.hash] * n, "source": batch["where"],

@@ -151,14 +151,17 @@ def _template(source: str) -> Any:
 
 
 def complete_ids(model: ModelFn, tok: Tok, prompt_ids: Sequence[list[int]], samples: SampleConfig | Sequence[SampleConfig],
-                 seeds: Sequence[int], *, batch_size: int = 64, device: torch.device | str = "cpu") -> list[Completion]:
-    """One completion per prompt (ids from ``encode_prompt``), with its own settings and seed."""
+                 seeds: Sequence[int], *, batch_size: int = 64, device: torch.device | str = "cpu",
+                 suffixes: Sequence[list[int]] | None = None) -> list[Completion]:
+    """One completion per prompt (ids from ``encode_prompt``), with its own settings and seed; with
+    ``suffixes`` (ids, empty for none) each is inserted before its row's suffix."""
     if len(seeds) != len(prompt_ids):
         raise ValueError(f"{len(seeds)} seeds for {len(prompt_ids)} prompts")
     per_row = [samples] * len(prompt_ids) if isinstance(samples, SampleConfig) else list(samples)
     results = generate_many(model, list(prompt_ids), per_row, seeds=list(seeds), batch_size=batch_size,
                             pad_id=tok.pad_id, mask_id=tok.mask_id, eos_id=tok.eos_id, device=device,
-                            vocab_size=tok.vocab_size, end_ids=tok.end_ids)
+                            vocab_size=tok.vocab_size, end_ids=tok.end_ids,
+                            suffixes=None if suffixes is None else list(suffixes))
     return [finish(tok, gen, calls) for gen, calls in results]
 
 

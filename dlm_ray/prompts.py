@@ -8,7 +8,7 @@ seed, and the read tasks themselves drop the ids an earlier run finished (``done
 
 A row that cannot be used (bad JSON, no prompt, a bad override) is never dropped: it travels on
 with an ``error`` and ends up in the output as an error row. ``prepare_batch`` tokenizes the
-prompts and resolves each row's sampler settings (config defaults + the row's own columns).
+prompts (and suffixes, for infilling) and resolves each row's sampler settings (config defaults + the row's own columns).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ ROWS_PER_BLOCK = 1024  # read granularity only: build_dataset re-forms blocks fo
 BUILTIN_SHARD = 500
 
 READ_SCHEMA = pa.schema([("id", pa.string()), ("where", pa.string()), ("prompt", pa.string()), ("messages", pa.string()),
-                         ("overrides", pa.string()), ("error", pa.string())])
+                         ("suffix", pa.string()), ("overrides", pa.string()), ("error", pa.string())])
 
 
 def _rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
@@ -44,10 +44,15 @@ def _rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
 
 
 def _row(id_: str, where: str, prompt: Any, overrides: dict[str, Any], error: str | None,
-         messages: Any = None) -> dict[str, Any]:
-    """A read row; ``messages`` (a conversation) stands in for the prompt, checked when encoded."""
+         messages: Any = None, suffix: Any = None) -> dict[str, Any]:
+    """A read row; ``messages`` (a conversation) stands in for the prompt, checked when encoded. A
+    ``suffix`` (text after the completion: infilling) goes with a prompt."""
     if error is None and messages is not None and prompt is not None:
         error = "row has both a prompt and messages; give one"
+    if error is None and suffix is not None and not isinstance(suffix, str):
+        error = f"suffix is {type(suffix).__name__}, not text"
+    if error is None and suffix is not None and messages is not None:
+        error = "a suffix goes with a prompt, not with messages"
     if error is None and messages is None and not isinstance(prompt, str):
         error = "prompt is missing (null)" if prompt is None else f"prompt is {type(prompt).__name__}, not text"
     if error is None and messages is None and not prompt.strip():
@@ -55,7 +60,7 @@ def _row(id_: str, where: str, prompt: Any, overrides: dict[str, Any], error: st
     kept = {k: v for k, v in overrides.items() if v is not None}
     return {"id": id_, "where": where, "prompt": prompt if isinstance(prompt, str) else None,
             "messages": None if messages is None else json.dumps(messages, ensure_ascii=False),
-            "overrides": json.dumps(kept, sort_keys=True) if kept else None, "error": error}
+            "suffix": suffix if isinstance(suffix, str) and suffix else None, "overrides": json.dumps(kept, sort_keys=True) if kept else None, "error": error}
 
 
 def _records(fmt: str, uri: str, columns: set[str]) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
@@ -90,7 +95,8 @@ def _records(fmt: str, uri: str, columns: set[str]) -> Iterator[tuple[int, dict[
 
 
 def _read_file(uri: str, name: str, fmt: str, cfg: GenerateConfig) -> Iterator[pa.Table]:
-    columns = {cfg.prompt_column, cfg.messages_column, *OVERRIDE_FIELDS} | ({cfg.id_column} if cfg.id_column else set())
+    columns = {cfg.prompt_column, cfg.messages_column, cfg.suffix_column, *OVERRIDE_FIELDS} | \
+        ({cfg.id_column} if cfg.id_column else set())
     rows: list[dict[str, Any]] = []
     for n, record, error in _records(fmt, uri, columns):
         where = f"{name} row {n}"
@@ -103,7 +109,8 @@ def _read_file(uri: str, name: str, fmt: str, cfg: GenerateConfig) -> Iterator[p
                 id_ = str(given)
         record = record or {}
         overrides = {k: record.get(k) for k in OVERRIDE_FIELDS}
-        rows.append(_row(id_, where, record.get(cfg.prompt_column), overrides, error, record.get(cfg.messages_column)))
+        rows.append(_row(id_, where, record.get(cfg.prompt_column), overrides, error, record.get(cfg.messages_column),
+                         record.get(cfg.suffix_column)))
         if len(rows) == ROWS_PER_BLOCK:
             yield _rows_to_table(rows)
             rows = []
@@ -230,23 +237,26 @@ def resolve_row(overrides_json: str | None, defaults: SampleConfig) -> tuple[Sam
 
 
 PREPARED_SCHEMA = READ_SCHEMA.append(pa.field("prompt_ids", pa.list_(pa.int32()))) \
+    .append(pa.field("suffix_ids", pa.list_(pa.int32()))) \
     .append(pa.field("sample", pa.string())).append(pa.field("seed", pa.int64()))
 
 
 def prepare_batch(batch: pa.Table, *, cfg: GenerateConfig, tokenizer: Any, max_seq_len: int,
                   model_cfg: dict[str, Any] | None = None) -> pa.Table:
-    """Add ``prompt_ids``, ``sample`` (the row's settings as JSON, as the model runs them) and
-    ``seed``; fill ``error`` for rows that cannot be generated. Under ``cfg.strict`` the first bad
+    """Add ``prompt_ids``, ``suffix_ids``, ``sample`` (the row's settings as JSON, as the model runs
+    them) and ``seed``; fill ``error`` for rows that cannot be generated. Under ``cfg.strict`` the first bad
     row raises instead."""
     shape = None if model_cfg is None else ModelConfig.model_validate(model_cfg)
     rows = batch.to_pydict()
     n = batch.num_rows
     prompt_ids: list[list[int]] = []
+    suffix_ids: list[list[int]] = []
     samples: list[str | None] = []
     seeds: list[int] = []
     errors = rows["error"]
     for i in range(n):
         ids: list[int] = []
+        tail: list[int] = []
         sample, seed = None, 0
         if errors[i] is None:
             try:
@@ -257,16 +267,23 @@ def prepare_batch(batch: pa.Table, *, cfg: GenerateConfig, tokenizer: Any, max_s
                 sc, own_seed = resolve_row(rows["overrides"][i], cfg.sample)
                 sc = sampler_for(shape, sc)
                 seed = own_seed if own_seed is not None else row_seed(cfg.seed, rows["id"][i])
-                if len(ids) + sc.gen_length > max_seq_len:
-                    raise ValueError(f"prompt is {len(ids)} tokens; with gen_length {sc.gen_length} that is "
-                                     f"over the model's context of {max_seq_len}")
+                if rows["suffix"][i] is not None:
+                    if shape is not None and shape.attention != "full":
+                        raise ValueError("a suffix needs a full-attention model: this one never sees what comes "
+                                         "after the position it writes")
+                    tail = encode_prompt(tokenizer, rows["suffix"][i], prepend_eos=False)
+                if len(ids) + sc.gen_length + len(tail) > max_seq_len:
+                    with_suffix = f" and a suffix of {len(tail)}" if tail else ""
+                    raise ValueError(f"prompt is {len(ids)} tokens; with gen_length {sc.gen_length}{with_suffix} "
+                                     f"that is over the model's context of {max_seq_len}")
                 sample = sc.model_dump_json()
             except ValueError as exc:
                 errors[i] = str(exc)
         if errors[i] is not None and cfg.strict:
             raise BadInputError(f"{rows['where'][i]} (id {rows['id'][i]!r}): {errors[i]}")
         prompt_ids.append(ids if errors[i] is None else [])
+        suffix_ids.append(tail if errors[i] is None else [])
         samples.append(sample)
         seeds.append(seed)
-    rows.update(prompt_ids=prompt_ids, sample=samples, seed=seeds, error=errors)
+    rows.update(prompt_ids=prompt_ids, suffix_ids=suffix_ids, sample=samples, seed=seeds, error=errors)
     return pa.Table.from_pydict(rows, schema=PREPARED_SCHEMA)

@@ -41,11 +41,12 @@ from dlm_ray.serve_api import (MASK_GLYPH, ChatCompletionRequest, CompletionRequ
 
 @dataclass
 class Item:
-    """One completion to make: a tokenized prompt, its settings and seed."""
+    """One completion to make: a tokenized prompt, its settings and seed (and a suffix to fill up to)."""
 
     prompt_ids: list[int]
     sample: SampleConfig
     seed: int
+    suffix_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -119,11 +120,19 @@ class DenoiserServer:
         for k, p in enumerate(prompts):
             if not p.strip():
                 raise HTTPException(400, f"prompt {k} is empty")
+        suffix: list[int] = []
+        if req.suffix:
+            if self.model.config.attention != "full":
+                kind = "an autoregressive" if self.model.config.attention == "causal" else "a block-causal"
+                raise HTTPException(400, f"suffix needs a full-attention model; {self.cfg.model_name!r} is {kind} "
+                                         "model, which never sees what comes after the position it writes")
         try:
             ids = [encode_prompt(self.tok, p) for p in prompts]
+            if req.suffix:
+                suffix = encode_prompt(self.tok, req.suffix, prepend_eos=False)
         except PromptError as exc:
             raise HTTPException(400, str(exc)) from None
-        return await self._answer(req, ids, chat=False)
+        return await self._answer(req, ids, chat=False, suffix=suffix)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, req: ChatCompletionRequest) -> Any:
@@ -139,8 +148,11 @@ class DenoiserServer:
             raise HTTPException(404, f"model {req.model!r} is not served here; GET /v1/models lists "
                                      f"{self.cfg.model_name!r}")
 
-    async def _answer(self, req: SamplingFields, ids: list[list[int]], *, chat: bool) -> Any:
-        """Sample for the tokenized prompts of a request; the body (or stream) in its API's shape."""
+    async def _answer(self, req: SamplingFields, ids: list[list[int]], *, chat: bool,
+                      suffix: list[int] | None = None) -> Any:
+        """Sample for the tokenized prompts of a request (each followed by ``suffix`` if given: the
+        answer fills the gap); the body (or stream) in its API's shape."""
+        suffix = suffix or []
         try:
             sample = sampler_for(self.model.config, resolve_sample(req, self.cfg.sample))
         except ValueError as exc:
@@ -153,12 +165,13 @@ class DenoiserServer:
         if req.stream and (len(ids) > 1 or req.n > 1):
             raise HTTPException(400, "stream supports one prompt and n=1")
         for k, p in enumerate(ids):
-            if len(p) + sample.gen_length > self.max_seq_len:
+            if len(p) + sample.gen_length + len(suffix) > self.max_seq_len:
                 what = "the conversation" if chat else f"prompt {k}"
-                raise HTTPException(400, f"{what} is {len(p)} tokens; with max_tokens {sample.gen_length} that "
+                tail = f" and a suffix of {len(suffix)} tokens" if suffix else ""
+                raise HTTPException(400, f"{what} is {len(p)} tokens; with max_tokens {sample.gen_length}{tail} that "
                                          f"exceeds the model's context of {self.max_seq_len}")
         base_seed = req.seed if req.seed is not None else secrets.randbits(62)
-        items = [Item(p, sample, base_seed + k * req.n + j) for k, p in enumerate(ids) for j in range(req.n)]
+        items = [Item(p, sample, base_seed + k * req.n + j, suffix) for k, p in enumerate(ids) for j in range(req.n)]
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}"
         if req.stream:
             self.active_streams += 1
@@ -202,7 +215,8 @@ class DenoiserServer:
 
     def _complete(self, items: list[Item]) -> list[Completion]:
         return complete_ids(self.model, self.tok, [it.prompt_ids for it in items], [it.sample for it in items],
-                            [it.seed for it in items], batch_size=len(items), device=self.device)
+                            [it.seed for it in items], batch_size=len(items), device=self.device,
+                            suffixes=[it.suffix_ids for it in items])
 
     # ------------------------------------------------------------------------------- streaming
 
@@ -222,11 +236,13 @@ class DenoiserServer:
             if all(st.gone.is_set() for st in group):
                 continue
             gen_length = group[0].item.sample.gen_length
+            tail = max(len(st.item.suffix_ids) for st in group)  # the suffixes' padded width
 
             def on_step(i: int, x_BT: torch.Tensor, group: list[Stream] = group,
-                        gen_length: int = gen_length) -> torch.Tensor:
+                        gen_length: int = gen_length, tail: int = tail) -> torch.Tensor:
                 self.stream_model_calls += 1
-                canvas = x_BT[:, -gen_length:].tolist()
+                end = x_BT.shape[1] - tail
+                canvas = x_BT[:, end - gen_length:end].tolist()
                 for st, row in zip(group, canvas):
                     if not st.gone.is_set():
                         st.send(("step", i, row))
@@ -238,7 +254,8 @@ class DenoiserServer:
                     gen, _ = generate_rows(self.model, [st.item.prompt_ids for st in group], group[0].item.sample,
                                            seeds=[st.item.seed for st in group], pad_id=self.tok.pad_id,
                                            mask_id=self.tok.mask_id, eos_id=self.tok.eos_id, device=self.device,
-                                           on_step=on_step, vocab_size=self.tok.vocab_size, end_ids=self.tok.end_ids)
+                                           on_step=on_step, vocab_size=self.tok.vocab_size, end_ids=self.tok.end_ids,
+                                           suffixes=[st.item.suffix_ids for st in group])
             except Exception as exc:  # noqa: BLE001 - each stream of the group answers with the error
                 for st in group:
                     st.send(("error", exc))

@@ -55,9 +55,10 @@ class SamplingFields(BaseModel):
 
 
 class CompletionRequest(SamplingFields):
-    """``POST /v1/completions``."""
+    """``POST /v1/completions``. With ``suffix`` the completion is inserted between prompt and suffix."""
 
     prompt: str | list[str]
+    suffix: str | None = None
 
 
 class ChatMessage(BaseModel):

@@ -261,3 +261,52 @@ def test_stalled_feed_does_not_spin(ray_cluster):
     assert len(set(_CountSteps.progress)) > 1
     # Backing off to 100 ms allows ~20 steps in 2 s; a fixed 10 ms pause ~150, none thousands.
     assert stalled < 40, stalled
+
+
+def test_given_flags_travel_with_their_tokens_and_are_never_masked():
+    from dlm_ray.diffusion import mask_rows
+    from dlm_ray.packing import Packer
+
+    p = Packer(8, 257, 256, key="k", track_given=True)
+    p.add([np.array([1, 2, 3, 4, 5]), np.array([6, 7, 8])], [2, 0])
+    p.add([np.array([9, 10, 11, 12])], [3])
+    rows = p.rows(final=True)
+    assert rows["input_ids"].tolist() == [[1, 2, 3, 4, 5, 257, 6, 7], [8, 257, 9, 10, 11, 12, 257, 256]]
+    assert rows["given"].tolist() == [[1, 1, 0, 0, 0, 0, 0, 0], [0, 0, 1, 1, 1, 0, 0, 0]]
+    n = len(rows["row_id"])
+    masked = mask_rows({**rows, "epoch": np.zeros(n, dtype=np.int32)}, DiffusionConfig(eps=0.99), seed=0, mask_id=258)
+    assert not masked["loss_mask"][rows["given"] == 1].any()  # t ~ 1: everything else is masked
+    assert masked["loss_mask"][(rows["given"] == 0) & (rows["attention_mask"] == 1)].all()
+
+
+def _whole_prompts_unmasked(rows: list[dict]) -> float:
+    """Of the documents whose prompt lies in one row, the fraction with no prompt token masked."""
+    kept = total = 0
+    for r in rows:
+        ids, lm, doc = r["input_ids"], r["loss_mask"], r["doc_ids"]
+        for d in np.unique(doc[doc >= 0]):
+            at = np.nonzero(doc == d)[0]
+            if at[0] == 0 or chr(ids[at[0]]) not in "rsq" or ord("=") not in ids[at]:
+                continue  # the row holds the document's tail only
+            end = at[0] + int(np.nonzero(ids[at] == ord("="))[0][0]) + 1
+            total += 1
+            kept += not lm[at[0]:end].any()
+    return kept / total
+
+
+def test_conditional_pretraining_keeps_the_drawn_share_of_prompts(ray_cluster):
+    cfg = DataConfig(builtin_docs=3000, builtin_shards=2, seq_len=64, document_ids=True, conditional_fraction=0.5)
+    train = masked_dataset(cfg, "byte", DiffusionConfig(), "train").take_all()
+    again = masked_dataset(cfg, "byte", DiffusionConfig(), "train").take_all()
+    plain = masked_dataset(cfg.model_copy(update={"conditional_fraction": 0.0}), "byte", DiffusionConfig(),
+                           "train").take_all()
+    val = masked_dataset(cfg, "byte", DiffusionConfig(), "val").take_all()
+    # Unconditionally a 7-token prompt escapes masking by chance ~1/8 of the time (t uniform); with
+    # half the prompts given, about 1/2 + 1/16.
+    assert 0.45 < _whole_prompts_unmasked(train) < 0.7
+    assert _whole_prompts_unmasked(plain) < 0.25 and _whole_prompts_unmasked(val) < 0.25
+    by_id = {r["row_id"]: r["loss_mask"] for r in again}  # the stream's order is not fixed; its rows are
+    assert len(by_id) == len(train) and all(np.array_equal(r["loss_mask"], by_id[r["row_id"]]) for r in train)
+    assert "given" not in train[0]
+    with pytest.raises(ValueError, match="conditional_fraction needs"):
+        DataConfig(source="corpus/*.jsonl", conditional_fraction=0.5)

@@ -244,6 +244,36 @@ def test_a_messages_column_is_rendered_with_the_models_chat_template(ray_cluster
         assert row["completion"] == local.text and row["completion_ids"] == local.ids
 
 
+def test_a_suffix_column_fills_the_gap_and_a_model_that_cannot_infill_says_so(ray_cluster, checkpoint, tmp_path,
+                                                                             tiny_cfg):
+    from dlm_ray.checkpoint import load_inference
+    from dlm_ray.inference import complete_ids, encode_prompt
+    from dlm_ray.prompts import READ_SCHEMA, _row, prepare_batch
+
+    rows = [{"prompt": f"s{i}3=", "suffix": f"{i}\n"} for i in range(4)] + [{"prompt": "s9=", "suffix": 7},
+                                                                              {"prompt": "s1="}]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "gaps.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = make_cfg(checkpoint, tmp_path / "in", tmp_path / "out", actors=(1, 1))
+    summary = run(cfg)
+    out = {r["id"]: r for r in read_output(tmp_path / "out").to_pylist()}
+    assert summary["rows"] == 6 and summary["rows_errored"] == 1
+    assert "suffix is int, not text" in out["gaps.jsonl:4"]["error"]
+    model, tok, _ = load_inference(checkpoint)
+    for i in (0, 3, 5):
+        row = out[f"gaps.jsonl:{i}"]
+        suffix = rows[i].get("suffix")
+        assert row["suffix"] == suffix and row["error"] is None
+        local = complete_ids(model, tok, [encode_prompt(tok, rows[i]["prompt"])], cfg.sample, [row["seed"]],
+                             suffixes=[tok.encode(suffix) if suffix else []])[0]
+        assert row["completion"] == local.text and row["completion_ids"] == local.ids
+    # An autoregressive model cannot see the suffix: such a row is an error row, named.
+    table = pa.Table.from_pylist([_row("x", "x row 0", "s1=", {}, None, None, "9")], schema=READ_SCHEMA)
+    ar = tiny_cfg.model_copy(update={"attention": "causal"}).to_dict()
+    prepared = prepare_batch(table, cfg=cfg, tokenizer=tok, max_seq_len=128, model_cfg=ar).to_pylist()[0]
+    assert "a suffix needs a full-attention model" in prepared["error"]
+
+
 def test_resume_with_other_settings_or_foreign_output_is_refused(checkpoint, prompts, tmp_path):
     cfg = make_cfg(checkpoint, prompts, tmp_path / "out")
     check_output(cfg, {"checkpoint": "aaa", "seed": 0})

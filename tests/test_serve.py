@@ -16,6 +16,7 @@ from dlm_ray.checkpoint import load_inference, save_inference
 from dlm_ray.config import SampleConfig
 from dlm_ray.inference import complete_ids, encode_chat
 from dlm_ray.model import Denoiser
+from dlm_ray.tokenizer import ByteTokenizer
 from tests.llada_dir import write_llada_dir
 
 MODEL = "dlm-test"
@@ -64,6 +65,11 @@ def server(ray_cluster, tmp_path_factory, tiny_cfg, chat_ckpt):
     block_ckpt = save_inference(Denoiser(block_cfg).eval(), {"kind": "byte"}, tmp_path_factory.mktemp("block_ckpt"))
     serve.run(build_app({**args, "checkpoint": str(block_ckpt), "num_cpus": 0.5}), name="block", route_prefix="/block")
     serve.run(build_app(chat), name="chat", route_prefix="/chat")
+    # The autoregressive baseline, served by the same app.
+    ar_cfg = tiny_cfg.model_copy(update={"attention": "causal"})
+    ar_ckpt = save_inference(Denoiser(ar_cfg).eval(), {"kind": "byte"}, tmp_path_factory.mktemp("ar_ckpt"))
+    serve.run(build_app({**args, "checkpoint": str(ar_ckpt), "num_cpus": 0.25, "torch_threads": 1}), name="ar",
+              route_prefix="/ar")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
 
@@ -225,6 +231,43 @@ def test_a_block_model_is_served_in_its_own_blocks_plain_and_streamed(server):
                 events.append(json.loads(line[6:]))
     assert len(events) == 3 * 2 + 1 and events[-1]["choices"][0]["text"] == plain["choices"][0]["text"]
     assert httpx.post(f"{server}/block/v1/completions", json={**body, "cache": "dual"}, timeout=60).status_code == 400
+
+
+def stream_texts(url: str, body: dict) -> list[str]:
+    texts = []
+    with httpx.stream("POST", url, json={**body, "stream": True}, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                texts.append(json.loads(line[6:])["choices"][0]["text"])
+    return texts
+
+
+def test_a_suffix_is_filled_up_to_plain_and_streamed(server, tiny_cfg):
+    body = {"model": MODEL, "prompt": "s3142=", "suffix": "4\n", "max_tokens": 8, "steps": 8, "block_length": 8}
+    plain = httpx.post(f"{server}/v1/completions", json=body, timeout=60)
+    assert plain.status_code == 200, plain.text
+    text = plain.json()["choices"][0]["text"]
+    torch.manual_seed(0)
+    model = Denoiser(tiny_cfg).eval()  # the main app's weights
+    tok = ByteTokenizer()
+    local = complete_ids(model, tok, [[tok.eos_id, *tok.encode("s3142=")]], SampleConfig(gen_length=8, steps=8,
+                         block_length=8), [0], suffixes=[tok.encode("4\n")])[0]
+    assert text == local.text
+    assert stream_texts(f"{server}/v1/completions", body)[-1] == text
+    too_long = httpx.post(f"{server}/v1/completions", json={**body, "suffix": "9" * 120}, timeout=60)
+    assert too_long.status_code == 400 and "suffix of 120 tokens" in too_long.json()["error"]["message"]
+
+
+def test_an_autoregressive_model_is_served_one_token_per_call_and_refuses_a_suffix(server):
+    body = {"model": MODEL, "prompt": "s3142=", "max_tokens": 12, "seed": 3, "temperature": 1.0}
+    plain = httpx.post(f"{server}/ar/v1/completions", json=body, timeout=60).json()
+    assert plain["choices"][0]["model_calls"] == 12
+    texts = stream_texts(f"{server}/ar/v1/completions", body)
+    assert len(texts) == 12 + 1 and texts[-1] == plain["choices"][0]["text"]  # a step event per token, then the answer
+    for bad, fragment in [({"suffix": "9"}, "suffix needs a full-attention model"), ({"cache": "dual"}, "KV cache"),
+                          ({"cfg_scale": 1.0}, "guidance")]:
+        r = httpx.post(f"{server}/ar/v1/completions", json={**body, **bad}, timeout=60)
+        assert r.status_code == 400 and fragment in r.json()["error"]["message"], r.text
 
 
 BAD = [
