@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from dlm_ray.checkpoint import save_inference
-from dlm_ray.config import CorpusConfig, GenerateConfig, ModelConfig, SampleConfig
+from dlm_ray.config import CorpusConfig, ModelConfig, SampleConfig
+from dlm_ray.config_inference import GenerateConfig
 from dlm_ray.corpus import HELDOUT_SEED, take_examples
 from dlm_ray.generate import run
 from dlm_ray.model import Denoiser

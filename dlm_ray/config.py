@@ -162,7 +162,8 @@ class SampleConfig(Config):
 class CorpusConfig(Config):
     """The built-in corpus: structured task families with an exact checker."""
 
-    families: dict[str, float] = Field(default_factory=lambda: {"reverse": 0.2, "sort": 0.4, "sudoku": 0.4})
+    # Document shares; a Sudoku document is about twice as long as the others.
+    families: dict[str, float] = Field(default_factory=lambda: {"reverse": 0.3, "sort": 0.4, "sudoku": 0.3})
     seed: int = 0
 
     @model_validator(mode="after")
@@ -207,7 +208,8 @@ class DataConfig(Config):
     # built-in corpus: up to its "="), the prompt is never masked, so the model also learns the
     # answer given the whole prompt, which is what sampling asks of it (SFT trains only that form).
     # Drawn per document and epoch from data.seed; held-out documents are always unconditional.
-    conditional_fraction: float = Field(0.0, ge=0, le=1)
+    # None: 0.5 on the built-in corpus (without it reverse and sort are not learned), else 0.
+    conditional_fraction: float | None = Field(None, ge=0, le=1)
     # LLaDA trains ~1% of rows at a random shorter length; the cut-off tokens start the next row.
     random_length_fraction: float = Field(0.0, ge=0, le=1)
     # Built-in corpus size (documents drawn, train and held-out together).
@@ -240,6 +242,13 @@ class DataConfig(Config):
                              "(fine-tuning, data.task: sft, is conditional already)")
         return self
 
+    @property
+    def conditional_share(self) -> float:
+        """The fraction of training documents pretrained conditionally (``conditional_fraction`` resolved)."""
+        if self.conditional_fraction is not None:
+            return self.conditional_fraction
+        return 0.5 if self.source == "builtin" and self.task == "pretrain" else 0.0
+
 
 class TrainConfig(Config):
     """Optimisation, parallelism and checkpointing for the Ray Train + DeepSpeed loop."""
@@ -247,7 +256,7 @@ class TrainConfig(Config):
     seed: int = 0
     batch_size: int = Field(64, gt=0)  # global rows per optimizer step
     grad_accum: int = Field(1, gt=0)
-    max_steps: int = Field(1000, gt=0)
+    max_steps: int = Field(1500, gt=0)
     max_epochs: int = Field(100, gt=0)
     lr: float = Field(1e-3, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
@@ -343,100 +352,3 @@ class PretrainConfig(Config):
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
             )
         return self
-
-
-# -------------------------------------------------------------------------------- batch generation
-
-
-class GenerateConfig(Config):
-    """Everything ``jobs/generate.py`` needs: a checkpoint and prompts in, Parquet out.
-
-    ``input``: Parquet or JSONL files (a path, directory, glob, ``s3://``/``gs://`` URI), or
-    ``builtin:N`` for N held-out prompts of the built-in corpus. Rows may carry their own sampler
-    settings in columns named like ``sample``'s fields (and ``seed``).
-    """
-
-    checkpoint: str = "runs/tiny/export"
-    input: str = "builtin:1000"
-    output: str = "runs/tiny/generations"
-    format: Literal["auto", "parquet", "jsonl"] = "auto"
-    prompt_column: str = "prompt"
-    # A row may instead hold a conversation (OpenAI's [{"role", "content"}, ...]) in this column,
-    # rendered with the model's chat template.
-    messages_column: str = "messages"
-    # Text that comes after the completion (infilling: the completion is inserted between prompt
-    # and suffix; full-attention models only).
-    suffix_column: str = "suffix"
-    # Unique per row; without it a row's id is "<file relative to the input root>:<row number>".
-    id_column: str | None = None
-    sample: SampleConfig = Field(default_factory=lambda: SampleConfig(gen_length=24, steps=24, block_length=24))
-    seed: int = Field(0, ge=0, lt=2**63)
-    # Precede each prompt with EOS, the document separator the model saw in training.
-    prepend_eos: bool = True
-    batch_size: int = Field(32, gt=0)  # prompts per generate() call
-    # An actor takes this many batches' worth of rows at once and groups them by length and settings.
-    group_batches: int = Field(4, gt=0)
-    actors: tuple[int, int] = (1, 2)  # ActorPoolStrategy(min_size, max_size)
-    cpus_per_actor: float = Field(1.0, ge=0)
-    gpus_per_actor: float = Field(0.0, ge=0)
-    torch_threads: int | None = Field(None, gt=0)  # per actor; None = one per CPU it holds
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    compile: bool = False  # torch.compile the model's blocks (worth it on GPUs, for long jobs)
-    rows_per_file: int = Field(100_000, gt=0)
-    strict: bool = False  # fail on the first bad row instead of writing an error row
-    progress_bars: bool = True
-    pacing: Literal["auto", "on", "off"] = "auto"  # see DataConfig.pacing
-    # Tests only: the first actor call that finds this path missing creates it and kills its process.
-    fail_once_marker: str | None = None
-
-    @model_validator(mode="after")
-    def _check_actors(self) -> GenerateConfig:
-        lo, hi = self.actors
-        if lo < 1 or hi < lo:
-            raise ValueError(f"actors must be (min, max) with 1 <= min <= max, got {self.actors}")
-        if self.output.rstrip("/") in (self.input.rstrip("/"), ""):
-            raise ValueError("output must be a directory of its own, not the input")
-        return self
-
-
-# ------------------------------------------------------------------------------------------- serving
-
-
-class AutoscalingConfig(Config):
-    """Ray Serve's replica autoscaling, passed through as ``autoscaling_config``."""
-
-    min_replicas: int = Field(1, ge=0)
-    initial_replicas: int | None = Field(None, ge=0)
-    max_replicas: int = Field(2, ge=1)
-    target_ongoing_requests: float = Field(16, gt=0)
-    upscale_delay_s: float = Field(5.0, ge=0)
-    downscale_delay_s: float = Field(60.0, ge=0)
-
-    @model_validator(mode="after")
-    def _check_range(self) -> AutoscalingConfig:
-        if self.min_replicas > self.max_replicas:
-            raise ValueError(f"min_replicas={self.min_replicas} > max_replicas={self.max_replicas}")
-        return self
-
-
-class ServeConfig(Config):
-    """The HTTP service (``dlm_ray.serve.build_app``): model, batching, back-pressure, replicas."""
-
-    checkpoint: str = "runs/tiny/export"
-    model_name: str = "dlm-tiny"  # what clients pass as "model"
-    # Defaults for fields a request leaves out; max_tokens sets gen_length.
-    sample: SampleConfig = Field(default_factory=lambda: SampleConfig(gen_length=24, steps=24, block_length=24))
-    max_batch_size: int = Field(16, gt=0)
-    # How long a batch waits for more requests once one arrives. On 2 CPU cores 0.01 s fired before the
-    # replica had parsed the next requests (mean batch 3.5 of 16 at 32 clients); 0.05 s gave 15.3.
-    batch_wait_timeout_s: float = Field(0.05, ge=0)
-    max_n: int = Field(8, gt=0)  # completions per prompt
-    max_prompts: int = Field(32, gt=0)  # prompts per request
-    max_ongoing_requests: int = Field(64, gt=0)  # per replica; beyond it requests queue
-    max_queued_requests: int = Field(256, ge=-1)  # beyond it: 503 at once (-1: unbounded)
-    autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
-    num_cpus: float = Field(1.0, ge=0)  # per replica
-    num_gpus: float = Field(0.0, ge=0)
-    torch_threads: int | None = Field(None, gt=0)  # None: one per CPU the replica holds
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    compile: bool = False  # torch.compile the model's blocks (worth it on GPUs, for long jobs)

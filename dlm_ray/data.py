@@ -137,7 +137,8 @@ class TokenizePack:
             return
         cfg, counts = self.cfg, Counter()
         # Conditional pretraining: a drawn fraction of the training documents keep their prompt.
-        conditional = cfg.conditional_fraction > 0 and item["split"] == "train" and item["format"] == "builtin"
+        share = cfg.conditional_share
+        conditional = share > 0 and item["split"] == "train" and item["format"] == "builtin"
         packer = Packer(cfg.seq_len, self.tok.eos_id, self.tok.pad_id, key=item["key"],
                         random_length_fraction=cfg.random_length_fraction, seed=cfg.seed, track_given=conditional)
         counts["files"] += 1
@@ -157,7 +158,7 @@ class TokenizePack:
                 else:
                     good.append(doc)
                     if conditional:
-                        drawn = stable_id("given", cfg.seed, epoch, item["key"], where) / 2**63 < cfg.conditional_fraction
+                        drawn = stable_id("given", cfg.seed, epoch, item["key"], where) / 2**63 < share
                         given.append(len(self.tok.encode(text[:prompt_length(text)])) if drawn else 0)
             texts.clear()
             wheres.clear()

@@ -40,7 +40,8 @@ from ray.data import ActorPoolStrategy, DataContext
 from ray.data.checkpoint import CheckpointConfig, IdColumnCheckpointManager
 
 from dlm_ray.checkpoint import checkpoint_hash, inference_placement, load_inference, read_inference_config
-from dlm_ray.config import GenerateConfig, ModelConfig, SampleConfig
+from dlm_ray.config import ModelConfig, SampleConfig
+from dlm_ray.config_inference import GenerateConfig
 from dlm_ray.corpus import check_answer
 from dlm_ray.inference import complete_ids
 from dlm_ray.prompts import PromptSource, builtin_count, prepare_batch

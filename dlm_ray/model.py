@@ -255,8 +255,9 @@ class Denoiser(nn.Module):
     def forward_block(self, block_ids_BW: torch.Tensor, cache: KVCache, *, extend: bool = False,
                       logits_len: int | None = None) -> tuple[torch.Tensor, KVCache | None]:
         """Logits of a block that follows everything in ``cache`` (block-causal models; for a causal
-        model, the next token: a block of one): its positions see every cached key and each other. With ``extend``, also the cache with this
-        block's keys/values appended (for a finished block). Exact: nothing before a block depends on it."""
+        model, the next token: a block of one): its positions see every cached key and each other.
+        With ``extend``, also the cache with this block's keys/values appended (for a finished
+        block). Exact: nothing before a block depends on it."""
         B, W = block_ids_BW.shape
         S = cache.pos_BL.shape[1]
         if S + W > self.max_seq_len:

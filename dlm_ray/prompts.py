@@ -25,7 +25,8 @@ from pydantic import ValidationError
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 
-from dlm_ray.config import CorpusConfig, GenerateConfig, ModelConfig, SampleConfig
+from dlm_ray.config import CorpusConfig, ModelConfig, SampleConfig
+from dlm_ray.config_inference import GenerateConfig
 from dlm_ray.corpus import HELDOUT_SEED, iter_examples
 from dlm_ray.inference import encode_chat, encode_prompt, sampler_for
 from dlm_ray.sources import BadInputError, file_format, filesystem_for, iter_lines, list_files
@@ -60,7 +61,8 @@ def _row(id_: str, where: str, prompt: Any, overrides: dict[str, Any], error: st
     kept = {k: v for k, v in overrides.items() if v is not None}
     return {"id": id_, "where": where, "prompt": prompt if isinstance(prompt, str) else None,
             "messages": None if messages is None else json.dumps(messages, ensure_ascii=False),
-            "suffix": suffix if isinstance(suffix, str) and suffix else None, "overrides": json.dumps(kept, sort_keys=True) if kept else None, "error": error}
+            "suffix": suffix if isinstance(suffix, str) and suffix else None,
+            "overrides": json.dumps(kept, sort_keys=True) if kept else None, "error": error}
 
 
 def _records(fmt: str, uri: str, columns: set[str]) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:

@@ -250,7 +250,7 @@ def _check_suffix(model: ModelFn, cfg: SampleConfig, suffix_ids: torch.Tensor, s
     real = torch.ones_like(suffix_ids, dtype=torch.bool) if suffix_mask is None else suffix_mask.bool()
     if (real[:, 1:] & ~real[:, :-1]).any():
         raise ValueError("suffixes must be right-padded (suffix_mask 1s before 0s in each row)")
-    if (suffix_ids[real] == mask_id).any() or (suffix_ids[~real] == mask_id).any():
+    if (suffix_ids == mask_id).any():  # padding too: it would be taken for a position to fill
         raise ValueError("a suffix contains mask_id")
     total = P + cfg.gen_length + suffix_ids.shape[1]
     if max_length is not None and total > max_length:

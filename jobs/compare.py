@@ -15,7 +15,6 @@ import io
 import json
 import time
 
-import torch
 
 from dlm_ray.checkpoint import export, load_inference, run_dir
 from dlm_ray.compare import (OBJECTIVES, Row, measure_generation, objective_config, plot, rows_as_json, samplers,

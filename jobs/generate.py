@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 
-from dlm_ray.config import GenerateConfig
+from dlm_ray.config_inference import GenerateConfig
 from dlm_ray.config_io import parse_job_args
 from dlm_ray.runtime import init_ray
 from dlm_ray.generate import run

@@ -219,7 +219,7 @@ def test_block_models_train_evaluate_export_and_sample(ray_cluster, tmp_path):
 
 
 def test_batch_generation_runs_a_block_model_in_its_own_blocks(ray_cluster, block_model, tmp_path):
-    from dlm_ray.config import GenerateConfig
+    from dlm_ray.config_inference import GenerateConfig
     from dlm_ray.generate import run
     from dlm_ray.inference import complete_ids, encode_prompt, sampler_for
     import pyarrow.dataset as pads

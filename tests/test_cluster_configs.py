@@ -16,7 +16,8 @@ import pytest
 import ray
 import yaml
 
-from dlm_ray.config import Config, GenerateConfig, PretrainConfig, ServeConfig
+from dlm_ray.config import Config, PretrainConfig
+from dlm_ray.config_inference import GenerateConfig, ServeConfig
 from dlm_ray.config_io import load_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from dlm_ray.config import GenerateConfig, ModelConfig, PretrainConfig, SampleConfig
+from dlm_ray.config import ModelConfig, PretrainConfig, SampleConfig
+from dlm_ray.config_inference import GenerateConfig
 from dlm_ray.config_io import ConfigError, load_config, parse_job_args, parse_overrides
 
 

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from dlm_ray.checkpoint import save_inference
-from dlm_ray.config import GenerateConfig, SampleConfig
+from dlm_ray.config import SampleConfig
+from dlm_ray.config_inference import GenerateConfig
 from dlm_ray.config_io import ConfigError, load_config
 from dlm_ray.generate import CHECKPOINT_DIR, OUTPUT_SCHEMA, check_output, run
 from dlm_ray.model import Denoiser
@@ -272,6 +273,27 @@ def test_a_suffix_column_fills_the_gap_and_a_model_that_cannot_infill_says_so(ra
     ar = tiny_cfg.model_copy(update={"attention": "causal"}).to_dict()
     prepared = prepare_batch(table, cfg=cfg, tokenizer=tok, max_seq_len=128, model_cfg=ar).to_pylist()[0]
     assert "a suffix needs a full-attention model" in prepared["error"]
+
+
+def test_an_autoregressive_checkpoint_runs_in_the_same_job(ray_cluster, tmp_path, tiny_cfg):
+    from dlm_ray.checkpoint import load_inference
+    from dlm_ray.inference import complete_ids, encode_prompt, sampler_for
+
+    torch.manual_seed(0)
+    ar = save_inference(Denoiser(tiny_cfg.model_copy(update={"attention": "causal"})).eval(), {"kind": "byte"},
+                        tmp_path / "ar")
+    cfg = make_cfg(str(ar), Path("unused"), tmp_path / "out", input="builtin:40", actors=(1, 1),
+                   sample=SampleConfig(gen_length=16, steps=8, block_length=8, temperature=1.0, stop_at_eos=True))
+    summary = run(cfg)
+    out = read_output(tmp_path / "out").to_pylist()
+    assert summary["rows"] == 40 and summary["rows_errored"] == 0
+    model, tok, _ = load_inference(str(ar))
+    ran = sampler_for(model.config, cfg.sample)
+    for row in out[:5]:
+        # The recorded settings are the ones it ran with: one token per step, one block.
+        assert SampleConfig.model_validate_json(row["sample"]) == ran and ran.steps == ran.gen_length == 16
+        local = complete_ids(model, tok, [encode_prompt(tok, row["prompt"])], ran, [row["seed"]])[0]
+        assert row["completion"] == local.text and row["num_model_calls"] <= 16
 
 
 def test_resume_with_other_settings_or_foreign_output_is_refused(checkpoint, prompts, tmp_path):

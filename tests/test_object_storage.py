@@ -70,7 +70,7 @@ def test_pretrain_export_generate_and_serve_through_the_bucket(own_ray, tmp_path
     from ray import serve
 
     from dlm_ray.generate import run
-    from dlm_ray.config import GenerateConfig
+    from dlm_ray.config_inference import GenerateConfig
     from dlm_ray.serve import build_app
 
     pretrain = runpy.run_path(str(ROOT / "jobs" / "pretrain.py"))["main"]

@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from dlm_ray.config import GenerateConfig, PretrainConfig
+from dlm_ray.config import PretrainConfig
+from dlm_ray.config_inference import GenerateConfig
 from dlm_ray.config_io import parse_job_args
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", ROOT / "cluster" / "README.md"]
 JOB_CONFIGS = {"pretrain.py": PretrainConfig, "prepare_data.py": PretrainConfig, "generate.py": GenerateConfig,
-               "sft.py": PretrainConfig}
+               "sft.py": PretrainConfig, "compare.py": PretrainConfig}
 
 
 def shell_commands(path: Path) -> list[str]:
@@ -56,15 +57,17 @@ def _job_args(ap) -> None:
     ap.add_argument("--output")
     ap.add_argument("--overwrite", action="store_true")
     ap.add_argument("--export-dir")
+    for flag in ("--objectives", "--block_size", "--fast_threshold", "--gen_batch"):  # jobs/compare.py
+        ap.add_argument(flag)
 
 
 @pytest.mark.parametrize("where,job,args", job_invocations(), ids=lambda v: v if isinstance(v, str) else "")
 def test_every_documented_job_command_validates(where, job, args, monkeypatch):
     monkeypatch.chdir(ROOT)
-    if job == "export.py":
+    if job in ("export.py", "evaluate.py"):  # plain argparse jobs: no config
         import importlib.util
 
-        spec = importlib.util.spec_from_file_location("export_job", ROOT / "jobs" / "export.py")
+        spec = importlib.util.spec_from_file_location("plain_job", ROOT / "jobs" / job)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         module.parser().parse_args(args)  # a checkpoint, an output, and valid options
