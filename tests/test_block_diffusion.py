@@ -198,10 +198,10 @@ def test_block_models_train_evaluate_export_and_sample(ray_cluster, tmp_path):
     cfg = load_config(PretrainConfig, None, [
         "--run_name=block", f"--storage_path={tmp_path / 'runs'}", "--model.d_model=64", "--model.n_layers=2",
         "--model.d_mlp=128", "--model.max_seq_len=64", "--model.attention=block_causal", "--model.block_size=8",
-        "--data.seq_len=32", "--data.builtin_docs=3000", "--data.builtin_shards=2", "--train.batch_size=16",
-        "--train.max_steps=20", "--train.lr=3e-3", "--train.warmup_steps=2", "--train.log_every=1",
-        "--train.eval_every=10", "--train.eval_batches=2", "--train.checkpoint_every=20", "--train.max_failures=0",
-        "--eval.nelbo_samples=2"])
+        "--data.seq_len=32", "--data.builtin_docs=3000", "--data.builtin_shards=2", "--data.conditional_fraction=0",
+        "--train.batch_size=16", "--train.max_steps=20", "--train.lr=3e-3", "--train.warmup_steps=2",
+        "--train.log_every=1", "--train.eval_every=10", "--train.eval_batches=2", "--train.checkpoint_every=20",
+        "--train.max_failures=0", "--eval.nelbo_samples=2"])
     result = fit(cfg)
     history = read_metrics(run_dir(cfg))
     loss = {h["step"]: h["loss"] for h in history if "loss" in h}

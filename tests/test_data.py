@@ -117,7 +117,8 @@ def test_bad_input_counted_or_strict(ray_cluster, tmp_path):
 
 
 def test_prepare_round_trip(ray_cluster, tmp_path):
-    cfg = DataConfig(builtin_docs=1500, builtin_shards=3, seq_len=64)
+    # A prepared copy holds packed rows, not which tokens were prompts: it trains unconditionally.
+    cfg = DataConfig(builtin_docs=1500, builtin_shards=3, seq_len=64, conditional_fraction=0)
     out = tmp_path / "prepared"
     manifest = prepare(cfg, "byte", str(out))
     assert manifest["splits"]["train"]["rows"] > 0 and (out / "manifest.json").exists()
