@@ -38,9 +38,11 @@ class DlmRayLM(LM):
 
     def __init__(self, checkpoint: str, *, device: str = "cpu", dtype: str = "auto", mc_samples: int = 32,
                  batch_size: int = 16, seed: int = 0, sample: SampleConfig | dict[str, Any] | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | str | None = None) -> None:
         super().__init__()
-        place, torch_dtype = inference_placement(device.startswith("cuda"), dtype, threads or torch.get_num_threads())
+        # Values may arrive as text (lm-eval's --model_args): numbers are converted here.
+        threads = int(threads) if threads else torch.get_num_threads()
+        place, torch_dtype = inference_placement(device.startswith("cuda"), dtype, threads)
         self.model, self.tok, self.meta = load_inference(checkpoint, device=place, dtype=torch_dtype)
         self.place = place  # lm-eval's LM has a read-only "device"
         self.mc_samples, self.batch_size, self.seed = int(mc_samples), int(batch_size), int(seed)

@@ -32,11 +32,11 @@ from fastapi import HTTPException
 from fastapi.responses import StreamingResponse
 from ray import serve
 
+from dlm_ray.batching import generate_rows
 from dlm_ray.checkpoint import inference_placement, load_inference
 from dlm_ray.config import SampleConfig
 from dlm_ray.config_inference import ServeConfig
 from dlm_ray.inference import Completion, PromptError, complete_ids, encode_chat, encode_prompt, finish, sampler_for
-from dlm_ray.batching import generate_rows
 from dlm_ray.serve_api import (MASK_GLYPH, ChatCompletionRequest, CompletionRequest, SamplingFields, StreamText, app,
                                chat_body, chat_chunk, cut_at_stop, resolve_sample, text_body, text_event)
 

@@ -31,10 +31,10 @@ import ray
 import ray.train
 import torch
 
+from dlm_ray.autoregressive import next_token_loss
 from dlm_ray.checkpoint import latest_checkpoint, run_dir
 from dlm_ray.config import PretrainConfig, TrainConfig
 from dlm_ray.data import DataPosition, packed_dataset
-from dlm_ray.autoregressive import next_token_loss
 from dlm_ray.diffusion import diffusion_loss, estimate_nelbo, nats_to_bits
 from dlm_ray.engine import check_memory, checkpointed_blocks, deepspeed_config, make_optimizer, peak_flops
 from dlm_ray.metrics import MetricsLog, console_line
