@@ -17,7 +17,7 @@ import json
 import math
 import tempfile
 import time
-from typing import Any
+from typing import Any, Callable
 
 from dlm_ray.sources import filesystem_for
 
@@ -135,15 +135,22 @@ def write_summary(run_uri: str, extra: dict[str, Any]) -> dict[str, Any]:
                "final_val_nelbo_bits": next((h["val_nelbo_bits"] for h in reversed(history)
                                              if "val_nelbo_bits" in h), None),
                "metrics": f"{run_uri}/{METRICS_FILE}"}
-    filesystem, root = filesystem_for(run_uri)
-    filesystem.create_dir(root, recursive=True)
-    with filesystem.open_output_stream(f"{root}/{SUMMARY_FILE}") as f:
-        f.write(json.dumps(summary, indent=2).encode())
-    png = io.BytesIO()
-    plot_losses(history, png)
-    with filesystem.open_output_stream(f"{root}/{CURVE_FILE}") as f:
-        f.write(png.getvalue())
+    write_json_and_chart(run_uri, SUMMARY_FILE, summary, CURVE_FILE, lambda out: plot_losses(history, out))
     return summary
+
+
+def write_json_and_chart(uri: str, json_name: str, record: dict[str, Any], png_name: str,
+                         draw: Callable[[Any], None]) -> None:
+    """``record`` as JSON and the PNG ``draw`` makes, into the directory ``uri`` (local or a
+    pyarrow URI), created if missing."""
+    filesystem, root = filesystem_for(uri)
+    filesystem.create_dir(root, recursive=True)
+    with filesystem.open_output_stream(f"{root}/{json_name}") as f:
+        f.write(json.dumps(record, indent=2).encode())
+    png = io.BytesIO()
+    draw(png)
+    with filesystem.open_output_stream(f"{root}/{png_name}") as f:
+        f.write(png.getvalue())
 
 
 def plot_losses(history: list[dict[str, Any]], out: Any) -> None:

@@ -11,8 +11,6 @@ and written to ``<storage_path>/<run_name>-compare/``: ``compare.json`` and ``co
 
 from __future__ import annotations
 
-import io
-import json
 import time
 
 
@@ -21,10 +19,9 @@ from dlm_ray.compare import (OBJECTIVES, Row, measure_generation, objective_conf
                              table, train_tokens_per_s)
 from dlm_ray.config import PretrainConfig
 from dlm_ray.config_io import parse_job_args
-from dlm_ray.metrics import read_metrics
+from dlm_ray.metrics import read_metrics, write_json_and_chart
 from dlm_ray.model import num_params
 from dlm_ray.runtime import init_ray
-from dlm_ray.sources import filesystem_for
 from dlm_ray.train import fit
 
 
@@ -72,14 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {"objectives": objectives, "config": cfg.to_dict(), "block_size": args.block_size,
                "fast_threshold": args.fast_threshold, "rows": rows_as_json(rows), "table": text,
                "wall_seconds": round(time.time() - t0, 1)}
-    filesystem, root = filesystem_for(where)
-    filesystem.create_dir(root, recursive=True)
-    with filesystem.open_output_stream(f"{root}/compare.json") as f:
-        f.write(json.dumps(summary, indent=2).encode())
-    png = io.BytesIO()
-    plot(rows, png)
-    with filesystem.open_output_stream(f"{root}/compare.png") as f:
-        f.write(png.getvalue())
+    write_json_and_chart(where, "compare.json", summary, "compare.png", lambda out: plot(rows, out))
     print(f"[compare] done in {summary['wall_seconds']:.0f} s; {where}/compare.json and compare.png", flush=True)
     return summary
 
