@@ -12,29 +12,27 @@ from dlm_ray.config import SampleConfig
 from dlm_ray.sampling import ModelFn, StepCallback, generate
 
 
-def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ids [B, P] and attention mask [B, P] (1 = real token)."""
+def _pad(seqs: list[list[int]], pad_id: int, *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     am = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
         if s:
-            ids[i, width - len(s):] = torch.tensor(s)
-            am[i, width - len(s):] = 1
+            at = slice(width - len(s), width) if left else slice(0, len(s))
+            ids[i, at] = torch.tensor(s)
+            am[i, at] = 1
     return ids, am
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids [B, P] and attention mask [B, P] (1 = real token): prompts."""
+    return _pad(seqs, pad_id, left=True)
 
 
 def right_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ids [B, S] and mask [B, S] (1 = real token): suffixes, which start right after
     the generated positions."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    am = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            ids[i, :len(s)] = torch.tensor(s)
-            am[i, :len(s)] = 1
-    return ids, am
+    return _pad(seqs, pad_id, left=False)
 
 
 def generate_rows(

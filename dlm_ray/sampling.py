@@ -213,9 +213,7 @@ def infill(model: ModelFn, canvas_BT: torch.Tensor, cfg: SampleConfig, *, mask_i
     masks over ``cfg.steps`` steps (at most one step per mask), most confident first, with
     ``cfg``'s temperature, remasking, threshold or factor and guidance. ``gen_length``,
     ``block_length``, the caches and ``stop_at_eos`` do not apply. Needs a full-attention model."""
-    if getattr(model, "block_causal", False) or getattr(model, "causal", False):
-        raise ValueError("infilling needs a full-attention model: this one never sees what comes after the "
-                         "position it writes")
+    _check_sees_ahead(model)
     if canvas_BT.dim() != 2:
         raise ValueError(f"canvas must be [batch, length], got shape {tuple(canvas_BT.shape)}")
     max_length = getattr(model, "max_seq_len", None)
@@ -238,11 +236,16 @@ def infill(model: ModelFn, canvas_BT: torch.Tensor, cfg: SampleConfig, *, mask_i
                     ends=ends, on_step=None, stats=stats, vocab_size=vocab_size)
 
 
-def _check_suffix(model: ModelFn, cfg: SampleConfig, suffix_ids: torch.Tensor, suffix_mask: torch.Tensor | None,
-                  B: int, mask_id: int, max_length: int | None, P: int) -> None:
+def _check_sees_ahead(model: ModelFn) -> None:
+    """Infilling needs every position to see what follows it: full attention."""
     if getattr(model, "block_causal", False) or getattr(model, "causal", False):
         raise ValueError("infilling needs a full-attention model: this one never sees what comes after the "
                          "position it writes")
+
+
+def _check_suffix(model: ModelFn, cfg: SampleConfig, suffix_ids: torch.Tensor, suffix_mask: torch.Tensor | None,
+                  B: int, mask_id: int, max_length: int | None, P: int) -> None:
+    _check_sees_ahead(model)
     if suffix_ids.dim() != 2 or suffix_ids.shape[0] != B:
         raise ValueError(f"suffix_ids must be [batch={B}, suffix_len], got shape {tuple(suffix_ids.shape)}")
     if suffix_mask is not None and suffix_mask.shape != suffix_ids.shape:
