@@ -1,14 +1,23 @@
 """EleutherAI's lm-evaluation-harness for any checkpoint we load (the ``[eval]`` extra).
 
-``DlmRayLM`` is an ``lm_eval`` model, registered as ``dlm_ray``:
+``DlmRayLM`` is an ``lm_eval`` model (a ``TemplateLM``), registered as ``dlm_ray``, that evaluates
+as LLaDA's own evaluation does:
 
-- ``loglikelihood(context, continuation)``: log p(continuation | context) as LLaDA evaluates it, by
-  the Monte Carlo ELBO over the continuation alone (``diffusion.estimate_nelbo(maskable=...)``,
-  ``mc_samples`` draws): a lower bound on the log-likelihood. ``is_greedy`` is whether one pass with
-  the whole continuation masked predicts every token of it. An autoregressive model gives its exact
-  log-likelihood and the usual greedy check; a block diffusion model its block bound.
-- ``loglikelihood_rolling(text)``: the same for a whole text after the document separator (EOS),
-  in windows of the model's context.
+- ``loglikelihood(context, continuation)``: text is split as lm-eval's Hugging Face models split it
+  (the harness's own ``_encode_pair``: the context's trailing whitespace belongs to the
+  continuation, so a byte-level BPE scores " Paris" as one word, not a lone space then "Paris").
+  log p(continuation | context) is the Monte Carlo ELBO over the continuation alone
+  (``diffusion.estimate_nelbo(maskable=...)``, ``mc_samples`` draws, 128 by default as LLaDA's),
+  a lower bound on the log-likelihood. ``is_greedy`` is LLaDA's suffix greedy decoding: the
+  continuation's positions all masked, then filled one per step, the most confident first (our
+  ``generate`` at temperature 0 with as many steps as tokens), and compared with the continuation.
+  An autoregressive model gives its exact log-likelihood and its greedy decoding; a block diffusion
+  model its block bound and its own block-by-block decoding. ``check_greedy=False`` skips the
+  decoding (``is_greedy`` is then False), as LLaDA's evaluation allows: multiple-choice
+  accuracy never reads it, and it costs a model call per continuation token.
+- ``loglikelihood_rolling(text)``: the same bound over a whole text, in the harness's rolling
+  windows (``lm_eval.utils.get_rolling_token_windows``, made disjoint): each window's tokens are
+  scored given the tokens before them that fit in the model's context, the first window given EOS.
 - ``generate_until(context, gen_kwargs)``: our sampler (``sample``, the model's own kind applied),
   ``max_gen_toks`` rounded up to whole blocks, cut at the first ``until`` string.
 
@@ -23,22 +32,37 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
-from lm_eval.api.model import LM
+from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from dlm_ray.batching import generate_many
 from dlm_ray.checkpoint import inference_placement, load_inference
 from dlm_ray.config import SampleConfig
 from dlm_ray.diffusion import estimate_nelbo
 from dlm_ray.inference import complete_ids, sampler_for
 
+MC_SAMPLES = 128  # LLaDA's evaluation default (mc_num)
+Pair = tuple[list[int], list[int]]  # (context ids, EOS first; continuation ids)
+
+
+def _flag(value: bool | str) -> bool:
+    """A yes/no setting that may arrive as text (lm-eval's --model_args)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError(f"DlmRayLM: expected true or false, got {value!r}")
+    return text in ("true", "1", "yes")
+
 
 @register_model("dlm_ray")
-class DlmRayLM(LM):
+class DlmRayLM(TemplateLM):
     """lm-eval's model interface over a checkpoint directory (ours, or LLaDA's)."""
 
-    def __init__(self, checkpoint: str, *, device: str = "cpu", dtype: str = "auto", mc_samples: int = 32,
+    def __init__(self, checkpoint: str, *, device: str = "cpu", dtype: str = "auto", mc_samples: int = MC_SAMPLES,
                  batch_size: int = 16, seed: int = 0, sample: SampleConfig | dict[str, Any] | None = None,
-                 threads: int | str | None = None) -> None:
+                 threads: int | str | None = None, check_greedy: bool | str = True) -> None:
         super().__init__()
         # Values may arrive as text (lm-eval's --model_args): numbers are converted here.
         threads = int(threads) if threads else torch.get_num_threads()
@@ -46,6 +70,7 @@ class DlmRayLM(LM):
         self.model, self.tok, self.meta = load_inference(checkpoint, device=place, dtype=torch_dtype)
         self.place = place  # lm-eval's LM has a read-only "device"
         self.mc_samples, self.batch_size, self.seed = int(mc_samples), int(batch_size), int(seed)
+        self.check_greedy = _flag(check_greedy)
         self.sample = sample if isinstance(sample, SampleConfig) else SampleConfig.model_validate(sample or {})
         self.max_len = self.model.max_seq_len
         self.pad_to = self.model.config.block_size if self.model.config.attention == "block_causal" else 1
@@ -61,25 +86,42 @@ class DlmRayLM(LM):
         return cls(**{**kwargs, **extra})
 
     # ------------------------------------------------------------------------------- encoding
+    # TemplateLM's loglikelihood splits each (context, continuation) with these, as lm-eval's
+    # Hugging Face models do, and hands the ids to _loglikelihood_tokens.
 
-    def _pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        """Context ids (EOS first) and continuation ids, split as the whole text tokenizes."""
-        ctx = self.tok.encode(context)
-        whole = self.tok.encode(context + continuation)
-        cont = whole[len(ctx):] if whole[:len(ctx)] == ctx else self.tok.encode(continuation)
-        if not cont:
-            raise ValueError(f"the continuation {continuation!r} encodes to no tokens")
-        ctx = [self.tok.eos_id, *ctx]
-        keep = self.max_len - len(cont)
+    @property
+    def eot_token_id(self) -> int:
+        return self.tok.eos_id
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
+        return self.tok.encode(string)
+
+    def _fit(self, context: list[int], continuation: list[int]) -> Pair:
+        """EOS before the context; a long context loses its start, as lm-eval's models do."""
+        keep = self.max_len - len(continuation)
         if keep < 1:
-            raise ValueError(f"the continuation is {len(cont)} tokens, over the model's context of {self.max_len}")
-        return ctx[-keep:], cont  # a long context loses its start, as lm-eval's models do
+            raise ValueError(f"the continuation is {len(continuation)} tokens, over the model's context of "
+                             f"{self.max_len}")
+        return [self.tok.eos_id, *context][-keep:], continuation
 
     # ---------------------------------------------------------------------------- likelihoods
 
+    def _loglikelihood_tokens(self, requests: list[tuple[tuple[str, str], list[int], list[int]]],
+                              disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
+        """(log-likelihood, is_greedy) per ((context, continuation), context ids, continuation ids).
+        An empty context arrives as EOS alone (TemplateLM's prefix token), so it gets no second one."""
+        pairs = []
+        for (context, continuation), ctx, cont in requests:
+            if not cont:
+                raise ValueError(f"the continuation {continuation!r} encodes to no tokens")
+            pairs.append(self._fit(ctx if context else ctx[1:], cont))
+        greedy = self._greedy(pairs) if self.check_greedy else [False] * len(pairs)
+        return list(zip(self._score(pairs), greedy))
+
     @torch.no_grad()
-    def _score(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-        out: list[tuple[float, bool]] = []
+    def _score(self, pairs: Sequence[Pair]) -> list[float]:
+        """Log-likelihood bound of each continuation given its context (the Monte Carlo ELBO)."""
+        out: list[float] = []
         gen = torch.Generator(device=self.place).manual_seed(self.seed)
         for k in range(0, len(pairs), self.batch_size):
             chunk = pairs[k:k + self.batch_size]
@@ -93,39 +135,43 @@ class DlmRayLM(LM):
                 real[r, :len(c) + len(a)] = True
                 answer[r, len(c):len(c) + len(a)] = True
             ids, real, answer = ids.to(self.place), real.to(self.place), answer.to(self.place)
-            am = real.long()
             nelbo = estimate_nelbo(self.model, ids, mask_id=self.tok.mask_id, num_samples=self.mc_samples,
-                                   attention_mask=am, generator=gen, maskable=answer)
-            greedy = self._greedy(ids, am, answer)
-            n = answer.sum(-1)
-            out += [(-float(v) * int(m), bool(g)) for v, m, g in zip(nelbo, n, greedy)]
+                                   attention_mask=real.long(), generator=gen, maskable=answer)
+            out += [-float(v) * int(n) for v, n in zip(nelbo, answer.sum(-1))]
         return out
 
-    def _greedy(self, ids: torch.Tensor, am: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
-        """Bool [B]: the model's most likely token is the continuation's at every position of it."""
-        kind = self.model.config.attention
-        if kind == "causal":
-            pred = self.model(ids, am)[:, :-1].argmax(-1)
-            return ((pred == ids[:, 1:]) | ~answer[:, 1:]).all(-1)
-        noisy = ids.masked_fill(answer, self.tok.mask_id)
-        extra = {"clean_ids": ids} if kind == "block_causal" else {}
-        logits = self.model(noisy, am, **extra)
-        logits[..., self.tok.mask_id] = float("-inf")
-        return ((logits.argmax(-1) == ids) | ~answer).all(-1)
-
-    def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        return self._score([self._pair(*req.args) for req in requests])
+    def _greedy(self, pairs: Sequence[Pair]) -> list[bool]:
+        """LLaDA's suffix greedy decoding: does the model, filling the continuation's masks one per
+        step (most confident first, temperature 0), write exactly the continuation? The model's
+        kind applies (``sampler_for``): an autoregressive model decodes left to right, a block model
+        block by block. Proposals range over the model's whole head, as LLaDA's do: nothing here is
+        decoded to text, and an id past the tokenizer's is simply not the continuation."""
+        settings, prompts = [], []
+        for ctx, cont in pairs:
+            n = len(cont)
+            sc = sampler_for(self.model.config, SampleConfig(gen_length=n, block_length=n, steps=n, temperature=0.0,
+                                                             remasking="low_confidence"))
+            keep = self.max_len - sc.gen_length  # a block model rounds n up to whole blocks
+            if keep < 1:
+                raise ValueError(f"is_greedy: a continuation of {n} tokens is decoded in {sc.gen_length} positions, "
+                                 f"which leave no room for its context in the model's {self.max_len}")
+            settings.append(sc)
+            prompts.append(ctx[-keep:])
+        rows = generate_many(self.model, prompts, settings, seeds=[self.seed] * len(pairs), batch_size=self.batch_size,
+                             pad_id=self.tok.pad_id, mask_id=self.tok.mask_id, eos_id=self.tok.eos_id,
+                             device=self.place, end_ids=self.tok.end_ids)
+        return [gen[:len(cont)] == cont for (gen, _), (_, cont) in zip(rows, pairs)]
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
+        """The whole text's bound, window by window as lm-eval's Hugging Face models cut it. A window
+        is scored as context + continuation, so the harness's window length is one under ours."""
         out = []
         for req in requests:
-            ids = self.tok.encode(req.args[0])
-            if not ids:
-                out.append(0.0)
-                continue
-            span = self.max_len - 1
-            windows = [([self.tok.eos_id], ids[i:i + span]) for i in range(0, len(ids), span)]
-            out.append(sum(ll for ll, _ in self._score(windows)))
+            # The first window's context is EOS (the prefix token), a later one's the tokens before it.
+            windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
+                token_list=self.tok_encode(req.args[0]), prefix_token=self.tok.eos_id, max_seq_len=self.max_len - 1,
+                context_len=1)]
+            out.append(float(sum(self._score(windows))))
         return out
 
     # ----------------------------------------------------------------------------- generation

@@ -5,7 +5,8 @@
     python jobs/evaluate.py --checkpoint runs/tiny/export --tasks my_task --include_path my_tasks/
 
 Multiple-choice tasks are scored by the Monte Carlo ELBO of each choice given the question, as
-LLaDA evaluates (``--mc_samples`` draws; an autoregressive model gives its exact likelihood);
+LLaDA evaluates (``--mc_samples`` draws, 128 as LLaDA's; an autoregressive model gives its exact
+likelihood), and ``is_greedy`` by LLaDA's suffix greedy decoding (``--no-check_greedy`` skips it);
 generation tasks run our sampler. The harness downloads its datasets on first use, so run standard
 tasks on a machine that can reach the Hugging Face Hub (or has them in its cache);
 ``--include_path`` adds task YAML files of your own, which may read local JSON.
@@ -25,7 +26,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--include_path", default=None, help="a directory of extra task YAML files")
     ap.add_argument("--limit", type=float, default=None, help="documents per task (a fraction if < 1)")
     ap.add_argument("--num_fewshot", type=int, default=None)
-    ap.add_argument("--mc_samples", type=int, default=32, help="Monte Carlo draws per likelihood")
+    ap.add_argument("--mc_samples", type=int, default=128, help="Monte Carlo draws per likelihood (LLaDA's 128)")
+    ap.add_argument("--check_greedy", action=argparse.BooleanOptionalAction, default=True,
+                    help="decode each continuation for is_greedy (a model call per token; accuracy never reads it)")
     ap.add_argument("--batch_size", type=int, default=16)
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--gen_length", type=int, default=64, help="default answer length for generation tasks")
@@ -47,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     sample = {"gen_length": args.gen_length, "block_length": min(args.block_length, args.gen_length),
               "steps": args.steps}
     lm = DlmRayLM(args.checkpoint, device=args.device, mc_samples=args.mc_samples, batch_size=args.batch_size,
-                  seed=args.seed, sample=sample)
+                  seed=args.seed, sample=sample, check_greedy=args.check_greedy)
     manager = TaskManager(include_path=args.include_path) if args.include_path else TaskManager()
     results = simple_evaluate(model=lm, tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
                               task_manager=manager, limit=args.limit, num_fewshot=args.num_fewshot,
