@@ -5,21 +5,22 @@
 ``encode_prompt`` turns a prompt into ids (after EOS, the document separator the model saw in
 training) and refuses a prompt whose ids hold the mask or pad token. ``encode_chat`` does the same
 for OpenAI-style ``messages``, rendered with the tokenizer's own chat template as Hugging Face
-renders it (Jinja2, sandboxed, ``add_generation_prompt``). ``complete_ids`` runs
-``sampling.generate_many`` (rows grouped by settings and length, a seed per row, proposals limited
-to the tokenizer's vocabulary) and cuts each completion at its first EOS. Evaluation, batch
-generation, Serve and the benchmarks all go through here, so a prompt is completed the same way
-everywhere. No Ray, no transport.
+renders it (``dlm_ray.chat_template``; ``tools`` and a template's own variables as keywords).
+``complete_ids`` runs ``sampling.generate_many`` (rows grouped by settings and length, a seed per
+row, proposals limited to the tokenizer's vocabulary) and cuts each completion at its first EOS.
+Evaluation, batch generation, Serve and the benchmarks all go through here, so a prompt is completed
+the same way everywhere. No Ray, no transport.
 """
 
 from __future__ import annotations
 
-import functools
+import json
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
+from dlm_ray.chat_template import render, template_variables
 from dlm_ray.config import ModelConfig, SampleConfig
 from dlm_ray.batching import generate_many, trim_after_eos
 from dlm_ray.sampling import ModelFn
@@ -92,10 +93,13 @@ def sampler_for(model_cfg: ModelConfig | None, cfg: SampleConfig) -> SampleConfi
 CHAT_ROLES = ("system", "user", "assistant")
 
 
-def encode_chat(tok: Tok, messages: Any) -> list[int]:
-    """The ids of a conversation, ready for the assistant's answer. Messages are ``{"role",
-    "content"}`` dicts; their text may not hold the tokenizer's special-token markup (it would be read
-    as markup, not text), and a tokenizer without a chat template is refused, not guessed for."""
+def render_chat(tok: Tok, messages: Any, *, add_generation_prompt: bool = True, tools: Any = None,
+                **template_kwargs: Any) -> str:
+    """A conversation as the text of the tokenizer's chat template, rendered as Hugging Face renders it
+    (``dlm_ray.chat_template``). Messages are ``{"role", "content"}`` dicts; ``tools`` (JSON schemas) and
+    ``template_kwargs`` (e.g. a template's ``date_string``) reach the template as variables. No text a
+    caller gives may hold the tokenizer's special-token markup (it would be read as markup, not text),
+    and a tokenizer without a chat template is refused, not guessed for."""
     if not tok.chat_template:
         raise PromptError("the model's tokenizer has no chat template; send a plain prompt instead")
     if not isinstance(messages, list) or not messages:
@@ -108,20 +112,47 @@ def encode_chat(tok: Tok, messages: Any) -> list[int]:
         content = m.get("content")
         if not isinstance(content, str):
             raise PromptError(f"messages[{k}].content must be a string")
-        _check_text(content, f"messages[{k}].content")
-        markup = next((t for t in tok.special_tokens if t in content), None)
-        if markup is not None:
-            raise PromptError(f"messages[{k}].content holds the special token text {markup!r}")
+        _check_markup(tok, content, f"messages[{k}].content")
+        if m.get("name") is not None:
+            if not isinstance(m["name"], str):
+                raise PromptError(f"messages[{k}].name must be a string")
+            _check_markup(tok, m["name"], f"messages[{k}].name")
+    if tools is not None:
+        if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+            raise PromptError("tools must be a list of objects (JSON schemas)")
+        _check_markup(tok, _json_text(tools, "tools"), "tools")
+    for key, value in template_kwargs.items():
+        _check_markup(tok, _json_text(value, f"the template variable {key!r}"), f"the template variable {key!r}")
     try:
-        text = _template(tok.chat_template).render(
-            messages=messages, add_generation_prompt=True, bos_token=_special(tok, "bos_token"),
-            eos_token=_special(tok, "eos_token"))
+        return render(tok.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                      variables=template_variables(getattr(tok, "config", {})), tools=tools, **template_kwargs)
     except Exception as exc:  # noqa: BLE001 - a template's own raise_exception, or a bad template
         raise PromptError(f"the chat template refused these messages: {exc}") from None
+
+
+def encode_chat(tok: Tok, messages: Any, *, add_generation_prompt: bool = True, tools: Any = None,
+                **template_kwargs: Any) -> list[int]:
+    """The ids of a conversation (``render_chat``), by default ready for the assistant's answer; the
+    template's markup becomes special tokens, as ``apply_chat_template(tokenize=True)`` makes it."""
+    text = render_chat(tok, messages, add_generation_prompt=add_generation_prompt, tools=tools, **template_kwargs)
     ids = tok.encode_chat(text)
     if tok.mask_id in ids:
         raise PromptError("the rendered conversation holds the mask token")
     return ids
+
+
+def _check_markup(tok: Tok, text: str, where: str) -> None:
+    _check_text(text, where)
+    markup = next((t for t in tok.special_tokens if t in text), None)
+    if markup is not None:
+        raise PromptError(f"{where} holds the special token text {markup!r}")
+
+
+def _json_text(value: Any, where: str) -> str:
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError) as exc:
+        raise PromptError(f"{where} must be JSON data: {exc}") from None
 
 
 def _check_text(text: str, where: str) -> None:
@@ -129,25 +160,6 @@ def _check_text(text: str, where: str) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise PromptError(f"{where} is not valid Unicode ({exc.reason} at character {exc.start})") from None
-
-
-def _special(tok: Tok, key: str) -> str:
-    value = getattr(tok, "config", {}).get(key, "")
-    return value.get("content", "") if isinstance(value, dict) else (value or "")
-
-
-@functools.lru_cache(maxsize=8)
-def _template(source: str) -> Any:
-    """A compiled chat template, in the environment Hugging Face renders templates in."""
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message: str) -> None:
-        raise ValueError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-    env.globals["raise_exception"] = raise_exception
-    return env.from_string(source)
 
 
 def complete_ids(model: ModelFn, tok: Tok, prompt_ids: Sequence[list[int]], samples: SampleConfig | Sequence[SampleConfig],
