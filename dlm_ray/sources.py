@@ -18,12 +18,12 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Iterator
 
 from dlm_ray.config import DataConfig
 from dlm_ray.corpus import example_at, is_heldout
+from dlm_ray.storage import filesystem_for
 
 Doc = tuple[str, "str | None", "str | None"]
 SUFFIX_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".json": "jsonl",
@@ -36,15 +36,6 @@ class BadInputError(ValueError):
 
 
 # ------------------------------------------------------------------------------------ file listing
-
-
-def filesystem_for(source: str):  # -> (pyarrow FileSystem, path)
-    """The pyarrow filesystem and in-filesystem path of a local path or URI."""
-    from pyarrow import fs as pafs
-
-    if "://" in source:
-        return pafs.FileSystem.from_uri(source)
-    return pafs.LocalFileSystem(), os.path.abspath(source)
 
 
 def list_files(source: str) -> list[tuple[str, str]]:
