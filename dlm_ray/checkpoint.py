@@ -15,19 +15,22 @@ Inference checkpoint (``export``): LLaDA's Hugging Face layout (``llada_layout``
 LLaDA's keys and ours (diffusion schedule, tokenizer, where it came from) under ``dlm_ray``,
 safetensors with LLaDA's tensor names, and the tokenizer files. A published LLaDA directory
 (LLaDA-8B-Base/Instruct, LLaDA-1.5) is the same format without our key, so batch generation, Serve
-and evaluation load either, from a local directory or a URI (a remote one is copied to a local
-cache directory once per process). Exports of earlier versions (config.json with a ``model`` key,
-our own tensor names) still load.
+and evaluation load either, from a local directory or a URI (a remote one is copied once per node
+into the node's checkpoint cache, ``storage.node_copy``, and its settings alone without the weights).
+Exports of earlier versions (config.json with a ``model`` key, our own tensor names) still load.
+
+An export is written whole into a staging directory and swapped in (``storage.staged_dir``), so a
+directory never mixes two exports; it refuses to replace a directory that is not a model's.
+config.json records ``content_sha256``, a hash of the weights (names, dtypes, shapes, bytes) and the
+tokenizer files computed while they are written, so ``checkpoint_hash`` reads config.json alone.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import random
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -37,13 +40,14 @@ import torch
 from dlm_ray import llada_layout as layout
 from dlm_ray.config import DiffusionConfig, ModelConfig, PretrainConfig
 from dlm_ray.model import Denoiser
-from dlm_ray.sources import filesystem_for
+from dlm_ray.storage import StorageError, filesystem_for, list_tree, node_copy, read_bytes, staged_dir
 from dlm_ray.tokenizer import TOKENIZER_CONFIG, ByteTokenizer, HFTokenizer, load_tokenizer
 
 DS_DIR = "ds"
 STATE_FILE = "trainer_state.json"
 RUN_CONFIG_FILE = "run_config.json"
 CONFIG_FILE = layout.CONFIG_FILE
+CONTENT_KEY = "content_sha256"  # under config.json's ``dlm_ray``: the hash of everything but config.json
 
 
 class CheckpointError(RuntimeError):
@@ -89,43 +93,30 @@ def _is_uri(path: str | Path) -> bool:
     return "://" in str(path)
 
 
-def upload_dir(local: str | Path, uri: str) -> None:
-    """Copy a local directory's files to ``uri`` (any pyarrow filesystem)."""
-    from pyarrow import fs as pafs
-
-    filesystem, root = filesystem_for(uri)
-    filesystem.create_dir(root, recursive=True)
-    pafs.copy_files(str(local), root, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=filesystem)
-
-
-@functools.lru_cache(maxsize=8)
-def local_copy(uri: str) -> Path:
-    """A local directory holding the files of a remote checkpoint ``uri``: copied once per process."""
-    from pyarrow import fs as pafs
-
-    filesystem, root = filesystem_for(uri)
-    if filesystem.get_file_info(root).type != pafs.FileType.Directory:
-        raise CheckpointError(f"{uri}: no such checkpoint directory")
-    local = Path(tempfile.mkdtemp(prefix="dlm-ckpt-"))
-    pafs.copy_files(root, str(local), source_filesystem=filesystem, destination_filesystem=pafs.LocalFileSystem())
-    return local
+def local_path(path: str | Path, *, weights: bool = True) -> Path:
+    """``path`` itself if local, else this node's cached copy of the remote directory it names
+    (``weights=False``: every file but the weights, enough for the settings and the tokenizer)."""
+    if not _is_uri(path):
+        return Path(path)
+    try:
+        return node_copy(str(path), weights=weights)
+    except StorageError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
-def local_path(path: str | Path) -> Path:
-    """``path`` itself if local, else a local copy of the remote directory it names."""
-    return local_copy(str(path).rstrip("/")) if _is_uri(path) else Path(path)
+def _is_model_dir(names: list[str]) -> bool:
+    """A directory an export may replace: a model's files, no subdirectories (a run's, say)."""
+    return all("/" not in n for n in names) and any(n == CONFIG_FILE or n.endswith(".safetensors") for n in names)
 
 
 @contextlib.contextmanager
 def staged(out: str | Path) -> Iterator[Path]:
-    """A local directory to write into; for a URI its files are uploaded there on success."""
-    if not _is_uri(out):
-        Path(out).mkdir(parents=True, exist_ok=True)
-        yield Path(out)
-        return
-    with tempfile.TemporaryDirectory(prefix="dlm-stage-") as d:
-        yield Path(d)
-        upload_dir(d, str(out))
+    """A fresh local directory to write an export into; on success it replaces ``out`` whole."""
+    try:
+        with staged_dir(out, replaceable=_is_model_dir) as d:
+            yield d
+    except StorageError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 # ---------------------------------------------------------------------------------- training state
@@ -203,17 +194,32 @@ def _export(src: Path, out: Path, dtype: torch.dtype) -> None:
 def write_inference(state: dict[str, torch.Tensor], model_cfg: ModelConfig, tok: Any, out: Path, *,
                     diffusion: DiffusionConfig, source: dict[str, Any], dtype: torch.dtype = torch.float32,
                     shard_bytes: int = layout.DEFAULT_SHARD_BYTES) -> None:
-    """Weights (``Denoiser`` names) + settings as an inference checkpoint in LLaDA's layout."""
+    """Weights (``Denoiser`` names) + settings as an inference checkpoint in LLaDA's layout.
+    config.json comes last and records the content hash of the files before it."""
     out.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+
+    def hashed(items: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        # Hash each tensor as it goes to the writer, as stored (dtype, contiguous): no second read.
+        for name, t in items:
+            t = t.detach().to("cpu", dtype).contiguous()
+            digest.update(f"{name}|{layout.DTYPE_NAMES[dtype]}|{list(t.shape)}\n".encode())
+            digest.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            yield name, t
+
+    layout.save_weights(hashed((layout.to_llada_name(k), v) for k, v in state.items()), out, dtype=dtype,
+                        shard_bytes=shard_bytes)
     tok_cfg = tok.to_config()
     if isinstance(tok, HFTokenizer):
         tok.save(out)
         tok_cfg = {"kind": "hf", "path": "tokenizer.json"}
-    ours = {"model": model_cfg.to_dict(), "diffusion": diffusion.to_dict(), "tokenizer": tok_cfg, "source": source}
+        for name in ("tokenizer.json", TOKENIZER_CONFIG):
+            if (out / name).is_file():
+                digest.update(name.encode() + b"\n" + (out / name).read_bytes())
+    ours = {"model": model_cfg.to_dict(), "diffusion": diffusion.to_dict(), "tokenizer": tok_cfg, "source": source,
+            CONTENT_KEY: digest.hexdigest()}
     config = layout.llada_config(model_cfg, mask_id=tok.mask_id, eos_id=tok.eos_id, pad_id=tok.pad_id, dtype=dtype,
                                  ours=ours)
-    layout.save_weights(((layout.to_llada_name(k), v) for k, v in state.items()), out, dtype=dtype,
-                        shard_bytes=shard_bytes)
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
 
 
@@ -232,7 +238,7 @@ def read_inference_config(directory: str | Path) -> tuple[dict[str, Any], Any]:
     """(settings, tokenizer) of an inference checkpoint, without loading the weights. The settings
     have the same keys for every layout: ``model`` (a ModelConfig dict), ``diffusion``,
     ``tokenizer``, ``source`` and ``layout`` ("llada" or "legacy")."""
-    d = local_path(directory)
+    d = local_path(directory, weights=False)
     if not (d / CONFIG_FILE).is_file():
         raise CheckpointError(f"{d} has no {CONFIG_FILE}: not a model directory (export a training checkpoint "
                               "with jobs/export.py, or point at a LLaDA directory)")
@@ -307,22 +313,29 @@ def inference_placement(want_gpu: bool, dtype: str, cpu_threads: int) -> tuple[t
 
 
 def checkpoint_hash(directory: str | Path) -> str:
-    """Identity of an inference checkpoint: SHA-256 over its files (config, weights, tokenizer),
-    first 16 hex digits. Outputs record it so every generated row names the weights behind it."""
-    d = local_path(directory)
-    if not (d / CONFIG_FILE).is_file():
-        raise CheckpointError(f"{d} has no {CONFIG_FILE}: export a training checkpoint with jobs/export.py first")
+    """Identity of an inference checkpoint, local or at a URI, first 16 hex digits of a SHA-256.
+    Outputs record it so every generated row names the weights behind it. Never reads the weights:
+    an export's config.json records their hash, so it is the hash of config.json; for a directory
+    without one (a published LLaDA, an earlier export) config.json, the index and every file's name
+    and size stand for the content."""
     try:
-        weights = layout.weight_files(d)
-    except layout.LayoutError as exc:
-        raise CheckpointError(str(exc)) from None
-    names = [CONFIG_FILE, *(p.name for p in weights), layout.INDEX_FILE, "tokenizer.json", TOKENIZER_CONFIG]
-    h = hashlib.sha256()
-    for name in names:
-        if not (d / name).is_file():
-            continue
-        h.update(name.encode())
-        with open(d / name, "rb") as f:
-            while chunk := f.read(1 << 24):
-                h.update(chunk)
+        filesystem, root, files = list_tree(str(directory))
+    except StorageError:
+        files = []
+    names = {f.path for f in files}
+    if CONFIG_FILE not in names:
+        raise CheckpointError(f"{directory} has no {CONFIG_FILE}: export a training checkpoint with jobs/export.py first")
+    config = read_bytes(filesystem, f"{root}/{CONFIG_FILE}")
+    h = hashlib.sha256(config)
+    try:
+        recorded = json.loads(config).get(layout.OURS, {}).get(CONTENT_KEY)
+    except (json.JSONDecodeError, AttributeError):
+        raise CheckpointError(f"{directory}/{CONFIG_FILE} is not a JSON object") from None
+    if not recorded:
+        if not names & {layout.SINGLE_FILE, layout.INDEX_FILE}:
+            raise CheckpointError(f"{directory}: no {layout.SINGLE_FILE} or {layout.INDEX_FILE}")
+        for f in files:
+            h.update(f"{f.path}\0{f.size}\n".encode())
+        if layout.INDEX_FILE in names:
+            h.update(read_bytes(filesystem, f"{root}/{layout.INDEX_FILE}"))
     return h.hexdigest()[:16]

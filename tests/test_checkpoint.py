@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import socket
 
 import pytest
 import torch
 
-from dlm_ray.checkpoint import CheckpointError, export, load_inference, load_training, save_inference, save_training
+from dlm_ray.checkpoint import (CheckpointError, checkpoint_hash, export, load_inference, load_training, save_inference,
+                                save_training)
 from dlm_ray.config import PretrainConfig
 from dlm_ray.config_io import load_config
 from dlm_ray.model import Denoiser
@@ -86,3 +88,62 @@ def test_bad_checkpoints_are_named(tmp_path):
     (out / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="model.safetensors: not a safetensors file"):
         load_inference(out)
+
+
+# ------------------------------------------------------------------------ exports replace each other
+
+
+def _small_model(seed: int) -> Denoiser:
+    cfg = load_config(PretrainConfig, None, ["--model.d_model=64", "--model.n_layers=2", "--model.d_mlp=128"])
+    torch.manual_seed(seed)
+    return Denoiser(cfg.model).eval()
+
+
+def test_an_export_replaces_an_earlier_one_whole(tmp_path):
+    """A sharded export A, then a one-file export B into the same directory: B loads, and the
+    directory holds exactly B's files (A's index, which a loader prefers, is gone)."""
+    a, b = _small_model(0), _small_model(1)
+    out = tmp_path / "model"
+    save_inference(a, {"kind": "byte"}, out, shard_bytes=100_000)
+    assert (out / "model.safetensors.index.json").is_file()
+    save_inference(b, {"kind": "byte"}, tmp_path / "b_alone")
+    save_inference(b, {"kind": "byte"}, out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "b_alone").iterdir())
+    loaded, _, _ = load_inference(out)
+    x = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), b(x))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b_alone", "model"]  # no staging directory left
+
+
+def test_a_failed_export_leaves_the_earlier_one_and_a_foreign_directory_is_refused(tmp_path):
+    a = _small_model(0)
+    out = save_inference(a, {"kind": "byte"}, tmp_path / "model")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+        save_inference(_small_model(1), {"kind": "hf", "path": str(tmp_path / "missing")}, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+    run = tmp_path / "run"  # a run's directory, not a model's: an export must not wipe it
+    (run / "checkpoint_000001").mkdir(parents=True)
+    (run / "checkpoint_000001" / "trainer_state.json").write_text("{}")
+    (run / "metrics.jsonl").write_text("")
+    with pytest.raises(CheckpointError, match="refusing to replace"):
+        save_inference(a, {"kind": "byte"}, run)
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == [
+        "checkpoint_000001", "checkpoint_000001/trainer_state.json", "metrics.jsonl"]
+
+
+def test_checkpoint_hash_names_the_weights_not_their_files(tmp_path):
+    """Equal for the same weights (however sharded), different for other weights; read from
+    config.json, where the export recorded it."""
+    a, b = _small_model(0), _small_model(1)
+    save_inference(a, {"kind": "byte"}, tmp_path / "a1")
+    save_inference(a, {"kind": "byte"}, tmp_path / "a2", shard_bytes=100_000)
+    save_inference(b, {"kind": "byte"}, tmp_path / "b")
+    assert checkpoint_hash(tmp_path / "a1") == checkpoint_hash(tmp_path / "a2") != checkpoint_hash(tmp_path / "b")
+    config = json.loads((tmp_path / "a1" / "config.json").read_text())
+    assert len(config["dlm_ray"]["content_sha256"]) == 64
+    with pytest.raises(CheckpointError, match="has no config.json"):
+        checkpoint_hash(tmp_path)
