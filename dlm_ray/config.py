@@ -12,6 +12,7 @@ Loading them from YAML files and dotted command-line overrides is ``dlm_ray.conf
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -149,6 +150,11 @@ class SampleConfig(Config):
             raise ValueError(f"steps={self.steps} is not divisible by the number of blocks ({num_blocks})")
         if self.threshold is not None and self.factor is not None:
             raise ValueError("set at most one of threshold and factor")
+        # Only the approximate caches go stale: without one (or with the exact block cache) a
+        # refresh would do nothing, and a setting that does nothing is refused, not ignored.
+        if self.refresh_every is not None and self.cache not in ("prefix", "dual"):
+            raise ValueError(f"refresh_every={self.refresh_every} needs cache 'prefix' or 'dual' (cache is "
+                             f"{self.cache!r}, which has no cached keys/values to refresh)")
         return self
 
     @property
@@ -203,7 +209,6 @@ class DataConfig(Config):
     val_source: str | None = None
     val_fraction: float = Field(0.01, ge=0, lt=1)
     seq_len: int = Field(64, gt=1)
-    document_ids: bool = False
     # Conditional pretraining: in this fraction of the training documents that have a prompt (the
     # built-in corpus: up to its "="), the prompt is never masked, so the model also learns the
     # answer given the whole prompt, which is what sampling asks of it (SFT trains only that form).
@@ -222,7 +227,12 @@ class DataConfig(Config):
     prefetch_mb: int = Field(32, gt=0)
     # Ray Data's progress bars; on a 2-core machine redrawing them costs the trainer CPU.
     progress_bars: bool = False
+    # "files": the item order is drawn afresh each epoch; "rows" also shuffles each item's rows in
+    # windows of shuffle_window rows (drawn from seed, epoch and item, so a resume lands exactly:
+    # dlm_ray.packing.shuffle_in_windows). local_shuffle_buffer mixes rows across items in each
+    # worker, but its draw is not part of the data position: a resume draws it afresh.
     shuffle: Literal["none", "files", "rows"] = "files"
+    shuffle_window: int = Field(4096, gt=1)
     local_shuffle_buffer: int = Field(0, ge=0)
     seed: int = 0
     # Bad rows (null/empty text, bad JSON, non-UTF-8, text that encodes to the mask or pad token) and
@@ -352,3 +362,21 @@ class PretrainConfig(Config):
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
             )
         return self
+
+    def with_absolute_paths(self) -> PretrainConfig:
+        """This config with its local paths made absolute from this process's working directory.
+
+        The driver calls it once, before the config crosses to the workers: Ray Train runs each
+        worker in a directory of its own, where a relative ``runs`` names a folder inside Ray's
+        session directory (the run's metrics would land there, not where the user looks)."""
+        def absolute(path: str | None) -> str | None:
+            return path if path is None or "://" in path else os.path.abspath(path)
+
+        tokenizer = self.tokenizer
+        if isinstance(tokenizer, str) and tokenizer != "byte":
+            tokenizer = absolute(tokenizer)
+        elif isinstance(tokenizer, dict) and tokenizer.get("path"):
+            tokenizer = {**tokenizer, "path": absolute(tokenizer["path"])}
+        return self.model_copy(update={
+            "storage_path": absolute(self.storage_path), "init_from": absolute(self.init_from), "tokenizer": tokenizer,
+            "train": self.train.model_copy(update={"deepspeed_config": absolute(self.train.deepspeed_config)})})

@@ -8,7 +8,8 @@
 One work item is one file (or one shard of the built-in corpus), read start to end by one actor
 that holds the tokenizer, so packing never depends on scheduling: every row has a stable
 ``row_id`` and a ``row_index`` within its item, and its mask is a function of (seed, epoch, row)
-alone. Each epoch repeats the items (reshuffled) with a fresh mask draw.
+alone. Each epoch repeats the items (reshuffled) with a fresh mask draw; ``shuffle: rows`` also
+shuffles each item's rows in windows of ``shuffle_window``, numbered in their shuffled order.
 
 A training run's place in this stream is a ``DataPosition`` (epoch, item in that epoch's order,
 row in that item). Resuming builds the stream from there: earlier epochs and items are never
@@ -33,11 +34,11 @@ import ray
 
 from dlm_ray.config import DataConfig, DiffusionConfig
 from dlm_ray.corpus import prompt_length
-from dlm_ray.packing import Packer, stable_id
+from dlm_ray.packing import Packer, shuffle_in_windows, stable_id
 from dlm_ray.sources import BadInputError, filesystem_for, iter_documents, resolve_items
 from dlm_ray.tokenizer import load_tokenizer
 
-ROW_COLUMNS = ("input_ids", "attention_mask", "row_id")  # plus "doc_ids" with data.document_ids
+ROW_COLUMNS = ("input_ids", "attention_mask", "row_id")  # plus "doc_ids" with document_ids=True
 # Where a row sits in the stream: its epoch, its item's place in that epoch's order, its row in the item.
 POSITION_COLUMNS = ("epoch", "item_index", "row_index")
 
@@ -91,8 +92,10 @@ class TokenizePack:
     """Actor UDF: one work item in, its packed (and masked) rows out, streamed. Loads the tokenizer once."""
 
     def __init__(self, data_cfg: dict[str, Any], tokenizer_cfg: dict[str, Any] | str, stats: Any,
-                 diffusion: dict[str, Any] | None = None, strata: int = 1, block_size: int | None = None) -> None:
+                 diffusion: dict[str, Any] | None = None, strata: int = 1, block_size: int | None = None,
+                 document_ids: bool = False) -> None:
         self.cfg = DataConfig.model_validate(data_cfg)
+        self.document_ids = document_ids
         self.tok = load_tokenizer(tokenizer_cfg)
         self.stats = stats
         self.diffusion = None if diffusion is None else DiffusionConfig.model_validate(diffusion)
@@ -108,7 +111,7 @@ class TokenizePack:
         for item_json, epoch, index, skip in zip(batch["item"], batch["epoch"], batch["index"], batch["skip_rows"]):
             item = json.loads(str(item_json))
             skipped = 0
-            for rows in self._item(item, int(epoch), int(skip)):
+            for rows in self._ordered(item, int(epoch), int(skip)):
                 keep = rows["row_index"] >= skip
                 if not keep.all():  # rows a resumed run already trained on
                     skipped += int((~keep).sum())
@@ -118,8 +121,8 @@ class TokenizePack:
                 n = len(rows["row_id"])
                 rows["epoch"] = np.full(n, epoch, dtype=np.int32)
                 rows["item_index"] = np.full(n, index, dtype=np.int32)
-                if not self.cfg.document_ids:
-                    rows.pop("doc_ids", None)  # a quarter of the bytes per row, unused unless asked for
+                if not self.document_ids:
+                    rows.pop("doc_ids", None)  # a quarter of the bytes per row; training never reads it
                 if self.diffusion is not None:
                     rows = self.mask_rows(rows, self.diffusion, seed=self.cfg.seed, mask_id=self.tok.mask_id,
                                           item_id=stable_id(item["key"]), strata=self.strata,
@@ -127,6 +130,18 @@ class TokenizePack:
                 rows.pop("given", None)  # read by the masking only
                 yield rows
             self.stats.add.remote({"resume.rows_passed_over": skipped})
+
+    def _ordered(self, item: dict[str, Any], epoch: int, skip: int) -> Iterator[dict[str, np.ndarray]]:
+        """The item's rows in stream order, from about row ``skip`` on. With ``shuffle: rows`` they are
+        shuffled in windows (``shuffle_in_windows``) and packing restarts at the start of the window
+        holding ``skip``, so a resumed stream is the uninterrupted one's tail."""
+        window = self.cfg.shuffle_window if self.cfg.shuffle == "rows" else 0
+        if not window:
+            yield from self._item(item, epoch, skip)
+            return
+        start = skip - skip % window
+        aligned = ({k: v[r["row_index"] >= start] for k, v in r.items()} for r in self._item(item, epoch, start))
+        yield from shuffle_in_windows(aligned, window, key=("rows", self.cfg.seed, epoch, item["key"]))
 
     def _item(self, item: dict[str, Any], epoch: int, skip: int) -> Iterator[dict[str, np.ndarray]]:
         if self.cfg.task == "sft":
@@ -293,10 +308,11 @@ def work_items(cfg: DataConfig, split: str, num_epochs: int, start: DataPosition
 
 def packed_dataset(cfg: DataConfig, tokenizer_cfg: dict[str, Any] | str, split: str, *, num_epochs: int = 1,
                    start: DataPosition = DataPosition(), stats: Any = None, diffusion: DiffusionConfig | None = None,
-                   strata: int = 1, block_size: int | None = None) -> ray.data.Dataset:
+                   strata: int = 1, block_size: int | None = None, document_ids: bool = False) -> ray.data.Dataset:
     """Read → tokenize → pack: rows of ``input_ids``, ``attention_mask``, ``row_id`` and the position
     columns ``epoch``, ``item_index``, ``row_index`` (and ``doc_ids``, each position's document number
-    within its row, with ``data.document_ids``), from ``start`` on.
+    within its row, with ``document_ids``: for inspecting packing; training does not read it), from
+    ``start`` on.
 
     With ``diffusion`` the rows are masked too (``mask_rows``, t stratified over ``strata`` rows)."""
     stats = stats if stats is not None else PipelineStats.remote()
@@ -306,22 +322,20 @@ def packed_dataset(cfg: DataConfig, tokenizer_cfg: dict[str, Any] | str, split: 
         TokenizePack, batch_size=1, compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
         fn_constructor_kwargs={"data_cfg": cfg.to_dict(), "tokenizer_cfg": tokenizer_cfg, "stats": stats,
                                "diffusion": None if diffusion is None else diffusion.to_dict(), "strata": strata,
-                               "block_size": block_size},
+                               "block_size": block_size, "document_ids": document_ids},
         num_cpus=0.5,
     )
-    if cfg.shuffle == "rows":
-        ds = ds.random_shuffle(seed=cfg.seed)
     return ds
 
 
 def masked_dataset(cfg: DataConfig, tokenizer_cfg: dict[str, Any] | str, diffusion: DiffusionConfig, split: str, *,
                    num_epochs: int = 1, start: DataPosition = DataPosition(), stats: Any = None,
-                   strata: int = 1, block_size: int | None = None) -> ray.data.Dataset:
+                   strata: int = 1, block_size: int | None = None, document_ids: bool = False) -> ray.data.Dataset:
     """The training feed: packed rows plus ``noisy_ids``, ``loss_mask``, ``t`` and ``p_mask``. With
     ``time_sampling: low_discrepancy``, ``strata`` (the micro-batch size) consecutive rows of an item
     spread their t evenly. With ``block_size`` (block diffusion) each block has its own t."""
     return packed_dataset(cfg, tokenizer_cfg, split, num_epochs=num_epochs, start=start, stats=stats,
-                          diffusion=diffusion, strata=strata, block_size=block_size)
+                          diffusion=diffusion, strata=strata, block_size=block_size, document_ids=document_ids)
 
 
 # ------------------------------------------------------------------------------------- prepare once

@@ -12,7 +12,7 @@ the forward process must leave alone: conditional pretraining), cut and carried 
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -21,7 +21,6 @@ def stable_id(*parts: Any) -> int:
     """A 63-bit id from the parts' text: the same on every machine and run."""
     digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
-
 
 
 class Packer:
@@ -92,3 +91,37 @@ class Packer:
         self.num_rows += R
         out = {"input_ids": ids, "attention_mask": am, "doc_ids": doc, "row_id": row_ids, "row_index": index}
         return {**out, "given": flags} if given is not None else out
+
+
+def shuffle_in_windows(chunks: Iterator[dict[str, np.ndarray]], window: int, *,
+                       key: tuple[Any, ...]) -> Iterator[dict[str, np.ndarray]]:
+    """Rows of one work item, shuffled within consecutive windows of ``window`` rows.
+
+    ``chunks`` yields rows in packing order with ``row_index`` starting at a multiple of ``window``.
+    Each window is permuted by a function of ``key`` (seed, epoch, item) and its number alone, and
+    its rows are renumbered in their new order: ``row_index`` then counts rows of the shuffled
+    stream, so a data position in it ("every row before index k was consumed") stays exact and a
+    resume that re-packs from the window's start finds the same order. Memory: one window.
+    """
+    held: list[dict[str, np.ndarray]] = []
+    size = 0
+
+    def emit(n: int) -> dict[str, np.ndarray]:
+        nonlocal held, size
+        rows = {k: np.concatenate([c[k] for c in held]) for k in held[0]}
+        out, rest = {k: v[:n] for k, v in rows.items()}, {k: v[n:] for k, v in rows.items()}
+        held, size = ([rest] if n < len(rows["row_index"]) else []), size - n
+        first = int(out["row_index"][0])
+        order = np.random.default_rng([stable_id(*key), first // window]).permutation(n)
+        out = {k: v[order] for k, v in out.items()}
+        out["row_index"] = np.arange(first, first + n, dtype=out["row_index"].dtype)
+        return out
+
+    for chunk in chunks:
+        if len(chunk["row_index"]):
+            held.append(chunk)
+            size += len(chunk["row_index"])
+        while size >= window:
+            yield emit(window)
+    if size:
+        yield emit(size)

@@ -44,9 +44,9 @@ def test_each_source_keeps_every_token(ray_cluster, tmp_path, kind):
     paras = write_sources(tmp_path)
     source = {"parquet": str(tmp_path / "pq"), "jsonl": str(tmp_path / "docs.jsonl"),
               "text": str(tmp_path / "docs.txt"), "hf": f"hf:{tmp_path / 'hf'}"}[kind]
-    cfg = DataConfig(source=source, seq_len=128, val_fraction=0.0, docs_per_batch=7, document_ids=True)
+    cfg = DataConfig(source=source, seq_len=128, val_fraction=0.0, docs_per_batch=7)
     stats = PipelineStats.remote()
-    rows = rows_of(packed_dataset(cfg, "byte", "train", stats=stats))
+    rows = rows_of(packed_dataset(cfg, "byte", "train", stats=stats, document_ids=True))
     expected = sum(len(TOK.encode(p)) + 1 for p in paras)
     assert sum(int(r["attention_mask"].sum()) for r in rows) == expected
     counts = ray_cluster.get(stats.get.remote())
@@ -60,10 +60,9 @@ def test_each_source_keeps_every_token(ray_cluster, tmp_path, kind):
 
 
 def test_packing_layout_and_random_lengths(ray_cluster):
-    cfg = DataConfig(builtin_docs=3000, builtin_shards=2, seq_len=64, random_length_fraction=0.2,
-                     document_ids=True)
+    cfg = DataConfig(builtin_docs=3000, builtin_shards=2, seq_len=64, random_length_fraction=0.2)
     stats = PipelineStats.remote()
-    rows = rows_of(packed_dataset(cfg, "byte", "train", stats=stats))
+    rows = rows_of(packed_dataset(cfg, "byte", "train", stats=stats, document_ids=True))
     counts = ray_cluster.get(stats.get.remote())
     lengths = np.array([r["attention_mask"].sum() for r in rows])
     assert lengths.sum() == counts["tokens"]
@@ -169,16 +168,25 @@ def test_feed_spreads_t_over_each_run_of_micro_batch_rows(ray_cluster):
     assert any(sorted(u_strata[k:k + 16]) != list(range(16)) for k in range(0, len(rows) - 16, 16))
 
 
-@pytest.mark.parametrize("kind", ["builtin", "prepared"])
+@pytest.mark.parametrize("kind", ["builtin", "prepared", "rows"])
 def test_resume_reads_the_same_whatever_the_position(ray_cluster, tmp_path, kind):
     """Starting the stream late costs no more reading than starting it early: items before the
-    position are never opened, and within its item at most the rows before it are passed over."""
+    position are never opened, and within its item at most the rows before it are passed over.
+    With ``shuffle: rows`` the resumed stream is the shuffled stream's tail, row for row."""
     cfg = DataConfig(builtin_docs=4000, builtin_shards=4, seq_len=32)
     if kind == "prepared":
         prepare(cfg, "byte", str(tmp_path / "prep"), rows_per_file=300)
         cfg = DataConfig(source=str(tmp_path / "prep"), seq_len=32)
-    full = masked_dataset(cfg, "byte", DiffusionConfig(), "train", num_epochs=3).take_all()
     key = lambda r: (int(r["epoch"]), int(r["item_index"]), int(r["row_index"]))  # noqa: E731
+    if kind == "rows":
+        packed_order = sorted(masked_dataset(cfg, "byte", DiffusionConfig(), "train").take_all(), key=key)
+        cfg = DataConfig(builtin_docs=4000, builtin_shards=4, seq_len=32, shuffle="rows", shuffle_window=50)
+        shuffled = sorted(masked_dataset(cfg, "byte", DiffusionConfig(), "train").take_all(), key=key)
+        # The same rows of each item, in another order: row_index counts the shuffled stream.
+        assert [key(r)[:2] for r in shuffled] == [key(r)[:2] for r in packed_order]
+        assert sorted(int(r["row_id"]) for r in shuffled) == sorted(int(r["row_id"]) for r in packed_order)
+        assert [int(r["row_id"]) for r in shuffled] != [int(r["row_id"]) for r in packed_order]
+    full = masked_dataset(cfg, "byte", DiffusionConfig(), "train", num_epochs=3).take_all()
     full.sort(key=key)
     read = {}
     for name, k in (("early", 5), ("late", len(full) - 40)):
@@ -189,6 +197,7 @@ def test_resume_reads_the_same_whatever_the_position(ray_cluster, tmp_path, kind
         rows.sort(key=key)
         # Exactly the rest of the stream, with the same masks.
         assert [key(r) for r in rows] == [key(r) for r in full[k:]]
+        assert [int(r["row_id"]) for r in rows] == [int(r["row_id"]) for r in full[k:]]
         assert np.array_equal(rows[0]["loss_mask"], full[k]["loss_mask"])
         counts = ray_cluster.get(stats.get.remote())
         # Rows read (prepared) or packed (built-in) without being delivered: only the start item's.
@@ -296,12 +305,12 @@ def _whole_prompts_unmasked(rows: list[dict]) -> float:
 
 
 def test_conditional_pretraining_keeps_the_drawn_share_of_prompts(ray_cluster):
-    cfg = DataConfig(builtin_docs=3000, builtin_shards=2, seq_len=64, document_ids=True, conditional_fraction=0.5)
-    train = masked_dataset(cfg, "byte", DiffusionConfig(), "train").take_all()
+    cfg = DataConfig(builtin_docs=3000, builtin_shards=2, seq_len=64, conditional_fraction=0.5)
+    train = masked_dataset(cfg, "byte", DiffusionConfig(), "train", document_ids=True).take_all()
     again = masked_dataset(cfg, "byte", DiffusionConfig(), "train").take_all()
     plain = masked_dataset(cfg.model_copy(update={"conditional_fraction": 0.0}), "byte", DiffusionConfig(),
-                           "train").take_all()
-    val = masked_dataset(cfg, "byte", DiffusionConfig(), "val").take_all()
+                           "train", document_ids=True).take_all()
+    val = masked_dataset(cfg, "byte", DiffusionConfig(), "val", document_ids=True).take_all()
     # Unconditionally a 7-token prompt escapes masking by chance ~1/8 of the time (t uniform); with
     # half the prompts given, about 1/2 + 1/16.
     assert 0.45 < _whole_prompts_unmasked(train) < 0.7
