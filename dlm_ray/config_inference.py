@@ -1,15 +1,89 @@
 """Typed configs of the inference stages: batch generation (``jobs/generate.py``) and the HTTP
-service (``dlm_ray.serve``). Like ``dlm_ray.config``, whose base and sampler settings they use,
-this module imports neither torch nor Ray.
+service (``dlm_ray.serve``), and the one check of the sampler settings a request or a row brings
+with it (``SampleOverrides``, ``resolve_overrides``): a batch row and a Serve request with the same
+bad setting are refused with the same message. Like ``dlm_ray.config``, whose base and sampler
+settings they use, this module imports neither torch nor Ray.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal, Mapping
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from dlm_ray.config import Config, SampleConfig
+from dlm_ray.config import MAX_CFG_SCALE, Config, SampleConfig
+
+# ------------------------------------------------------------------- per-request and per-row settings
+
+MAX_INT = 2**31 - 1  # no integer setting comes near it; larger ones would overflow tensor sizes
+# A request's or a row's temperature: OpenAI's range. A job's or server's own default may go up to
+# SampleConfig's bound; what one caller asks for stays where sampling is still meaningful.
+MAX_REQUEST_TEMPERATURE = 2.0
+
+
+class SampleOverrides(BaseModel):
+    """The sampler settings one Serve request or one batch-generation row may set over the server's
+    or job's defaults, with their bounds: both are checked here, so they accept and refuse alike."""
+
+    # Strict types: no "yes" for a flag, no true for a number, no "3" for an integer; numbers finite.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    steps: int | None = Field(None, gt=0, le=MAX_INT)
+    block_length: int | None = Field(None, gt=0, le=MAX_INT)
+    temperature: float | None = Field(None, ge=0, le=MAX_REQUEST_TEMPERATURE, allow_inf_nan=False)
+    remasking: Literal["low_confidence", "random"] | None = None
+    cfg_scale: float | None = Field(None, ge=0, le=MAX_CFG_SCALE, allow_inf_nan=False)
+    threshold: float | None = Field(None, gt=0, le=2, allow_inf_nan=False)
+    factor: float | None = Field(None, gt=0, le=100, allow_inf_nan=False)
+    # "blocks" is not asked for: a block-causal model always samples with it, no other model can.
+    cache: Literal["none", "prefix", "dual"] | None = None
+    refresh_every: int | None = Field(None, gt=0, le=MAX_INT)
+    stop_at_eos: bool | None = None
+    logits_eos_inf: bool | None = None
+    confidence_eos_eot_inf: bool | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
+
+
+class RowOverrides(SampleOverrides):
+    """A batch row's settings: Serve's plus ``gen_length`` (a request says ``max_tokens``)."""
+
+    gen_length: int | None = Field(None, gt=0, le=MAX_INT)
+
+
+def describe_errors(errors: list[Any], *, skip: tuple[str, ...] = ()) -> str:
+    """pydantic's errors as one message, each naming its field (``skip``: location parts that are no
+    field, like a request's ``body``); an error of the whole config is its message alone."""
+    parts = []
+    for e in errors[:5]:
+        where = ".".join(str(p) for p in e["loc"] if p not in skip)
+        msg = e["msg"].removeprefix("Value error, ")
+        parts.append(f"{where}: {msg}" if where else msg)
+    return "; ".join(parts)
+
+
+def check_overrides(given: Mapping[str, Any], kind: type[SampleOverrides] = RowOverrides) -> SampleOverrides:
+    """``given`` checked field by field; a ValueError names each bad field."""
+    try:
+        return kind.model_validate(dict(given))
+    except ValidationError as exc:
+        raise ValueError(describe_errors(exc.errors())) from None
+
+
+def resolve_overrides(defaults: SampleConfig, update: Mapping[str, Any]) -> SampleConfig:
+    """``defaults`` with the checked settings of ``update`` (None: not given); a ValueError says what
+    does not fit together. A fast-decoding rule given replaces the default's other rule, and a cache
+    given without ``refresh_every`` drops a refresh the new cache cannot use."""
+    new = {k: v for k, v in update.items() if v is not None and k != "seed"}
+    if "factor" in new and "threshold" not in new:
+        new["threshold"] = None
+    if "threshold" in new and "factor" not in new:
+        new["factor"] = None
+    if new.get("cache") not in (None, "prefix", "dual") and "refresh_every" not in new:
+        new["refresh_every"] = None
+    try:
+        return SampleConfig.model_validate({**defaults.to_dict(), **new})
+    except ValidationError as exc:
+        raise ValueError(describe_errors(exc.errors())) from None
 
 
 # -------------------------------------------------------------------------------- batch generation

@@ -11,7 +11,8 @@ stage is not used: it is an actor pool holding a CPU and 1 GiB for the whole job
 node took the place of a generation actor, for a set lookup the read task does at no cost.
 The checkpoint is kept after success, so a rerun of a finished job writes nothing, and a rerun over
 a grown input generates only the new ids. ``<output>/_job.json`` pins the settings an output was
-made with; resuming with other settings is refused rather than mixing two kinds of rows.
+made with (every setting that changes a row's output); resuming with other settings is refused
+rather than mixing two kinds of rows.
 
 A row may hold ``messages`` (a conversation, OpenAI's format) instead of a prompt: it is rendered
 with the model's chat template, and the answer ends at the model's end-of-turn token.
@@ -111,9 +112,14 @@ def _absolute(path: str) -> str:
 
 
 def _job_identity(cfg: GenerateConfig, ckpt_hash: str) -> dict[str, Any]:
-    return {"checkpoint": ckpt_hash, "sample": cfg.sample.to_dict(), "seed": cfg.seed,
-            "prompt_column": cfg.prompt_column, "messages_column": cfg.messages_column, "id_column": cfg.id_column,
-            "prepend_eos": cfg.prepend_eos}
+    """Every setting that changes what a row's output is: which weights, how a row is read (its
+    format, the columns its prompt, messages, suffix and id come from), how it is encoded and
+    sampled, and the number format the model runs in. Batch sizes, actors and the like only change
+    how fast (a row's output does not depend on its batch), so a rerun may change them."""
+    return {"checkpoint": ckpt_hash, "sample": cfg.sample.to_dict(), "seed": cfg.seed, "format": cfg.format,
+            "prompt_column": cfg.prompt_column, "messages_column": cfg.messages_column,
+            "suffix_column": cfg.suffix_column, "id_column": cfg.id_column, "prepend_eos": cfg.prepend_eos,
+            "dtype": cfg.dtype, "device": "gpu" if cfg.gpus_per_actor > 0 else "cpu"}
 
 
 def check_output(cfg: GenerateConfig, identity: dict[str, Any]) -> list[str]:

@@ -21,18 +21,18 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
-from pydantic import ValidationError
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 
 from dlm_ray.config import CorpusConfig, ModelConfig, SampleConfig
-from dlm_ray.config_inference import GenerateConfig
+from dlm_ray.config_inference import GenerateConfig, RowOverrides, check_overrides, resolve_overrides
 from dlm_ray.corpus import HELDOUT_SEED, iter_examples
 from dlm_ray.inference import encode_chat, encode_prompt, sampler_for
 from dlm_ray.sources import BadInputError, file_format, filesystem_for, iter_lines, list_files
 
-# Per-row sampler overrides: input columns with these names, when present and not null.
-OVERRIDE_FIELDS = (*SampleConfig.model_fields, "seed")
+# Per-row sampler overrides: input columns with these names, when present and not null. They are
+# checked as a Serve request's sampler fields are (config_inference.SampleOverrides).
+OVERRIDE_FIELDS = tuple(RowOverrides.model_fields)
 ROWS_PER_BLOCK = 1024  # read granularity only: build_dataset re-forms blocks for the model
 BUILTIN_SHARD = 500
 
@@ -225,17 +225,10 @@ def row_seed(base_seed: int, id_: str) -> int:
 
 
 def resolve_row(overrides_json: str | None, defaults: SampleConfig) -> tuple[SampleConfig, int | None]:
-    """The row's sampler settings and its own seed (if given); raises ValueError naming the field."""
-    overrides = json.loads(overrides_json) if overrides_json else {}
-    seed = overrides.pop("seed", None)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
-        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
-    try:
-        # Strict: a row's "true" is no integer and its "1" no flag; numbers finite and in range.
-        return SampleConfig.model_validate({**defaults.to_dict(), **overrides}, strict=True), seed
-    except ValidationError as exc:
-        msgs = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
-        raise ValueError(f"bad sampler override ({msgs})") from None
+    """The row's sampler settings and its own seed (if given); raises ValueError naming the field,
+    in the words Serve answers a request with the same setting."""
+    given = check_overrides(json.loads(overrides_json) if overrides_json else {})
+    return resolve_overrides(defaults, given.model_dump(exclude_none=True)), given.seed
 
 
 PREPARED_SCHEMA = READ_SCHEMA.append(pa.field("prompt_ids", pa.list_(pa.int32()))) \

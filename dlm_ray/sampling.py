@@ -85,6 +85,8 @@ def _validate(
         raise ValueError(f"gen_length={cfg.gen_length} is not divisible by block_length={cfg.block_length}")
     if cfg.steps % cfg.num_blocks:
         raise ValueError(f"steps={cfg.steps} is not divisible by the number of blocks ({cfg.num_blocks})")
+    if cfg.refresh_every is not None and cfg.cache not in ("prefix", "dual"):
+        raise ValueError(f"refresh_every={cfg.refresh_every} needs cache 'prefix' or 'dual', got cache={cfg.cache!r}")
     total = prompt_ids_BP.shape[1] + cfg.gen_length
     if max_length is not None and total > max_length:
         raise ValueError(

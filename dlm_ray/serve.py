@@ -40,6 +40,11 @@ from dlm_ray.inference import Completion, PromptError, complete_ids, encode_chat
 from dlm_ray.serve_api import (MASK_GLYPH, ChatCompletionRequest, CompletionRequest, SamplingFields, StreamText, app,
                                chat_body, chat_chunk, cut_at_stop, resolve_sample, text_body, text_event)
 
+# How long Serve's health probe waits for a generation to free the model: well within Serve's
+# health-check timeout (30 s by default), beyond which a replica is restarted.
+HEALTH_WAIT_S = 10.0
+
+
 @dataclass
 class Item:
     """One completion to make: a tokenized prompt, its settings and seed (and a suffix to fill up to)."""
@@ -175,7 +180,6 @@ class DenoiserServer:
         items = [Item(p, sample, base_seed + k * req.n + j, suffix) for k, p in enumerate(ids) for j in range(req.n)]
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}"
         if req.stream:
-            self.active_streams += 1
             return StreamingResponse(self._stream(rid, items[0], stops, chat), media_type="text/event-stream")
         outs = await asyncio.gather(*(self.complete_batch(it) for it in items))
         failed = next((o for o in outs if isinstance(o, Exception)), None)
@@ -292,6 +296,10 @@ class DenoiserServer:
             delta = answer.rest(final) if final is not None else answer.delta(gen_ids)
             return chat_chunk(rid, name, {"content": delta}, finish_reason, canvas=self.render(gen_ids), **progress)
 
+        # Counted here, where the ``finally`` below is sure to uncount it (nothing awaits in between):
+        # a client that leaves before the response starts never starts this generator, and then
+        # neither runs. Counted where the response is made, it stayed counted for good.
+        self.active_streams += 1
         try:
             if chat:
                 yield chat_chunk(rid, name, {"role": "assistant", "content": ""}, None)
@@ -315,13 +323,24 @@ class DenoiserServer:
             # Finished, or the client went away (the generator is cancelled): either way its row
             # stops at the next step. The batch goes on for the other streams in it.
             stream.gone.set()
-            self.active_streams = max(0, self.active_streams - 1)
+            self.active_streams -= 1
 
     def check_health(self) -> None:
-        """Serve's periodic probe: the weights are still on the device and the model answers."""
-        with torch.no_grad():
-            if not self._model_lock.locked():
-                self.model(torch.tensor([[self.tok.eos_id]], device=self.device))
+        """Serve's periodic probe (in a worker thread): the model answers a one-token call with finite
+        logits. It holds the model lock as sampling does, so it never runs beside a generation (two
+        calls at once would contend for the device's memory, and a compiled model must not be entered
+        from two threads). A generation in progress is waited for, up to ``HEALTH_WAIT_S``; one that
+        holds the model longer is itself the sign that the replica works, and waiting on would outlast
+        Serve's own health-check timeout and get a working replica restarted."""
+        if not self._model_lock.acquire(timeout=HEALTH_WAIT_S):
+            return
+        try:
+            with torch.no_grad():
+                logits = self.model(torch.tensor([[self.tok.eos_id]], device=self.device))
+        finally:
+            self._model_lock.release()
+        if not torch.isfinite(logits).all():
+            raise RuntimeError("the model's logits are not finite")
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:

@@ -3,7 +3,9 @@
 ``CompletionRequest`` (``/v1/completions``) and ``ChatCompletionRequest`` (``/v1/chat/completions``)
 share the sampling fields: OpenAI's (``max_tokens``, ``temperature``, ``n``, ``seed``, ``stop``,
 ``stream``) and the diffusion sampler's own, which OpenAI clients pass through ``extra_body``.
-Types are strict and numbers finite and bounded, so a bad value is a 400 before anything runs.
+Types are strict and numbers finite and bounded, so a bad value is a 400 before anything runs. The
+sampler's fields are ``config_inference.SampleOverrides``, the ones a batch-generation row may set:
+the same setting is refused in both with the same message.
 Every error answers ``{"error": {"message", "type", "param", "code"}}``.
 
 Chat streams follow OpenAI's chunk format: each chunk's ``delta.content`` is the text that became
@@ -16,42 +18,29 @@ import json
 import time
 from typing import Any, Literal
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from dlm_ray.config import MAX_CFG_SCALE, SampleConfig
+from dlm_ray.config import SampleConfig
+from dlm_ray.config_inference import MAX_INT, SampleOverrides, describe_errors, resolve_overrides
 
 MASK_GLYPH = "_"
-MAX_INT = 2**31 - 1  # no integer setting comes near it; larger ones would overflow tensor sizes
 
 
-class SamplingFields(BaseModel):
-    """The fields every generation request has: OpenAI's we honour, plus the sampler's own."""
-
-    # Strict types: no "yes" for a flag, no true for a number, no "3" for an integer; numbers finite.
-    model_config = ConfigDict(extra="forbid", strict=True)
+class SamplingFields(SampleOverrides):
+    """The fields every generation request has: OpenAI's we honour, plus the sampler's own
+    (``temperature``, ``seed`` and the diffusion settings, which OpenAI clients pass through
+    extra_body), checked as a batch row's are."""
 
     model: str
     max_tokens: int | None = Field(None, gt=0, le=MAX_INT)  # → gen_length; the context bounds it further
-    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)  # OpenAI's range
     n: int = Field(1, gt=0, le=MAX_INT)
-    seed: int | None = Field(None, ge=0, lt=2**63)
     stop: str | list[str] | None = None
     stream: bool = False
     user: str | None = None
-    # Diffusion sampling (OpenAI clients pass these through extra_body); SampleConfig bounds them.
-    steps: int | None = Field(None, gt=0, le=MAX_INT)
-    block_length: int | None = Field(None, gt=0, le=MAX_INT)
-    remasking: Literal["low_confidence", "random"] | None = None
-    cfg_scale: float | None = Field(None, ge=0, le=MAX_CFG_SCALE, allow_inf_nan=False)
-    threshold: float | None = Field(None, gt=0, le=2, allow_inf_nan=False)
-    factor: float | None = Field(None, gt=0, le=100, allow_inf_nan=False)
-    cache: Literal["none", "prefix", "dual"] | None = None
-    logits_eos_inf: bool | None = None
-    confidence_eos_eot_inf: bool | None = None
 
 
 class CompletionRequest(SamplingFields):
@@ -78,27 +67,16 @@ class ChatCompletionRequest(SamplingFields):
 
 def resolve_sample(req: SamplingFields, default: SampleConfig) -> SampleConfig:
     """The request's settings over the server's; block and step counts follow max_tokens when the
-    request leaves them out (steps keep the default's tokens-per-step ratio)."""
+    request leaves them out (steps keep the default's tokens-per-step ratio). A ValueError says what
+    does not fit together, in the words a batch row gets."""
     gen = req.max_tokens or getattr(req, "max_completion_tokens", None) or default.gen_length
     block = req.block_length or (default.block_length if gen % default.block_length == 0 else gen)
     steps = req.steps
     if steps is None and gen % block == 0:
         blocks = gen // block
         steps = max(1, round(gen * default.steps / default.gen_length / blocks)) * blocks
-    fields = {"gen_length": gen, "block_length": block, "steps": steps or gen, "temperature": req.temperature,
-              "remasking": req.remasking, "cfg_scale": req.cfg_scale, "threshold": req.threshold, "factor": req.factor,
-              "cache": req.cache, "logits_eos_inf": req.logits_eos_inf,
-              "confidence_eos_eot_inf": req.confidence_eos_eot_inf}
-    update = {k: v for k, v in fields.items() if v is not None}
-    # A request's fast-decoding rule replaces the server's default rule, whichever that is.
-    if req.factor is not None and req.threshold is None:
-        update["threshold"] = None
-    if req.threshold is not None and req.factor is None:
-        update["factor"] = None
-    try:
-        return SampleConfig.model_validate({**default.to_dict(), **update})
-    except ValidationError as exc:
-        raise HTTPException(400, "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())) from None
+    given = req.model_dump(include=set(SampleOverrides.model_fields), exclude_none=True)
+    return resolve_overrides(default, {**given, "gen_length": gen, "block_length": block, "steps": steps or gen})
 
 
 def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
@@ -119,8 +97,9 @@ app = FastAPI(title="dlm-ray")
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0]
     where = ".".join(str(p) for p in first["loc"] if p != "body")
-    message = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}"
-                        for e in exc.errors()[:5])
+    # A field's error in the words a batch row with the same bad setting gets.
+    message = "; ".join(describe_errors([e], skip=("body",)) if any(p != "body" for p in e["loc"])
+                        else f"body: {e['msg']}" for e in exc.errors()[:5])
     return _error(400, message, param=where or None)
 
 

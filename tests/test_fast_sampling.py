@@ -121,3 +121,15 @@ def test_cache_needs_a_model_that_can_and_no_cfg(model):
     with pytest.raises(ValueError, match="cfg_scale"):
         generate(model, ids, SampleConfig(gen_length=8, steps=8, block_length=8, cache="prefix", cfg_scale=1.0),
                  mask_id=MASK)
+
+
+@pytest.mark.parametrize("cache", ["none", "blocks"])
+def test_refresh_every_without_a_cache_to_refresh_is_refused_not_ignored(model, cache):
+    # Without an approximate cache a refresh does nothing: the setting is an error that names it.
+    with pytest.raises(ValueError, match=f"refresh_every=2 needs cache 'prefix' or 'dual' \\(cache is '{cache}'"):
+        SampleConfig(gen_length=8, steps=8, block_length=8, cache=cache, refresh_every=2)
+    # And the sampler refuses it in a config that skipped validation.
+    unchecked = SampleConfig(gen_length=8, steps=8, block_length=8).model_copy(update={"refresh_every": 2})
+    with pytest.raises(ValueError, match="refresh_every=2 needs cache"):
+        generate(model, torch.tensor([[1, 2, 3]]), unchecked, mask_id=MASK)
+    assert SampleConfig(gen_length=8, steps=8, block_length=8, cache="dual", refresh_every=2).refresh_every == 2

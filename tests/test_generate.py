@@ -34,8 +34,10 @@ BAD_ROWS = [
     ({"prompt": "x" * 200}, "over the model's context of 128"),
     ({"prompt": "ok", "steps": 5, "block_length": 8}, "not divisible"),
     ({"prompt": "ok", "temperature": -1}, "temperature"),
-    ({"prompt": "ok", "seed": "abc"}, "seed must be"),
-    ({"prompt": "ok", "seed": 2**64}, "seed must be"),
+    # Serve answers 400 to it, with the same message (tests/test_serve.py).
+    ({"prompt": "ok", "temperature": 5}, "temperature: Input should be less than or equal to 2"),
+    ({"prompt": "ok", "seed": "abc"}, "seed: Input should be a valid integer"),
+    ({"prompt": "ok", "seed": 2**64}, "seed: Input should be less than"),
     ({"prompt": "ok", "no_such_setting": 1}, None),  # unknown columns are ignored, not errors
 ]
 
@@ -96,7 +98,7 @@ def test_every_id_once_schema_errors_and_reproducible(ray_cluster, checkpoint, p
             assert fragment in row["error"] and row["completion"] is None and row["completion_ids"] is None
     assert "bad JSON" in rows[f"b/part.jsonl:{bad_start + len(BAD_ROWS)}"]["error"]
     good = [r for r in rows.values() if r["error"] is None]
-    assert summary["rows_errored"] == len(rows) - len(good) == 9
+    assert summary["rows_errored"] == len(rows) - len(good) == 10
     for r in good:
         settings = json.loads(r["sample"])
         assert r["num_generated_tokens"] == settings["gen_length"] and r["num_model_calls"] == settings["steps"]
@@ -251,8 +253,8 @@ def test_a_suffix_column_fills_the_gap_and_a_model_that_cannot_infill_says_so(ra
     from dlm_ray.inference import complete_ids, encode_prompt
     from dlm_ray.prompts import READ_SCHEMA, _row, prepare_batch
 
-    rows = [{"prompt": f"s{i}3=", "suffix": f"{i}\n"} for i in range(4)] + [{"prompt": "s9=", "suffix": 7},
-                                                                              {"prompt": "s1="}]
+    rows = [{"prompt": f"s{i}3=", "suffix": f"{i}\n", "tail": "9"} for i in range(4)] + [
+        {"prompt": "s9=", "suffix": 7}, {"prompt": "s1="}]
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "gaps.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = make_cfg(checkpoint, tmp_path / "in", tmp_path / "out", actors=(1, 1))
@@ -268,6 +270,11 @@ def test_a_suffix_column_fills_the_gap_and_a_model_that_cannot_infill_says_so(ra
         local = complete_ids(model, tok, [encode_prompt(tok, rows[i]["prompt"])], cfg.sample, [row["seed"]],
                              suffixes=[tok.encode(suffix) if suffix else []])[0]
         assert row["completion"] == local.text and row["completion_ids"] == local.ids
+    # Another suffix column gives other rows: a rerun with it may not resume into this output.
+    before = read_output(tmp_path / "out")
+    with pytest.raises(ValueError, match=r"other settings \(suffix_column differ"):
+        run(cfg.model_copy(update={"suffix_column": "tail"}))
+    assert read_output(tmp_path / "out").equals(before)
     # An autoregressive model cannot see the suffix: such a row is an error row, named.
     table = pa.Table.from_pylist([_row("x", "x row 0", "s1=", {}, None, None, "9")], schema=READ_SCHEMA)
     ar = tiny_cfg.model_copy(update={"attention": "causal"}).to_dict()
@@ -301,6 +308,19 @@ def test_resume_with_other_settings_or_foreign_output_is_refused(checkpoint, pro
     check_output(cfg, {"checkpoint": "aaa", "seed": 0})
     with pytest.raises(ValueError, match="other settings \\(checkpoint differ"):
         check_output(cfg, {"checkpoint": "bbb", "seed": 0})
+    # Every setting that changes a row's output is part of the job's identity; speed settings are not.
+    from dlm_ray.generate import _job_identity
+
+    first = make_cfg(checkpoint, prompts, tmp_path / "job")
+    assert check_output(first, _job_identity(first, "aaa")) == []
+    for change in ({"suffix_column": "tail"}, {"format": "jsonl"}, {"messages_column": "chat"},
+                   {"dtype": "bfloat16"}, {"gpus_per_actor": 1.0}, {"prepend_eos": False}):
+        other = first.model_copy(update=change)
+        with pytest.raises(ValueError, match="other settings"):
+            check_output(other, _job_identity(other, "aaa"))
+    faster = first.model_copy(update={"batch_size": 4, "group_batches": 1, "actors": (1, 1), "torch_threads": 1,
+                                      "rows_per_file": 10, "strict": True})
+    assert check_output(faster, _job_identity(faster, "aaa")) == []
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "data.parquet").write_bytes(b"x")
     with pytest.raises(ValueError, match="not a generation output"):
@@ -328,6 +348,8 @@ def test_prompt_source_ids_and_builtin(prompts, checkpoint, tmp_path):
     ({"seed": True}, "seed"), ({"steps": True}, "steps"), ({"steps": "8"}, "steps"),
     ({"temperature": float("inf")}, "temperature"), ({"cfg_scale": 1e308}, "cfg_scale"),
     ({"threshold": float("inf")}, "threshold"), ({"steps": 10**7}, "steps"), ({"stop_at_eos": 1}, "stop_at_eos"),
+    ({"temperature": 5}, "temperature: Input should be less than or equal to 2"),
+    ({"refresh_every": 2}, "refresh_every=2 needs cache 'prefix' or 'dual'"), ({"cache": "blocks"}, "cache"),
 ])
 def test_row_overrides_are_strict_finite_and_bounded(override, fragment):
     from dlm_ray.prompts import resolve_row

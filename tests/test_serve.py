@@ -21,6 +21,7 @@ from tests.llada_dir import write_llada_dir
 
 MODEL = "dlm-test"
 CHAT_SAMPLE = {"gen_length": 16, "steps": 8, "block_length": 16}
+MAIN_SAMPLE = {"gen_length": 16, "steps": 8, "block_length": 16}  # the main app's defaults
 
 
 def free_port() -> int:
@@ -46,8 +47,7 @@ def server(ray_cluster, tmp_path_factory, tiny_cfg, chat_ckpt):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {"checkpoint": str(ckpt), "model_name": MODEL, "max_batch_size": 16, "batch_wait_timeout_s": 0.05,
-            "sample": {"gen_length": 16, "steps": 8, "block_length": 16},
-            "autoscaling": {"min_replicas": 1, "max_replicas": 1}}
+            "sample": MAIN_SAMPLE, "autoscaling": {"min_replicas": 1, "max_replicas": 1}}
     serve.run(build_app(args), name="main", route_prefix="/")
     # A second app that can hold one request at a time and queue one more.
     small = {**args, "max_ongoing_requests": 1, "max_queued_requests": 1, "max_batch_size": 1,
@@ -146,6 +146,52 @@ def test_a_dropped_stream_stops_its_model_calls(server):
     print(f"model calls made for the dropped stream: {after['stream_model_calls'] - before} of 768")
     assert after["active_streams"] == 0 and after["stream_model_calls"] == settled
     assert after["stream_model_calls"] - before < 768 // 2
+
+
+def test_streams_whose_clients_leave_before_the_first_chunk_are_not_left_counted(server):
+    """A client may leave before its stream's first event: while the request is on its way, or
+    before the response has started. ``active_streams`` must come back to 0 either way, including
+    when the response's body never runs (the server cancels it before it starts). That last case is
+    made here by asking for a stream through a handle: its reply, a response around a generator
+    nobody iterates, never reaches anyone."""
+    from ray import serve
+
+    from dlm_ray.serve_api import CompletionRequest
+
+    stats = lambda: httpx.get(f"{server}/big/v1/stats", timeout=30).json()  # noqa: E731
+    body = json.dumps({"model": MODEL, "prompt": "s1=", "seed": 1, "stream": True}).encode()
+    request = (b"POST /big/v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\n\r\n" % len(body)) + body
+    port = int(server.rsplit(":", 1)[1])
+    for wait_s in (0.0, 0.005, 0.02, 0.05):
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(request)
+            time.sleep(wait_s)  # the first event takes a model call of ~800 positions: longer than this
+    with pytest.raises(Exception):  # noqa: B017 - the reply cannot cross to the caller; what it left is the test
+        serve.get_app_handle("big").completions.remote(CompletionRequest(model=MODEL, prompt="s1=", stream=True)) \
+            .result(timeout_s=60)
+    deadline = time.time() + 30
+    while time.time() < deadline and stats()["active_streams"]:
+        time.sleep(0.2)
+    assert stats()["active_streams"] == 0
+
+
+def test_the_health_probe_waits_for_a_generation_and_never_runs_beside_it(server):
+    """Serve's probe uses the model as sampling does, under its lock: called while a stream is being
+    generated, it comes back only once the generation has made its last model call."""
+    from ray import serve
+
+    handle = serve.get_app_handle("big")
+    handle.check_health.remote().result(timeout_s=60)  # an idle model: probed at once (and the handle warm)
+    stats = lambda: httpx.get(f"{server}/big/v1/stats", timeout=30).json()  # noqa: E731
+    before = stats()["stream_model_calls"]
+    body = {"model": MODEL, "prompt": "s2=", "seed": 2, "stream": True, "max_tokens": 64}
+    with httpx.stream("POST", f"{server}/big/v1/completions", json=body, timeout=120) as r:
+        lines = (line for line in r.iter_lines() if line.startswith("data: "))
+        assert json.loads(next(lines)[6:])["step"] == 0  # the generation holds the model now
+        handle.check_health.remote().result(timeout_s=60)
+        assert stats()["stream_model_calls"] - before == 64  # every step made before the probe ran
+        assert list(lines)[-1] == "data: [DONE]"
 
 
 def test_concurrent_streams_share_model_calls_and_each_ends_as_if_alone(server):
@@ -293,6 +339,7 @@ BAD = [
     ({"prompt": "s1=", "block_length": 2**40}, 400, "block_length"),
     ({"prompt": "s1=", "temperature": 1e308}, 400, "temperature"),
     ({"prompt": "s1=", "temperature": 3}, 400, "temperature"),
+    ({"prompt": "s1=", "refresh_every": 2}, 400, "refresh_every=2 needs cache 'prefix' or 'dual'"),
     ({"prompt": "s1=", "cfg_scale": 1e308}, 400, "cfg_scale"),
     ({"prompt": "s1=", "stream": "yes"}, 400, "stream"),
     ({"prompt": "s1=", "stream": 1}, 400, "stream"),
@@ -318,6 +365,24 @@ def test_bad_requests_get_4xx_json_and_the_service_stays_up(server, body, status
 def test_non_finite_numbers_are_refused(server, text):
     r = httpx.post(f"{server}/v1/completions", content=text.encode(), headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
+
+
+@pytest.mark.parametrize("bad", [{"temperature": 5}, {"threshold": 3.0}, {"steps": True}, {"cache": "blocks"},
+                                 {"refresh_every": 2}, {"seed": -1}, {"factor": 1.0, "threshold": 0.5}])
+def test_a_bad_sampler_setting_is_refused_as_a_batch_row_is(server, bad):
+    """One check for both: the setting Serve answers 400 to is an error row in batch generation
+    (``prepare_batch`` is the job's own step), with the same message."""
+    import pyarrow as pa
+
+    from dlm_ray.config_inference import GenerateConfig
+    from dlm_ray.prompts import READ_SCHEMA, _row, prepare_batch
+
+    r = complete(server, prompt="s1=", **bad)
+    table = pa.Table.from_pylist([_row("x", "x row 0", "s1=", bad, None)], schema=READ_SCHEMA)
+    row = prepare_batch(table, cfg=GenerateConfig(sample=SampleConfig(**MAIN_SAMPLE)), tokenizer=ByteTokenizer(),
+                        max_seq_len=128).to_pylist()[0]
+    assert r.status_code == 400 and row["error"] is not None, (r.text, row["error"])
+    assert r.json()["error"]["message"] == row["error"]
 
 
 def test_unknown_paths_and_methods_answer_in_the_same_error_body(server):
