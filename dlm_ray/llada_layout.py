@@ -18,9 +18,10 @@ memory never holds a second full copy of the weights (an 8B model in fp32 would 
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -164,9 +165,21 @@ def weight_files(directory: Path) -> list[Path]:
     raise LayoutError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE}")
 
 
-def load_weights(model: nn.Module, files: list[Path], rename: Any = from_llada_name) -> None:
+# A parameter's full shape and where its elements go: (first element of the flattened tensor, flat
+# destination) pairs. By default the whole parameter; a process holding one partition of it (ZeRO-3)
+# names only the elements it holds.
+Pieces = Callable[[nn.Parameter], tuple[list[int], list[tuple[int, torch.Tensor]]]]
+
+
+def whole_parameter(p: nn.Parameter) -> tuple[list[int], list[tuple[int, torch.Tensor]]]:
+    return list(p.shape), [(0, p.data)]
+
+
+def load_weights(model: nn.Module, files: list[Path], rename: Any = from_llada_name, *,
+                 pieces: Pieces = whole_parameter) -> None:
     """Fill every parameter of ``model`` (allocated, any dtype and device) from ``files``, one tensor
-    at a time. Every parameter must be found exactly once, with its shape."""
+    at a time, reading only the elements ``pieces`` names. Every parameter must be found exactly
+    once, with its shape."""
     params = dict(model.named_parameters())
     seen: set[str] = set()
     for path in files:
@@ -176,13 +189,21 @@ def load_weights(model: nn.Module, files: list[Path], rename: Any = from_llada_n
                 ours = rename(name)
                 if ours not in params:
                     raise LayoutError(f"{path}: tensor {name} is not part of the model")
-                p = params[ours]
-                if list(info["shape"]) != list(p.shape):
-                    raise LayoutError(f"{path}: {name} has shape {info['shape']}, the config says {list(p.shape)}")
+                shape, parts = pieces(params[ours])
+                if list(info["shape"]) != shape:
+                    raise LayoutError(f"{path}: {name} has shape {info['shape']}, the config says {shape}")
                 if info["dtype"] not in DTYPES:
                     raise LayoutError(f"{path}: {name} has unsupported dtype {info['dtype']}")
-                f.seek(start + info["data_offsets"][0])
-                _read_into(f, p.data, DTYPES[info["dtype"]], info["data_offsets"][1] - info["data_offsets"][0], path)
+                dtype, (begin, end) = DTYPES[info["dtype"]], info["data_offsets"]
+                numel = math.prod(shape)
+                if numel * dtype.itemsize != end - begin:
+                    raise LayoutError(f"{path}: {name}'s byte range does not match its shape and dtype")
+                for first, dest in parts:
+                    count = max(0, min(dest.numel(), numel - first))
+                    if count:  # a partition past the tensor's end (padding) reads nothing
+                        f.seek(start + begin + first * dtype.itemsize)
+                        _read_into(f, dest if count == dest.numel() else dest.view(-1)[:count], dtype,
+                                   count * dtype.itemsize, path)
                 seen.add(ours)
     missing = sorted(set(params) - seen)
     if missing:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -142,13 +142,15 @@ class Denoiser(nn.Module):
     def empty(cls, cfg: ModelConfig, *, device: str | torch.device, dtype: torch.dtype) -> Denoiser:
         """A model with uninitialised parameters allocated once, in ``dtype`` on ``device``: for
         weights about to be loaded (no fp32 copy, no time spent drawing random weights)."""
-        with _no_init(), torch.device("meta"):
+        with no_init(), torch.device("meta"):
             model = cls(cfg)
         return model.to(dtype=dtype).to_empty(device=device)
 
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, params: Iterable[tuple[str, nn.Parameter]] | None = None) -> None:
+        """Draw the initial weights: of every parameter, or of the (name, parameter) pairs given (one
+        at a time, as an engine that partitions parameters across processes must)."""
         std = self.config.init_std
-        for name, p in self.named_parameters():
+        for name, p in self.named_parameters() if params is None else params:
             if p.dim() == 2:
                 # Residual-branch outputs scaled down with depth (GPT-2) so deep presets start stable.
                 residual_out = name.endswith(("attn_out.weight", "ff_out.weight"))
@@ -294,9 +296,10 @@ class Denoiser(nn.Module):
 
 
 @contextlib.contextmanager
-def _no_init() -> Iterator[None]:
-    """torch.nn.init's initialisers as no-ops while a model is built on the meta device: there is
-    nothing to draw, and drawing on meta tensors imports torch's compiler stack for nothing."""
+def no_init() -> Iterator[None]:
+    """torch.nn.init's initialisers as no-ops while a model is built for weights about to be loaded
+    (on the meta device, or partitioned at construction): there is nothing worth drawing, and drawing
+    on meta tensors imports torch's compiler stack for nothing."""
     names = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "zeros_", "ones_")
     saved = {n: getattr(nn.init, n) for n in names}
     for n in names:
