@@ -1,21 +1,26 @@
 """The DeepSpeed engine's setup, without Ray: what the training workers and the GPU check share.
 
-``deepspeed_config`` (ZeRO stage, offload, bf16 on GPU, clipping; a JSON file's keys override it),
-``make_optimizer`` (torch's fused AdamW on GPU), ``checkpointed_blocks`` (activation
-checkpointing), ``check_memory`` (DeepSpeed's estimate of the model states per GPU, refusing what
-cannot fit) and ``peak_flops`` (by GPU name, for MFU). With ``train.py`` the only modules that
-import DeepSpeed, and only inside the functions that need it.
+``deepspeed_config`` (ZeRO stage, offload, bf16 on GPU, clipping; a JSON file's settings override
+it key by key, sections merged), ``make_optimizer`` (torch's fused AdamW on GPU),
+``checkpointed_blocks`` (activation checkpointing), ``check_memory`` (DeepSpeed's estimate of the
+model states per GPU, refusing what cannot fit), ``peak_flops`` (by GPU name, for MFU),
+``build_model`` (the model built once, in the engine's dtype, partitioned at construction under
+ZeRO-3, ``init_from``'s weights read tensor by tensor) and ``start_engine`` (all of it, then
+``deepspeed.initialize``). With ``train.py`` the only modules that import DeepSpeed, and only
+inside the functions that need it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 
-from dlm_ray.config import ModelConfig, TrainConfig
+from dlm_ray.config import ModelConfig, PretrainConfig, TrainConfig
+from dlm_ray.model import Denoiser, compile_blocks, no_init
 
 # Dense bf16 tensor-core peaks (FLOP/s) by a substring of the GPU's name; the first match wins.
 PEAK_FLOPS = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12))
@@ -101,8 +106,147 @@ def deepspeed_config(tc: TrainConfig, *, use_gpu: bool) -> dict[str, Any]:
     if use_gpu:
         del cfg["optimizer"]  # make_optimizer's fused AdamW
     if tc.deepspeed_config:
-        override = json.loads(Path(tc.deepspeed_config).read_text())
-        cfg = {**cfg, **override}
+        cfg = merge_settings(cfg, _read_override(tc.deepspeed_config))
     return cfg
+
+
+def _read_override(path: str) -> dict[str, Any]:
+    try:
+        override = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"train.deepspeed_config: cannot read {path} as JSON ({exc})") from None
+    if not isinstance(override, dict):
+        raise ValueError(f"train.deepspeed_config: {path} holds a {type(override).__name__}, not a JSON object")
+    return override
+
+
+def merge_settings(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``override``'s settings, sections merged key by key at every depth: overriding
+    one key of ``zero_optimization`` keeps the section's others (its stage above all)."""
+    out = dict(base)
+    for key, value in override.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = merge_settings(out[key], value) if both else value
+    return out
+
+
+def zero_stage(ds_config: dict[str, Any]) -> int:
+    """The ZeRO stage DeepSpeed runs with this config (0 without a ``zero_optimization`` section)."""
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def engine_dtype(ds_config: dict[str, Any]) -> torch.dtype:
+    """The dtype DeepSpeed holds the model's weights in (the optimizer keeps fp32 masters)."""
+    if ds_config.get("bf16", ds_config.get("bfloat16", {})).get("enabled"):
+        return torch.bfloat16
+    return torch.float16 if ds_config.get("fp16", {}).get("enabled") else torch.float32
+
+
+# ----------------------------------------------------------------------------------- the model
+
+
+def build_model(cfg: PretrainConfig, *, ds_config: dict[str, Any], device: torch.device, resume: bool) -> Denoiser:
+    """The model a worker hands to ``deepspeed.initialize``, built once.
+
+    With ``init_from`` (unless resuming: a checkpoint restores its own weights) nothing is drawn at
+    random: parameters are allocated once, in the dtype the engine holds them in, and the export's
+    tensors are read into them one at a time. Under ZeRO-3 the model is built under
+    ``deepspeed.zero.Init``, which keeps only this process's partition of each parameter (a
+    parameter is whole only for a moment, as its layer is built), and each process reads only its
+    partitions' bytes from the files: no process ever holds the whole model. Copying each parameter
+    in from rank 0 inside ``GatheredParameters`` instead would make every parameter whole again on
+    every process, have rank 0 read the whole export and send the weights to every rank; reading
+    the slices costs none of that.
+
+    Otherwise the initial weights are drawn as ``Denoiser(cfg.model)`` draws them: on the CPU in
+    fp32 (ZeRO 0-2; DeepSpeed casts and moves the model), or under ZeRO-3 partitioned as each layer
+    is built and then drawn one gathered parameter at a time.
+    """
+    load = bool(cfg.init_from) and not resume
+    if zero_stage(ds_config) == 3:
+        model = _build_partitioned(cfg, ds_config, draw=not load)
+    elif load:
+        model = Denoiser.empty(cfg.model, device=device, dtype=engine_dtype(ds_config))
+    else:
+        model = Denoiser(cfg.model)
+    if load:
+        _read_init_from(model, str(cfg.init_from), partitioned=zero_stage(ds_config) == 3)
+    model.checkpointed = checkpointed_blocks(cfg.train, cfg.model.n_layers)
+    if cfg.model.compile:
+        compile_blocks(model)
+    return model.train()
+
+
+def _build_partitioned(cfg: PretrainConfig, ds_config: dict[str, Any], *, draw: bool) -> Denoiser:
+    import deepspeed
+
+    # zero.Init reads the number of processes from DeepSpeed's communication layer: join it to the
+    # torch.distributed group the worker is in (Ray Train set that one up).
+    deepspeed.init_distributed()
+    # zero.Init partitions each layer's parameters as soon as the layer is built, so the model's own
+    # reset_parameters (run at the end of construction) sees only empty partitions: the weights are
+    # drawn afterwards, each parameter gathered in turn, in the same order and with the same values.
+    with deepspeed.zero.Init(config_dict_or_path=ds_config), contextlib.nullcontext() if draw else no_init():
+        model = Denoiser(cfg.model)
+    if draw:
+        rank = deepspeed.comm.get_rank()
+        for name, p in model.named_parameters():
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                if rank == 0:
+                    model.reset_parameters([(name, p)])
+    return model
+
+
+def _read_init_from(model: Denoiser, init_from: str, *, partitioned: bool) -> None:
+    from dlm_ray import llada_layout as layout
+    from dlm_ray.checkpoint import CheckpointError, local_path, read_inference_config
+
+    directory = local_path(init_from)
+    meta, _ = read_inference_config(directory)
+    rename = (lambda name: name) if meta["layout"] == "legacy" else layout.from_llada_name  # noqa: E731
+    try:
+        layout.load_weights(model, layout.weight_files(directory), rename,
+                            pieces=_own_partition if partitioned else layout.whole_parameter)
+    except layout.LayoutError as exc:
+        raise CheckpointError(f"init_from: {exc}") from None
+
+
+def _own_partition(p: torch.nn.Parameter) -> tuple[list[int], list[tuple[int, torch.Tensor]]]:
+    """A ZeRO-3 parameter's full shape and the elements this process holds: the flattened tensor
+    split in equal parts over the parameter's process group (the last padded), this rank's part."""
+    import deepspeed.comm as dist
+
+    part = p.ds_tensor
+    world = dist.get_world_size(group=p.ds_process_group)
+    if getattr(p, "ds_secondary_tensor", None) is not None or hasattr(part, "ds_quant_scale") \
+            or part.final_location is not None:
+        raise ValueError("init_from under ZeRO-3 reads each rank's partition from the files, which hierarchical "
+                         "partitioning (zero_hpz_partition_size), quantized weights and NVMe offload of parameters "
+                         "keep elsewhere: leave them out of train.deepspeed_config for this run")
+    if part.ds_numel != -(-p.ds_numel // world):
+        raise RuntimeError(f"unexpected ZeRO-3 partition of a {list(p.ds_shape)} parameter over {world} ranks: "
+                           f"{part.ds_numel} elements (this DeepSpeed version partitions differently)")
+    return list(p.ds_shape), [(dist.get_rank(group=p.ds_process_group) * part.ds_numel, part)]
+
+
+def start_engine(cfg: PretrainConfig, *, device: torch.device, resume: bool) -> tuple[Any, str]:
+    """(DeepSpeed engine, the startup lines rank 0 prints): the memory check (a configuration that
+    cannot fit is refused before anything is built), ``build_model``, ``deepspeed.initialize``. The
+    lines name the ZeRO stage the engine runs, read from the engine itself."""
+    import deepspeed
+
+    tc = cfg.train
+    ds_config = deepspeed_config(tc, use_gpu=tc.use_gpu)
+    memory = check_memory(cfg.model, tc.model_copy(update={"zero_stage": zero_stage(ds_config)}),
+                          torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None)
+    model = build_model(cfg, ds_config=ds_config, device=device, resume=resume)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                           optimizer=make_optimizer(model.parameters(), tc, use_gpu=tc.use_gpu),
+                                           config=ds_config)
+    weights = str(engine_dtype(ds_config)).removeprefix("torch.")
+    source = f", initial weights from {cfg.init_from}" if cfg.init_from and not resume else ""
+    line = (f"[train] DeepSpeed engine: ZeRO-{engine.zero_optimization_stage()}, {weights} weights, "
+            f"{deepspeed.comm.get_world_size()} workers{source}")
+    return engine, f"{memory}\n{line}"
 
 

@@ -11,8 +11,8 @@ The step loop syncs with the device only at log windows. Checkpoints go
 through ``ray.train.report``; rerunning with the same run name resumes from the latest one
 (``ray.train.get_checkpoint()``), and ``FailureConfig`` restarts from it after a worker or node loss.
 
-The engine's setup (DeepSpeed config, optimizer, memory check, peak FLOP/s) is in ``engine``,
-which needs no Ray, so the GPU check runs it on a bare machine.
+The engine's setup (DeepSpeed config, optimizer, memory check, peak FLOP/s, the model built once)
+is in ``engine``, which needs no Ray, so the GPU check runs it on a bare machine.
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ from dlm_ray.checkpoint import latest_checkpoint, run_dir
 from dlm_ray.config import PretrainConfig, TrainConfig
 from dlm_ray.data import DataPosition, packed_dataset
 from dlm_ray.diffusion import diffusion_loss, estimate_nelbo, nats_to_bits
-from dlm_ray.engine import check_memory, checkpointed_blocks, deepspeed_config, make_optimizer, peak_flops
+from dlm_ray.engine import peak_flops, start_engine
 from dlm_ray.metrics import MetricsLog, console_line
-from dlm_ray.model import Denoiser, compile_blocks, flops_per_token
+from dlm_ray.model import flops_per_token
 from dlm_ray.runtime import pace_scheduling, quiet_third_party
 
 
@@ -116,8 +116,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg = PretrainConfig.model_validate(config["cfg"])
     tc = cfg.train
     _quiet_worker(tc.use_gpu)
-    import deepspeed
-
     from dlm_ray.checkpoint import load_training, save_training
     from dlm_ray.tokenizer import load_tokenizer
 
@@ -127,23 +125,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(tc.seed)
     np.random.seed(tc.seed)
     tok = load_tokenizer(cfg.tokenizer)
-    model = Denoiser(cfg.model)
-    model.checkpointed = checkpointed_blocks(tc, cfg.model.n_layers)
-    if cfg.model.compile:
-        compile_blocks(model)
     checkpoint = ray.train.get_checkpoint()
-    if cfg.init_from and not checkpoint:  # a resume restores its own weights
-        from dlm_ray.checkpoint import load_inference
-
-        model.load_state_dict(load_inference(cfg.init_from)[0].state_dict())
-    on_cuda = device.type == "cuda"
-    line = check_memory(cfg.model, tc, torch.cuda.get_device_properties(device).total_memory if on_cuda else None)
+    # The model is built once (partitioned at construction under ZeRO-3, init_from's weights read
+    # into it); a resume restores its own weights.
+    engine, startup = start_engine(cfg, device=device, resume=checkpoint is not None)
     if rank == 0:
-        _say(line)
-    peak = peak_flops(torch.cuda.get_device_name(device) if on_cuda else "cpu", tc)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                           optimizer=make_optimizer(model.parameters(), tc, use_gpu=tc.use_gpu),
-                                           config=deepspeed_config(tc, use_gpu=tc.use_gpu))
+        _say(startup)
+    peak = peak_flops(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", tc)
     state: dict[str, Any] = {"step": 0, "tokens_seen": 0, "position": DataPosition().to_list()}
     if checkpoint:
         with checkpoint.as_directory() as d:
