@@ -94,7 +94,8 @@ GOLDEN = 0.6180339887498949  # block k's time is the row's shifted by k golden r
 def mask_rows(rows: dict[str, np.ndarray], cfg: DiffusionConfig, *, seed: int, mask_id: int, item_id: int = 0,
               strata: int = 1, prompt_len_R: np.ndarray | None = None,
               block_size: int | None = None) -> dict[str, np.ndarray]:
-    """The forward diffusion training uses: rows plus ``noisy_ids``, ``loss_mask``, ``t``, ``p_mask``.
+    """The forward diffusion training uses: rows plus ``noisy_ids``, ``loss_mask``, ``t``, ``p_mask``
+    and ``num_maskable`` (per row: the tokens the process may mask, which the bound is over).
 
     ``rows`` holds ``input_ids`` and ``attention_mask`` [R, L] and per row ``epoch``, ``row_id``
     (stable across runs) and ``row_index`` (its position within its work item, ``item_id``). Every
@@ -131,7 +132,8 @@ def mask_rows(rows: dict[str, np.ndarray], cfg: DiffusionConfig, *, seed: int, m
     u_RL = counter_uniforms(seed, rows["epoch"], rows["row_id"], L + 1)[:, 1:]
     noisy_RL, masked_RL = apply_mask(x0_RL, p_R, u_RL, maskable_RL, mask_id)
     return {**rows, "noisy_ids": noisy_RL.astype(np.int32), "loss_mask": masked_RL,
-            "t": t_R.astype(np.float32), "p_mask": p_R.astype(np.float32)}
+            "t": t_R.astype(np.float32), "p_mask": p_R.astype(np.float32),
+            "num_maskable": maskable_RL.sum(1).astype(np.int32)}
 
 
 # --------------------------------------------------------------------------------------------- loss

@@ -118,7 +118,8 @@ def console_line(record: dict[str, Any], *, max_steps: int, seconds_per_step: fl
         parts.append(f"lr {record['lr']:.2e}")
         parts.append(f"data wait {record['data_wait_frac']:.0%}")
     if "val_nelbo_bits" in record:
-        parts.append(f"held-out NELBO {record['val_nelbo_bits']:.3f} bits/token")
+        bits = record["val_nelbo_bits"]
+        parts.append("held-out NELBO: no held-out rows" if bits is None else f"held-out NELBO {bits:.3f} bits/token")
     if seconds_per_step is not None and record["step"] < max_steps:
         parts.append(f"ETA {_duration(seconds_per_step * (max_steps - record['step']))}")
     return "[train] " + " | ".join(parts)
@@ -133,7 +134,7 @@ def write_summary(run_uri: str, extra: dict[str, Any]) -> dict[str, Any]:
     summary = {"run": run_uri, **extra,
                "final_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None),
                "final_val_nelbo_bits": next((h["val_nelbo_bits"] for h in reversed(history)
-                                             if "val_nelbo_bits" in h), None),
+                                             if h.get("val_nelbo_bits") is not None), None),
                "metrics": f"{run_uri}/{METRICS_FILE}"}
     write_json_and_chart(run_uri, SUMMARY_FILE, summary, CURVE_FILE, lambda out: plot_losses(history, out))
     return summary
@@ -163,8 +164,8 @@ def plot_losses(history: list[dict[str, Any]], out: Any) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     pts = [(h["step"], h["loss"]) for h in history if "loss" in h]
     if pts:
-        ax.plot(*zip(*pts), label="train loss (NELBO bound, nats/token)")
-    val = [(h["step"], h["val_nelbo_bits"] * math.log(2)) for h in history if "val_nelbo_bits" in h]
+        ax.plot(*zip(*pts), label="train loss (NELBO bound, nats per maskable token)")
+    val = [(h["step"], h["val_nelbo_bits"] * math.log(2)) for h in history if h.get("val_nelbo_bits") is not None]
     if val:
         ax.plot(*zip(*val), "o-", label="held-out NELBO (nats/token)")
     ax.set_xlabel("step")

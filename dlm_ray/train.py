@@ -54,13 +54,15 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _evaluate(engine: Any, val_shard: Any, cfg: PretrainConfig, mask_id: int, device: torch.device) -> float:
-    """Held-out NELBO in bits/token, averaged over ranks (each sees its own val rows)."""
+def _evaluate(engine: Any, val_shard: Any, cfg: PretrainConfig, mask_id: int, device: torch.device) -> float | None:
+    """Held-out NELBO in bits/token, averaged over ranks (each sees its own val rows, every one of
+    them up to ``eval_batches`` micro-batches: a last short batch counts too); None when no rank had
+    a held-out row, so no figure is made up."""
     model = engine.module
     model.eval()
     total, count = torch.zeros(2, dtype=torch.float64, device=device), 0
     gen = torch.Generator(device=device).manual_seed(cfg.train.seed)
-    for batch in val_shard.iter_torch_batches(batch_size=cfg.train.micro_batch_size, drop_last=True):
+    for batch in val_shard.iter_torch_batches(batch_size=cfg.train.micro_batch_size, drop_last=False):
         b = _to_device(batch, device)
         real = b["attention_mask"].bool()
         if "prompt_len" in b:  # fine-tuning: the answer given the prompt
@@ -73,7 +75,7 @@ def _evaluate(engine: Any, val_shard: Any, cfg: PretrainConfig, mask_id: int, de
             break
     torch.distributed.all_reduce(total)
     model.train()
-    return float(nats_to_bits(total[0] / total[1].clamp_min(1)))
+    return float(nats_to_bits(total[0] / total[1])) if total[1] > 0 else None
 
 
 def _loss(engine: Any, b: dict[str, torch.Tensor], cfg: PretrainConfig, mask_id: int) -> torch.Tensor:
@@ -140,7 +142,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if checkpoint and rank == 0:
         _say(f"[train] resumed at step {state['step']}, data position {position}")
     log = MetricsLog(run_dir(cfg), resume_step=state["step"], tensorboard=tc.tensorboard) if rank == 0 else None
-    flops_tok = flops_per_token(cfg.model, cfg.data.seq_len)
+    flops_tok = training_flops_per_token(cfg)
     val_shard = ray.train.get_dataset_shard("val")
     train_iter = ray.train.get_dataset_shard("train").iter_torch_batches(
         batch_size=tc.micro_batch_size, drop_last=True, local_shuffle_buffer_size=cfg.data.local_shuffle_buffer or None,
@@ -149,6 +151,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     start_t, start_step = time.perf_counter(), state["step"]
     consumed = position
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+    saved = state["step"]
+
+    def save(record: dict[str, Any], consumed: DataPosition) -> int:
+        """A checkpoint of this step, reported with the step's record; every rank takes part."""
+        state["position"] = _global_position(consumed, device).to_list()
+        if log is not None:
+            log.flush()
+        with tempfile.TemporaryDirectory() as d:
+            save_training(Path(d), engine, rank=rank, state=state, cfg=cfg)
+            ray.train.report({**record, "step": state["step"]}, checkpoint=ray.train.Checkpoint.from_directory(d))
+        return state["step"]
+
     for waited, batch in _timed(train_iter):
         data_wait += waited
         after = DataPosition.after_rows({c: batch[c].numpy() for c in ("epoch", "item_index", "row_index")})
@@ -164,7 +178,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         engine.backward(loss)
         engine.step()
         micro += 1
-        loss_sum += loss.detach()  # summed on the device: no host sync until the log window
+        # Logged per maskable token (the bound's own unit): the objective divides by every real token,
+        # and a conditional row's prompt is real but never masked. Host counts: no device sync.
+        loss_sum += loss.detach() * _per_maskable(batch)
         window_tokens += int(batch["attention_mask"].sum()) * world  # the host copy: no device sync
         if micro % tc.grad_accum:
             continue
@@ -183,25 +199,62 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             loss_sum.zero_()
         if step % tc.eval_every == 0 or step == tc.max_steps:
             record = {**record, "step": step, "val_nelbo_bits": _evaluate(engine, val_shard, cfg, tok.mask_id, device)}
+        if step == start_step + 1:  # the ETA's clock starts after the first step: start-up is not a step's cost
+            start_t = time.perf_counter()
         if record and log is not None:
             log.log(record)
-            per_step = (time.perf_counter() - start_t) / max(1, step - start_step)
+            per_step = (time.perf_counter() - start_t) / (step - start_step - 1) if step > start_step + 1 else None
             _say(console_line(record, max_steps=tc.max_steps, seconds_per_step=per_step))
         if step % tc.checkpoint_every == 0 or step == tc.max_steps:
-            state["position"] = _global_position(consumed, device).to_list()
-            if log is not None:
-                log.flush()
-            with tempfile.TemporaryDirectory() as d:
-                save_training(Path(d), engine, rank=rank, state=state, cfg=cfg)
-                ray.train.report({**record, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(d))
+            if step == tc.max_steps:
+                record["stop_reason"] = "max_steps"
+            saved = save(record, consumed)
         elif record:
             ray.train.report(record)
         if tc.fail_once_at_step == step:
             _fail_once(cfg, rank)
         if step >= tc.max_steps:
             break
+    if state["step"] < tc.max_steps:  # the stream ended first: say so, and keep the last step
+        _data_ran_out(state["step"], start_step, tc, rank)
+        record = {"step": state["step"], "stop_reason": "data_exhausted"}
+        if state["step"] not in (saved, 0):
+            record["val_nelbo_bits"] = _evaluate(engine, val_shard, cfg, tok.mask_id, device)
+            if log is not None:
+                log.log(record)
+            save(record, consumed)
+        else:
+            ray.train.report(record)
     if log is not None:
         log.close()
+
+
+def _data_ran_out(step: int, start_step: int, tc: TrainConfig, rank: int) -> None:
+    """Training stops before ``max_steps`` when the stream ends: a line that says why, or an error
+    when not one step could be taken (nothing to checkpoint or export)."""
+    if step == start_step == 0:
+        raise RuntimeError("the training data gave no micro-batch: the corpus is empty, or smaller than one "
+                           f"micro-batch of {tc.micro_batch_size} rows per worker")
+    if rank == 0:
+        _say(f"[train] stopped at step {step} of {tc.max_steps}: the data ran out after train.max_epochs="
+             f"{tc.max_epochs} epochs (raise it, or lower train.max_steps)")
+
+
+def _per_maskable(batch: dict[str, torch.Tensor]) -> float:
+    """Real tokens over maskable ones in a pretraining batch (1 for fine-tuning and autoregressive rows)."""
+    if "num_maskable" not in batch or "answer_len" in batch:
+        return 1.0
+    return float(batch["attention_mask"].sum()) / max(1, int(batch["num_maskable"].sum()))
+
+
+def training_flops_per_token(cfg: PretrainConfig) -> float:
+    """FLOPs per trained token. A block-diffusion row runs its noisy and clean copies through the
+    blocks together (twice the tokens, over a sequence twice as long); only the noisy copy reaches
+    the LM head."""
+    if cfg.model.attention != "block_causal":
+        return flops_per_token(cfg.model, cfg.data.seq_len)
+    head = 6.0 * cfg.model.d_model * cfg.model.vocab_size
+    return 2 * (flops_per_token(cfg.model, 2 * cfg.data.seq_len) - head) + head
 
 
 def _say(line: str) -> None:
@@ -229,10 +282,17 @@ class InjectedFault(RuntimeError):
 
 
 def _fail_once(cfg: PretrainConfig, rank: int) -> None:
-    marker = Path(run_dir(cfg)) / f".fault_injected_rank{rank}"
-    if "://" not in run_dir(cfg) and not marker.exists():
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.touch()
+    """Raise once per run and rank: a marker in the run directory (any filesystem) says it happened."""
+    import pyarrow.fs as pafs
+
+    from dlm_ray.sources import filesystem_for
+
+    filesystem, root = filesystem_for(run_dir(cfg))
+    marker = f"{root}/.fault_injected_rank{rank}"
+    if filesystem.get_file_info(marker).type == pafs.FileType.NotFound:
+        filesystem.create_dir(root, recursive=True)
+        with filesystem.open_output_stream(marker) as f:
+            f.write(b"1")
         raise InjectedFault(f"injected fault after step {cfg.train.fail_once_at_step} (rank {rank})")
 
 
@@ -261,7 +321,7 @@ def fit(cfg: PretrainConfig) -> ray.train.Result:
 
     from dlm_ray.tokenizer import load_tokenizer
 
-    cfg = with_init_from(cfg)
+    cfg = with_init_from(cfg.with_absolute_paths())  # workers run elsewhere: no relative path reaches them
     tok = load_tokenizer(cfg.tokenizer)
     if tok.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"tokenizer has {tok.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}")

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
         with result.checkpoint.as_directory() as ckpt:
             export(ckpt, out)
         history = read_metrics(run_dir(ocfg))
-        bits = next((h["val_nelbo_bits"] for h in reversed(history) if "val_nelbo_bits" in h), None)
+        bits = next((h["val_nelbo_bits"] for h in reversed(history) if h.get("val_nelbo_bits") is not None), None)
         model, tok, _ = load_inference(out)
         families = sorted(cfg.data.corpus.families) if builtin else None
         for name, sc in samplers(objective, cfg.eval.sample, args.fast_threshold).items():

@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> dict:
     export_dir = args.export_dir or (run_dir(cfg) + "/export")
     with result.checkpoint.as_directory() as ckpt:
         export(ckpt, export_dir)
-    summary = {"steps": result.metrics.get("step"), "init_from": cfg.init_from, "export": str(export_dir)}
+    summary = {"steps": result.metrics.get("step"), "stop_reason": result.metrics.get("stop_reason"),
+               "init_from": cfg.init_from, "export": str(export_dir)}
     if builtin:
         model, tok, _ = load_inference(export_dir)
         after = score(model, tok, families, cfg.eval, seq_len=cfg.data.seq_len)

@@ -107,18 +107,50 @@ def test_bad_settings_fail_before_any_worker(tmp_path):
         latest_checkpoint(cfg)
 
 
-def test_summary_curve_and_tensorboard_from_metrics(ray_cluster, tmp_path):
-    cfg = tiny_run(tmp_path, "summary", "--train.max_steps=4", "--train.eval_every=4", "--train.tensorboard=true")
+def _has_colour(png: Path, rgb: str) -> bool:
+    """Whether the image has pixels of this colour (a plotted line), not just axes and text."""
+    import matplotlib.image
+
+    pixels = (matplotlib.image.imread(str(png))[..., :3] * 255).round()
+    want = np.array([int(rgb[i:i + 2], 16) for i in (1, 3, 5)])
+    return bool((np.abs(pixels - want).sum(-1) < 30).any())
+
+
+def test_summary_curve_and_tensorboard_from_metrics(ray_cluster, tmp_path, monkeypatch):
+    """The default storage path is relative (``runs``): the metrics, the TensorBoard events, the
+    curve and the summary land under it, where the run was started, not in the workers' directories."""
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_run(tmp_path, "summary", "--storage_path=runs", "--train.max_steps=4", "--train.eval_every=4",
+                   "--train.tensorboard=true")
+    assert cfg.storage_path == "runs"
     fit(cfg)
+    here = tmp_path / "runs" / "summary"
+    assert run_dir(cfg) == str(here)
     summary = write_summary(run_dir(cfg), {"steps": 4})
-    written = json.loads((Path(run_dir(cfg)) / "summary.json").read_text())
-    history = read_metrics(run_dir(cfg))
+    written = json.loads((here / "summary.json").read_text())
+    history = read_metrics(str(here))
+    assert [h["step"] for h in history if "loss" in h] == [1, 2, 3, 4]
     assert written["final_loss"] == history[-1]["loss"] and written["final_val_nelbo_bits"] == history[-1]["val_nelbo_bits"]
-    assert summary["steps"] == 4 and "history" not in written
-    assert (Path(run_dir(cfg)) / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert written["final_loss"] is not None and summary["steps"] == 4 and "history" not in written
+    assert (here / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert _has_colour(here / "loss_curve.png", "#1f77b4") and _has_colour(here / "loss_curve.png", "#ff7f0e")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(Path(run_dir(cfg)) / "tensorboard"))
+    events = EventAccumulator(str(here / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4]
     assert [e.value for e in events.Scalars("loss")] == pytest.approx([h["loss"] for h in history if "loss" in h])
+
+
+def test_data_running_out_stops_with_a_reason_and_a_last_checkpoint(ray_cluster, tmp_path):
+    """A corpus smaller than max_steps asks for: training says why it stopped and checkpoints its last
+    step; a held-out split smaller than one micro-batch per worker is still scored, not read as 0."""
+    cfg = tiny_run(tmp_path, "short", "--data.builtin_docs=300", "--train.batch_size=32", "--train.max_epochs=2",
+                   "--train.max_steps=100", "--train.checkpoint_every=100", "--train.eval_every=100")
+    result = fit(cfg)
+    steps = [h["step"] for h in read_metrics(run_dir(cfg)) if "loss" in h]
+    last = max(steps)
+    assert 0 < last < 100 and result.metrics["stop_reason"] == "data_exhausted"
+    assert result.metrics["step"] == last and latest_checkpoint(cfg)[1]["step"] == last
+    final = [h for h in read_metrics(run_dir(cfg)) if "val_nelbo_bits" in h]
+    assert final[-1]["step"] == last and 1.0 < final[-1]["val_nelbo_bits"] < 12.0
