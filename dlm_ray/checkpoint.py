@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
+import os
 import random
 from pathlib import Path
 from typing import Any, Iterator
@@ -164,12 +166,19 @@ def load_training(directory: Path, engine: Any, *, rank: int) -> dict[str, Any]:
 
 
 def consolidated_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
-    """Full fp32 weights from a training checkpoint, whatever its ZeRO stage, in one process."""
+    """Full fp32 weights from a training checkpoint, whatever its ZeRO stage, in one process.
+
+    DeepSpeed's reader narrates each file and draws a progress bar; that commentary is kept out of
+    the console (a failure still raises with its message). It needs no accelerator, so on a machine
+    without CUDA it is told the CPU rather than left to warn while guessing."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     directory = Path(checkpoint_dir)
     state = json.loads((directory / STATE_FILE).read_text())
-    sd = get_fp32_state_dict_from_zero_checkpoint(str(directory / DS_DIR), tag=f"step{state['step']}")
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(directory / DS_DIR), tag=f"step{state['step']}")
     return {k.removeprefix("module."): v.contiguous() for k, v in sd.items()}
 
 

@@ -13,9 +13,12 @@ inside the functions that need it.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
+import re
+import sys
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -43,10 +46,11 @@ def checkpointed_blocks(tc: TrainConfig, n_layers: int) -> frozenset[int]:
     return frozenset()
 
 
-def check_memory(model_cfg: ModelConfig, tc: TrainConfig, device_bytes: int | None) -> str:
+def check_memory(model_cfg: ModelConfig, tc: TrainConfig, device_bytes: int | None, *, on_gpu: bool = True) -> str:
     """DeepSpeed's estimate of the per-GPU memory of the model states (parameters, gradients,
     optimizer; activations come on top) for this model, ZeRO stage and worker count, as a line to
-    print; a configuration that cannot fit in ``device_bytes`` is refused with the numbers."""
+    print; a configuration that cannot fit in ``device_bytes`` is refused with the numbers. A CPU
+    run (``on_gpu`` False) is described as one: host memory per CPU worker."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
@@ -63,8 +67,12 @@ def check_memory(model_cfg: ModelConfig, tc: TrainConfig, device_bytes: int | No
     else:
         need = 20 * n  # nothing partitioned: bf16 params and grads, fp32 master, two Adam moments
     gib = 2**30
+    size = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+    if not on_gpu:
+        return (f"[memory] DeepSpeed ZeRO-{tc.zero_stage} estimate: {need / gib:.2f} GiB of host memory per worker "
+                f"for the model states of {size} parameters on {workers} CPU workers (activations come on top)")
     line = (f"[memory] DeepSpeed ZeRO-{tc.zero_stage} estimate: {need / gib:.1f} GiB per GPU for the model states "
-            f"of {n / 1e9:.2f}B parameters on {workers} GPUs (activations come on top)")
+            f"of {size} parameters on {workers} GPUs (activations come on top)")
     if device_bytes is None:
         return line + "; no device memory to check against"
     if need > device_bytes:
@@ -237,12 +245,14 @@ def start_engine(cfg: PretrainConfig, *, device: torch.device, resume: bool) -> 
 
     tc = cfg.train
     ds_config = deepspeed_config(tc, use_gpu=tc.use_gpu)
+    on_gpu = device.type == "cuda"
     memory = check_memory(cfg.model, tc.model_copy(update={"zero_stage": zero_stage(ds_config)}),
-                          torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None)
-    model = build_model(cfg, ds_config=ds_config, device=device, resume=resume)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                           optimizer=make_optimizer(model.parameters(), tc, use_gpu=tc.use_gpu),
-                                           config=ds_config)
+                          torch.cuda.get_device_properties(device).total_memory if on_gpu else None, on_gpu=on_gpu)
+    with _without_build_notices():
+        model = build_model(cfg, ds_config=ds_config, device=device, resume=resume)
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                               optimizer=make_optimizer(model.parameters(), tc, use_gpu=tc.use_gpu),
+                                               config=ds_config)
     weights = str(engine_dtype(ds_config)).removeprefix("torch.")
     source = f", initial weights from {cfg.init_from}" if cfg.init_from and not resume else ""
     line = (f"[train] DeepSpeed engine: ZeRO-{engine.zero_optimization_stage()}, {weights} weights, "
@@ -250,3 +260,20 @@ def start_engine(cfg: PretrainConfig, *, device: torch.device, resume: bool) -> 
     return engine, f"{memory}\n{line}"
 
 
+
+
+@contextlib.contextmanager
+def _without_build_notices() -> Iterator[None]:
+    """DeepSpeed prints "DeepSpeed <op> built successfully" on every rank each time it loads a
+    compiled op (its communication backend on CPU): the lines it prints are passed on, those not."""
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            yield
+    finally:
+        kept = [line for line in buffer.getvalue().splitlines(keepends=True) if not BUILD_NOTICE.match(line)]
+        sys.stdout.write("".join(kept))
+        sys.stdout.flush()
+
+
+BUILD_NOTICE = re.compile(r"^DeepSpeed \S+ built successfully\s*$")

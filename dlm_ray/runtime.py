@@ -42,6 +42,12 @@ def init_ray(**kwargs: Any) -> None:
         ray.init(**kwargs)
         return
     kwargs.setdefault("num_cpus", 2 * (os.cpu_count() or 2))
+    # Token authentication is what Ray turns on for a new local cluster anyway; stating the mode keeps
+    # Ray from warning about its own default on every run. An explicit RAY_AUTH_MODE wins.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    # Nothing drains a local machine's only node, so Ray Train's preemption watcher has nothing to
+    # watch; its actor is also what makes Ray log an error-level line at every run's start.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     ray.init(address="local", **kwargs)
 
 

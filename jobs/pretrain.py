@@ -17,6 +17,7 @@ import torch
 from dlm_ray.checkpoint import export, load_inference, run_dir
 from dlm_ray.config import PretrainConfig
 from dlm_ray.config_io import parse_job_args
+from dlm_ray.engine import deepspeed_config, zero_stage
 from dlm_ray.evaluate import score
 from dlm_ray.metrics import write_summary
 from dlm_ray.model import Denoiser, num_params
@@ -42,8 +43,9 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = with_init_from(cfg)  # continued pretraining: the checkpoint's shape and tokenizer
     tc = cfg.train
     where = f"{tc.gpus_per_worker:g} GPU" if tc.use_gpu else f"{tc.cpus_per_worker:g} CPU"
+    stage = zero_stage(deepspeed_config(tc, use_gpu=tc.use_gpu))  # train.deepspeed_config may set it
     print(f"[pretrain] model {num_params(cfg.model) / 1e6:.2f}M params | run {run_dir(cfg)}\n"
-          f"[pretrain] {tc.num_workers} workers x {where}, DeepSpeed ZeRO-{tc.zero_stage} | {tc.max_steps} steps of "
+          f"[pretrain] {tc.num_workers} workers x {where}, DeepSpeed ZeRO-{stage} | {tc.max_steps} steps of "
           f"{tc.batch_size} x {cfg.data.seq_len} tokens | data {cfg.data.source}", flush=True)
     builtin = cfg.data.source == "builtin"
     tok = load_tokenizer(cfg.tokenizer)
@@ -58,7 +60,8 @@ def main(argv: list[str] | None = None) -> dict:
     export_dir = args.export_dir or (run_dir(cfg) + "/export")
     with result.checkpoint.as_directory() as ckpt:
         export(ckpt, export_dir)
-    summary = {"steps": result.metrics.get("step"), "train_seconds": round(train_s, 1),
+    summary = {"steps": result.metrics.get("step"), "stop_reason": result.metrics.get("stop_reason"),
+               "train_seconds": round(train_s, 1),
                "checkpoint": result.checkpoint.path, "export": str(export_dir)}
     if builtin:
         model, tok, _ = load_inference(export_dir)
@@ -71,7 +74,8 @@ def main(argv: list[str] | None = None) -> dict:
                        validity_before=before["validity"], validity_after=after["validity"])
     summary["wall_seconds"] = round(time.time() - t0, 1)
     summary = write_summary(run_dir(cfg), summary)
-    print(f"[pretrain] done in {summary['wall_seconds']:.0f} s; export {export_dir}; "
+    print(f"[pretrain] done in {summary['wall_seconds']:.0f} s ({summary['steps']} steps, stopped by "
+          f"{summary['stop_reason']}); export {export_dir}; "
           f"summary {run_dir(cfg)}/summary.json", flush=True)
     return summary
 

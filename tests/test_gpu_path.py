@@ -146,6 +146,8 @@ def test_a_configuration_that_cannot_fit_is_refused_with_the_numbers():
     with pytest.raises(ValueError, match=r"needs .* GiB .* has 80.0 GiB"):
         check_memory(eight_b, TrainConfig(zero_stage=2, num_workers=1), device_bytes=80 * 2**30)
     assert "no device memory to check" in check_memory(eight_b, TrainConfig(zero_stage=2, num_workers=1), None)
+    on_cpu = check_memory(eight_b, TrainConfig(zero_stage=2, num_workers=1), None, on_gpu=False)
+    assert "CPU workers" in on_cpu and "GPU" not in on_cpu  # a CPU run is not described in GPUs
 
 
 @pytest.mark.slow
