@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import re
 import sys
 from pathlib import Path
@@ -246,9 +247,9 @@ def start_engine(cfg: PretrainConfig, *, device: torch.device, resume: bool) -> 
     tc = cfg.train
     ds_config = deepspeed_config(tc, use_gpu=tc.use_gpu)
     on_gpu = device.type == "cuda"
-    memory = check_memory(cfg.model, tc.model_copy(update={"zero_stage": zero_stage(ds_config)}),
-                          torch.cuda.get_device_properties(device).total_memory if on_gpu else None, on_gpu=on_gpu)
     with _without_build_notices():
+        memory = check_memory(cfg.model, tc.model_copy(update={"zero_stage": zero_stage(ds_config)}),
+                              torch.cuda.get_device_properties(device).total_memory if on_gpu else None, on_gpu=on_gpu)
         model = build_model(cfg, ds_config=ds_config, device=device, resume=resume)
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                optimizer=make_optimizer(model.parameters(), tc, use_gpu=tc.use_gpu),
@@ -265,15 +266,24 @@ def start_engine(cfg: PretrainConfig, *, device: torch.device, resume: bool) -> 
 @contextlib.contextmanager
 def _without_build_notices() -> Iterator[None]:
     """DeepSpeed prints "DeepSpeed <op> built successfully" on every rank each time it loads a
-    compiled op (its communication backend on CPU): the lines it prints are passed on, those not."""
+    compiled op (its communication backend on CPU): the lines it prints are passed on, those not.
+    A Ray Train worker's ``print`` goes to the root logger (Ray patches it), hence the filter too."""
     buffer = io.StringIO()
+    notices = _DropBuildNotices()
+    logging.getLogger().addFilter(notices)
     try:
         with contextlib.redirect_stdout(buffer):
             yield
     finally:
+        logging.getLogger().removeFilter(notices)
         kept = [line for line in buffer.getvalue().splitlines(keepends=True) if not BUILD_NOTICE.match(line)]
         sys.stdout.write("".join(kept))
         sys.stdout.flush()
 
 
 BUILD_NOTICE = re.compile(r"^DeepSpeed \S+ built successfully\s*$")
+
+
+class _DropBuildNotices(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not BUILD_NOTICE.match(record.getMessage())
