@@ -95,10 +95,14 @@ def test_ray_job_submit_on_three_nodes_pretrain_then_generate(own_ray, tmp_path)
             return out
 
         storage = tmp_path / "runs"
-        submit("jobs/pretrain.py", "--run_name=submitted", f"--storage_path={storage}", "--train.max_steps=10",
+        console = submit("jobs/pretrain.py", "--run_name=submitted", f"--storage_path={storage}", "--train.max_steps=10",
                "--train.checkpoint_every=10", "--train.eval_every=10", "--train.cpus_per_worker=1",
                "--train.worker_resources={trainer_slot: 1}", "--data.builtin_docs=2000",
                "--eval.num_prompts_per_family=4", "--eval.num_nelbo_docs=16")
+        # What the job's console shows a user: no compiler notices repeated per rank, and a CPU run
+        # described as one.
+        assert "built successfully" not in console and "per GPU" not in console, console[-4000:]
+        assert "CPU workers" in console and "stopped by max_steps" in console, console[-4000:]
         summary = json.loads((storage / "submitted" / "summary.json").read_text())
         assert summary["steps"] == 10 and Path(summary["export"], "model.safetensors").is_file()
         assert any((storage / "submitted").glob("checkpoint_*"))
