@@ -6,7 +6,7 @@
 order and once with the job's batches (sorted by length within each group of rows an actor
 receives); and two such loops in two processes on half the prompts each, the scaling bound for 2
 actors on this machine.
-(b) ``dlm_ray.generate.run`` with 1 actor, then (c) with 2 actors, each actor holding ``--threads``
+(b) ``dlm_ray.serving.batch.run`` with 1 actor, then (c) with 2 actors, each actor holding ``--threads``
 torch threads, as (a) does. Same checkpoint, prompts, batch size and sampler settings. The job's
 time is wall-clock from the call to the summary, so it includes actor start-up, model loading and
 writing Parquet. Prints prompts/s and generated tokens/s, the job's overhead against (a) and the
@@ -25,13 +25,13 @@ from pathlib import Path
 import ray
 import torch
 
-from dlm_ray.checkpoint import load_inference, save_inference
-from dlm_ray.config import CorpusConfig, ModelConfig, SampleConfig
-from dlm_ray.config_inference import GenerateConfig
-from dlm_ray.corpus import HELDOUT_SEED, take_examples
-from dlm_ray.generate import run
-from dlm_ray.model import Denoiser
-from dlm_ray.inference import complete_texts
+from dlm_ray.io.checkpoint import load_inference, save_inference
+from dlm_ray.config.schema import CorpusConfig, ModelConfig, SampleConfig
+from dlm_ray.config.inference import GenerateConfig
+from dlm_ray.data.corpus import HELDOUT_SEED, take_examples
+from dlm_ray.serving.batch import run
+from dlm_ray.core.model import Denoiser
+from dlm_ray.core.inference import complete_texts
 from dlm_ray.runtime import init_ray
 
 

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-from dlm_ray.checkpoint import save_inference
-from dlm_ray.config import CorpusConfig, ModelConfig, SampleConfig
-from dlm_ray.config_inference import GenerateConfig
-from dlm_ray.corpus import HELDOUT_SEED, take_examples
-from dlm_ray.generate import run
-from dlm_ray.model import Denoiser
+from dlm_ray.io.checkpoint import save_inference
+from dlm_ray.config.schema import CorpusConfig, ModelConfig, SampleConfig
+from dlm_ray.config.inference import GenerateConfig
+from dlm_ray.data.corpus import HELDOUT_SEED, take_examples
+from dlm_ray.serving.batch import run
+from dlm_ray.core.model import Denoiser
 from dlm_ray.runtime import init_ray
 
 

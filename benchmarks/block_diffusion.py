@@ -19,15 +19,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from dlm_ray.checkpoint import export, load_inference
-from dlm_ray.config import PretrainConfig, SampleConfig
-from dlm_ray.config_io import load_config
-from dlm_ray.corpus import HELDOUT_SEED, check_answer, take_examples
-from dlm_ray.evaluate import heldout_bits_per_token
-from dlm_ray.inference import complete_texts, encode_prompt
-from dlm_ray.metrics import read_metrics
+from dlm_ray.io.checkpoint import export, load_inference
+from dlm_ray.config.schema import PretrainConfig, SampleConfig
+from dlm_ray.config.io import load_config
+from dlm_ray.data.corpus import HELDOUT_SEED, check_answer, take_examples
+from dlm_ray.eval.scoring import heldout_bits_per_token
+from dlm_ray.core.inference import complete_texts, encode_prompt
+from dlm_ray.train.metrics import read_metrics
 from dlm_ray.runtime import init_ray
-from dlm_ray.train import fit
+from dlm_ray.train.fit import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ("reverse", "sort", "sudoku")

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from dlm_ray.config import ModelConfig, SampleConfig
-from dlm_ray.model import Denoiser
-from dlm_ray.sampling import generate
+from dlm_ray.config.schema import ModelConfig, SampleConfig
+from dlm_ray.core.model import Denoiser
+from dlm_ray.core.sampling import generate
 
 VOCAB = 126_464  # LLaDA-8B's
 MASK = 126_336

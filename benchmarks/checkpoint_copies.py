@@ -48,10 +48,10 @@ def measure() -> None:
     from ray import serve
 
     import dlm_ray
-    from dlm_ray.config import SampleConfig
-    from dlm_ray.config_inference import GenerateConfig
-    from dlm_ray.generate import run
-    from dlm_ray.serve import build_app
+    from dlm_ray.config.schema import SampleConfig
+    from dlm_ray.config.inference import GenerateConfig
+    from dlm_ray.serving.batch import run
+    from dlm_ray.serving.app import build_app
 
     tmp, cache = Path(os.environ["TMPDIR"]), Path(os.environ["DLM_RAY_CACHE_DIR"])
     env = {k: os.environ[k] for k in PASSED if k in os.environ}
@@ -71,10 +71,10 @@ def measure() -> None:
 
 
 def before_rev() -> str:
-    added = subprocess.run(["git", "log", "--diff-filter=A", "--format=%H", "--", "dlm_ray/storage.py"], cwd=ROOT,
+    added = subprocess.run(["git", "log", "--diff-filter=A", "--format=%H", "--", "dlm_ray/io/storage.py"], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout.split()
     if not added:
-        raise SystemExit("no commit adds dlm_ray/storage.py: pass --before REV")
+        raise SystemExit("no commit adds dlm_ray/io/storage.py: pass --before REV")
     return added[-1] + "^"
 
 
@@ -90,9 +90,9 @@ def main() -> None:
     import torch
     from moto.server import ThreadedMotoServer
 
-    from dlm_ray.checkpoint import save_inference
-    from dlm_ray.config import ModelConfig
-    from dlm_ray.model import Denoiser
+    from dlm_ray.io.checkpoint import save_inference
+    from dlm_ray.config.schema import ModelConfig
+    from dlm_ray.core.model import Denoiser
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # the S3 server's request log
     port = _free_port()

@@ -67,8 +67,8 @@ def tokenizer_spec(kind: str, docs: list[str], root: Path) -> str:
 def run_pipeline(paths: list[str], spec: str, seq_len: int) -> tuple[int, float]:
     import ray
 
-    from dlm_ray.config import DataConfig, DiffusionConfig
-    from dlm_ray.data import PipelineStats, masked_dataset
+    from dlm_ray.config.schema import DataConfig, DiffusionConfig
+    from dlm_ray.data.pipeline import PipelineStats, masked_dataset
 
     cfg = DataConfig(source=str(Path(paths[0]).parent / "*.jsonl"), seq_len=seq_len, val_fraction=0.0,
                      tokenizer_actors=(2, 2))
@@ -85,7 +85,7 @@ def run_pipeline(paths: list[str], spec: str, seq_len: int) -> tuple[int, float]
 def run_baseline(paths: list[str], spec: str, seq_len: int) -> tuple[int, float]:
     import datasets
 
-    from dlm_ray.tokenizer import load_tokenizer
+    from dlm_ray.core.tokenizer import load_tokenizer
 
     tok = load_tokenizer(spec)
 
@@ -106,8 +106,8 @@ def run_baseline(paths: list[str], spec: str, seq_len: int) -> tuple[int, float]
 def training_rate(seq_len: int, batch: int = 64, steps: int = 10) -> float:
     import torch
 
-    from dlm_ray.config import ModelConfig
-    from dlm_ray.model import Denoiser
+    from dlm_ray.config.schema import ModelConfig
+    from dlm_ray.core.model import Denoiser
 
     model = Denoiser(ModelConfig(preset="tiny"))
     opt = torch.optim.AdamW(model.parameters())

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from dlm_ray.checkpoint import load_inference
-from dlm_ray.config import CorpusConfig, SampleConfig
-from dlm_ray.corpus import HELDOUT_SEED, check_answer, take_examples
-from dlm_ray.inference import complete_texts
+from dlm_ray.io.checkpoint import load_inference
+from dlm_ray.config.schema import CorpusConfig, SampleConfig
+from dlm_ray.data.corpus import HELDOUT_SEED, check_answer, take_examples
+from dlm_ray.core.inference import complete_texts
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = 32

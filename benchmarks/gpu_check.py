@@ -35,11 +35,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, uninstalled
 
-from dlm_ray.config import ModelConfig, SampleConfig, TrainConfig  # noqa: E402
-from dlm_ray.diffusion import diffusion_loss  # noqa: E402
-from dlm_ray.engine import check_memory, checkpointed_blocks, deepspeed_config, make_optimizer, peak_flops  # noqa: E402
-from dlm_ray.model import Denoiser, flops_per_token, num_params  # noqa: E402
-from dlm_ray.sampling import generate  # noqa: E402
+from dlm_ray.config.schema import ModelConfig, SampleConfig, TrainConfig  # noqa: E402
+from dlm_ray.core.diffusion import diffusion_loss  # noqa: E402
+from dlm_ray.train.engine import check_memory, checkpointed_blocks, deepspeed_config, make_optimizer, peak_flops  # noqa: E402
+from dlm_ray.core.model import Denoiser, flops_per_token, num_params  # noqa: E402
+from dlm_ray.core.sampling import generate  # noqa: E402
 
 MASK = 3  # any id works for random weights; 3 keeps clear of the ids the batches draw from
 

@@ -14,12 +14,12 @@ import time
 
 import torch
 
-from dlm_ray.batching import left_pad
-from dlm_ray.checkpoint import load_inference
-from dlm_ray.config import SampleConfig
-from dlm_ray.corpus import HELDOUT_SEED, check_answer, take_examples
-from dlm_ray.inference import complete_texts
-from dlm_ray.sampling import infill
+from dlm_ray.core.batching import left_pad
+from dlm_ray.io.checkpoint import load_inference
+from dlm_ray.config.schema import SampleConfig
+from dlm_ray.data.corpus import HELDOUT_SEED, check_answer, take_examples
+from dlm_ray.core.inference import complete_texts
+from dlm_ray.core.sampling import infill
 
 
 def main() -> None:

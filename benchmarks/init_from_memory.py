@@ -44,8 +44,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, uninstalled
 
-from dlm_ray.config import ModelConfig, PretrainConfig  # noqa: E402
-from dlm_ray.model import Denoiser, num_params  # noqa: E402
+from dlm_ray.config.schema import ModelConfig, PretrainConfig  # noqa: E402
+from dlm_ray.core.model import Denoiser, num_params  # noqa: E402
 
 GIB = 2**30
 MMAP_THRESHOLD = 128 * 1024  # glibc's default, fixed (no longer raised as large blocks are freed)
@@ -61,7 +61,7 @@ def rss_bytes() -> int:
 
 def write_export(preset: str, out: Path) -> None:
     """Random bf16 weights of the preset's shape, allocated once in bf16, written as an export."""
-    from dlm_ray.checkpoint import save_inference
+    from dlm_ray.io.checkpoint import save_inference
 
     model = Denoiser.empty(ModelConfig(preset=preset), device="cpu", dtype=torch.bfloat16)
     gen = torch.Generator().manual_seed(0)
@@ -74,7 +74,7 @@ def write_export(preset: str, out: Path) -> None:
 def worker(args: argparse.Namespace) -> None:
     """One measurement; prints a JSON line: the peak and the resident memory before building (every
     module the build uses already imported, so that figure is the interpreter's and the libraries')."""
-    from dlm_ray.checkpoint import load_inference
+    from dlm_ray.io.checkpoint import load_inference
 
     if args.case == "before":
         start = rss_bytes()
@@ -84,7 +84,7 @@ def worker(args: argparse.Namespace) -> None:
         import deepspeed
         import deepspeed.runtime.zero.partition_parameters  # noqa: F401
 
-        from dlm_ray.engine import build_model, deepspeed_config
+        from dlm_ray.train.engine import build_model, deepspeed_config
 
         deepspeed.init_distributed(dist_backend="gloo")
         cfg = PretrainConfig.model_validate({

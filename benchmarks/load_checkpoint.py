@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from dlm_ray.config import DiffusionConfig, ModelConfig
-from dlm_ray.llada_layout import CONFIG_FILE, llada_config, save_weights, to_llada_name
-from dlm_ray.model import Denoiser
+from dlm_ray.config.schema import DiffusionConfig, ModelConfig
+from dlm_ray.io.llada_layout import CONFIG_FILE, llada_config, save_weights, to_llada_name
+from dlm_ray.core.model import Denoiser
 
 
 def write_checkpoint(directory: Path, preset: str, shard_bytes: int) -> int:
@@ -52,7 +52,7 @@ def rss_mb() -> float:
 
 def load_once(directory: str, method: str) -> dict[str, float]:
     """In this (fresh) process: load with ``method``; seconds, memory before, peak during (MB)."""
-    from dlm_ray.checkpoint import load_inference, read_inference_config
+    from dlm_ray.io.checkpoint import load_inference, read_inference_config
 
     before = rss_mb()
     t = time.perf_counter()
@@ -61,7 +61,7 @@ def load_once(directory: str, method: str) -> dict[str, float]:
     else:  # the plain way: an fp32 model, every tensor read, then copied in and cast
         from safetensors.torch import load_file
 
-        from dlm_ray.llada_layout import from_llada_name, weight_files
+        from dlm_ray.io.llada_layout import from_llada_name, weight_files
 
         meta, _ = read_inference_config(directory)
         model = Denoiser(ModelConfig.model_validate(meta["model"]))

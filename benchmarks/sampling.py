@@ -13,10 +13,10 @@ import time
 
 import torch
 
-from dlm_ray.config import ModelConfig, SampleConfig
-from dlm_ray.model import Denoiser
-from dlm_ray.sampling import generate
-from dlm_ray.tokenizer import ByteTokenizer
+from dlm_ray.config.schema import ModelConfig, SampleConfig
+from dlm_ray.core.model import Denoiser
+from dlm_ray.core.sampling import generate
+from dlm_ray.core.tokenizer import ByteTokenizer
 
 SETTINGS = [  # (gen_length, steps, block_length, batch)
     (32, 32, 32, 1), (32, 8, 32, 1), (64, 64, 16, 1), (64, 16, 16, 1),

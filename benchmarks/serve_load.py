@@ -25,12 +25,12 @@ import ray
 import torch
 from ray import serve
 
-from dlm_ray.checkpoint import inference_placement, load_inference, save_inference
-from dlm_ray.config import CorpusConfig, ModelConfig, SampleConfig
-from dlm_ray.corpus import take_examples
-from dlm_ray.model import Denoiser
-from dlm_ray.inference import complete_ids, encode_prompt
-from dlm_ray.serve import build_app
+from dlm_ray.io.checkpoint import inference_placement, load_inference, save_inference
+from dlm_ray.config.schema import CorpusConfig, ModelConfig, SampleConfig
+from dlm_ray.data.corpus import take_examples
+from dlm_ray.core.model import Denoiser
+from dlm_ray.core.inference import complete_ids, encode_prompt
+from dlm_ray.serving.app import build_app
 
 MAX_TOKENS = 24  # each request's max_tokens: one block of 24 tokens in 24 steps
 

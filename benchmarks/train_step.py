@@ -3,7 +3,7 @@
     python benchmarks/train_step.py [--preset tiny] [--batch 64] [--seq-len 64] [--steps 60]
 
 Same model, batch and optimizer settings in one run: (a) a plain single-process AdamW loop,
-(b) the DeepSpeed engine (ZeRO-1 and ZeRO-2, one process, gloo), (c) ``dlm_ray.train.fit`` with one
+(b) the DeepSpeed engine (ZeRO-1 and ZeRO-2, one process, gloo), (c) ``dlm_ray.train.fit.fit`` with one
 Ray Train worker reading the Ray Data pipeline. Each gets the same number of CPU threads. Prints
 seconds per step (median after warm-up) and ratios to (a). On a GPU machine, ``--device cuda``
 times (a) and (b) in bf16 and prints tokens/s and MFU (``--peak-flops``, default H100 dense bf16).
@@ -23,10 +23,10 @@ import time
 import numpy as np
 import torch
 
-from dlm_ray.config import DiffusionConfig, ModelConfig, PretrainConfig
-from dlm_ray.config_io import load_config
-from dlm_ray.diffusion import diffusion_loss, mask_rows
-from dlm_ray.model import Denoiser, flops_per_token
+from dlm_ray.config.schema import DiffusionConfig, ModelConfig, PretrainConfig
+from dlm_ray.config.io import load_config
+from dlm_ray.core.diffusion import diffusion_loss, mask_rows
+from dlm_ray.core.model import Denoiser, flops_per_token
 
 MASK = 258
 
@@ -78,7 +78,7 @@ def plain(cfg: ModelConfig, data, device: str, dtype) -> float:
 def deepspeed_engine(cfg: PretrainConfig, data, device: str, stage: int) -> float:
     import deepspeed
 
-    from dlm_ray.engine import deepspeed_config
+    from dlm_ray.train.engine import deepspeed_config
 
     tc = cfg.train.model_copy(update={"zero_stage": stage, "num_workers": 1})
     torch.manual_seed(0)
@@ -98,7 +98,7 @@ def ray_train(cfg: PretrainConfig, threads: int) -> float:
     import ray
 
     from dlm_ray.runtime import init_ray
-    from dlm_ray.train import fit
+    from dlm_ray.train.fit import fit
 
     init_ray(num_cpus=threads + 2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -5,7 +5,7 @@
 
 Each objective is a run of the pretraining job (``<run_name>-<objective>``: rerunning resumes it)
 with the same corpus, model size, batch, steps and seed; only ``model.attention`` differs. Then
-each exported model is measured with the same code (``dlm_ray.compare``), and the table is printed
+each exported model is measured with the same code (``dlm_ray.eval.compare``), and the table is printed
 and written to ``<storage_path>/<run_name>-compare/``: ``compare.json`` and ``compare.png``.
 """
 
@@ -14,15 +14,15 @@ from __future__ import annotations
 import time
 
 
-from dlm_ray.checkpoint import export, load_inference, run_dir
-from dlm_ray.compare import (OBJECTIVES, Row, measure_generation, objective_config, plot, rows_as_json, samplers,
+from dlm_ray.io.checkpoint import export, load_inference, run_dir
+from dlm_ray.eval.compare import (OBJECTIVES, Row, measure_generation, objective_config, plot, rows_as_json, samplers,
                              table, train_tokens_per_s)
-from dlm_ray.config import PretrainConfig
-from dlm_ray.config_io import parse_job_args
-from dlm_ray.metrics import read_metrics, write_json_and_chart
-from dlm_ray.model import num_params
+from dlm_ray.config.schema import PretrainConfig
+from dlm_ray.config.io import parse_job_args
+from dlm_ray.train.metrics import read_metrics, write_json_and_chart
+from dlm_ray.core.model import num_params
 from dlm_ray.runtime import init_ray
-from dlm_ray.train import fit
+from dlm_ray.train.fit import fit
 
 
 def _args(ap) -> None:  # type: ignore[no-untyped-def]

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
     from lm_eval.tasks import TaskManager
     from lm_eval.utils import make_table
 
-    from dlm_ray.lm_eval_adapter import DlmRayLM
+    from dlm_ray.eval.lm_eval_adapter import DlmRayLM
 
     sample = {"gen_length": args.gen_length, "block_length": min(args.block_length, args.gen_length),
               "steps": args.steps}

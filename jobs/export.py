@@ -14,7 +14,7 @@ import argparse
 
 import torch
 
-from dlm_ray.checkpoint import export
+from dlm_ray.io.checkpoint import export
 
 
 def parser() -> argparse.ArgumentParser:

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import json
 
-from dlm_ray.config_inference import GenerateConfig
-from dlm_ray.config_io import parse_job_args
+from dlm_ray.config.inference import GenerateConfig
+from dlm_ray.config.io import parse_job_args
 from dlm_ray.runtime import init_ray
-from dlm_ray.generate import run
+from dlm_ray.serving.batch import run
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -15,9 +15,9 @@ import json
 
 import ray
 
-from dlm_ray.config import PretrainConfig
-from dlm_ray.config_io import parse_job_args
-from dlm_ray.data import prepare
+from dlm_ray.config.schema import PretrainConfig
+from dlm_ray.config.io import parse_job_args
+from dlm_ray.data.pipeline import prepare
 from dlm_ray.runtime import init_ray
 
 

@@ -14,16 +14,16 @@ import time
 
 import torch
 
-from dlm_ray.checkpoint import export, load_inference, run_dir
-from dlm_ray.config import PretrainConfig
-from dlm_ray.config_io import parse_job_args
-from dlm_ray.engine import deepspeed_config, zero_stage
-from dlm_ray.evaluate import score
-from dlm_ray.metrics import write_summary
-from dlm_ray.model import Denoiser, num_params
+from dlm_ray.io.checkpoint import export, load_inference, run_dir
+from dlm_ray.config.schema import PretrainConfig
+from dlm_ray.config.io import parse_job_args
+from dlm_ray.train.engine import deepspeed_config, zero_stage
+from dlm_ray.eval.scoring import score
+from dlm_ray.train.metrics import write_summary
+from dlm_ray.core.model import Denoiser, num_params
 from dlm_ray.runtime import init_ray
-from dlm_ray.tokenizer import load_tokenizer
-from dlm_ray.train import fit, with_init_from
+from dlm_ray.core.tokenizer import load_tokenizer
+from dlm_ray.train.fit import fit, with_init_from
 
 
 def results_table(before: dict, after: dict, first: str = "untrained") -> str:

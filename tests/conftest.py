@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dlm_ray.config import ModelConfig
+from dlm_ray.config.schema import ModelConfig
 
 SLOW_FIXTURES = {"ray_cluster", "own_ray", "process_group"}
 FAST_TIMEOUT_S = 60

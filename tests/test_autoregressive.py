@@ -9,14 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dlm_ray.autoregressive import next_token_loss
-from dlm_ray.checkpoint import load_inference, save_inference
-from dlm_ray.config import ModelConfig, SampleConfig
-from dlm_ray.diffusion import estimate_nelbo
-from dlm_ray.inference import sampler_for
-from dlm_ray.model import Denoiser
-from dlm_ray.batching import left_pad
-from dlm_ray.sampling import generate
+from dlm_ray.core.autoregressive import next_token_loss
+from dlm_ray.io.checkpoint import load_inference, save_inference
+from dlm_ray.config.schema import ModelConfig, SampleConfig
+from dlm_ray.core.diffusion import estimate_nelbo
+from dlm_ray.core.inference import sampler_for
+from dlm_ray.core.model import Denoiser
+from dlm_ray.core.batching import left_pad
+from dlm_ray.core.sampling import generate
 
 MASK, PAD, EOS = 258, 256, 257
 

@@ -8,11 +8,11 @@ import json
 import pytest
 import torch
 
-from dlm_ray.checkpoint import CheckpointError, load_inference, save_inference
-from dlm_ray.config import ModelConfig, SampleConfig
-from dlm_ray.model import Denoiser
-from dlm_ray.batching import left_pad
-from dlm_ray.sampling import generate
+from dlm_ray.io.checkpoint import CheckpointError, load_inference, save_inference
+from dlm_ray.config.schema import ModelConfig, SampleConfig
+from dlm_ray.core.model import Denoiser
+from dlm_ray.core.batching import left_pad
+from dlm_ray.core.sampling import generate
 
 MASK, PAD, EOS = 258, 256, 257
 B = 4  # block size
@@ -144,8 +144,8 @@ def test_the_training_forward_conditions_each_noisy_block_on_the_clean_blocks_be
 def test_each_block_has_its_own_noise_level_a_function_of_seed_epoch_and_row():
     import numpy as np
 
-    from dlm_ray.config import DiffusionConfig
-    from dlm_ray.diffusion import mask_rows
+    from dlm_ray.config.schema import DiffusionConfig
+    from dlm_ray.core.diffusion import mask_rows
 
     rows = {"input_ids": np.random.default_rng(0).integers(0, 250, (8, 32)), "attention_mask": np.ones((8, 32)),
             "epoch": np.zeros(8, dtype=np.int64), "row_id": np.arange(8) + 100, "row_index": np.arange(8)}
@@ -167,7 +167,7 @@ def test_the_block_bound_of_uniform_logits_is_log_v_minus_one():
     """The block diffusion bound with a model that knows nothing: log(V - 1) per token exactly."""
     import math
 
-    from dlm_ray.diffusion import estimate_nelbo
+    from dlm_ray.core.diffusion import estimate_nelbo
 
     class Uniform:
         block_causal = True
@@ -187,13 +187,13 @@ def test_the_block_bound_of_uniform_logits_is_log_v_minus_one():
 def test_block_models_train_evaluate_export_and_sample(ray_cluster, tmp_path):
     """A block diffusion run end to end: Ray Data masks each block at its own level, DeepSpeed
     trains on the noisy-and-clean form, the held-out bound is finite, the export samples."""
-    from dlm_ray.checkpoint import export, run_dir
-    from dlm_ray.config import PretrainConfig
-    from dlm_ray.config_io import load_config
-    from dlm_ray.evaluate import validity
-    from dlm_ray.inference import sampler_for
-    from dlm_ray.metrics import read_metrics
-    from dlm_ray.train import fit
+    from dlm_ray.io.checkpoint import export, run_dir
+    from dlm_ray.config.schema import PretrainConfig
+    from dlm_ray.config.io import load_config
+    from dlm_ray.eval.scoring import validity
+    from dlm_ray.core.inference import sampler_for
+    from dlm_ray.train.metrics import read_metrics
+    from dlm_ray.train.fit import fit
 
     cfg = load_config(PretrainConfig, None, [
         "--run_name=block", f"--storage_path={tmp_path / 'runs'}", "--model.d_model=64", "--model.n_layers=2",
@@ -219,9 +219,9 @@ def test_block_models_train_evaluate_export_and_sample(ray_cluster, tmp_path):
 
 
 def test_batch_generation_runs_a_block_model_in_its_own_blocks(ray_cluster, block_model, tmp_path):
-    from dlm_ray.config_inference import GenerateConfig
-    from dlm_ray.generate import run
-    from dlm_ray.inference import complete_ids, encode_prompt, sampler_for
+    from dlm_ray.config.inference import GenerateConfig
+    from dlm_ray.serving.batch import run
+    from dlm_ray.core.inference import complete_ids, encode_prompt, sampler_for
     import pyarrow.dataset as pads
 
     ckpt = save_inference(block_model.float(), {"kind": "byte"}, tmp_path / "block")

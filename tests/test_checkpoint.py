@@ -8,12 +8,12 @@ import socket
 import pytest
 import torch
 
-from dlm_ray.checkpoint import (CheckpointError, checkpoint_hash, export, load_inference, load_training, save_inference,
+from dlm_ray.io.checkpoint import (CheckpointError, checkpoint_hash, export, load_inference, load_training, save_inference,
                                 save_training)
-from dlm_ray.config import PretrainConfig
-from dlm_ray.config_io import load_config
-from dlm_ray.model import Denoiser
-from dlm_ray.engine import deepspeed_config
+from dlm_ray.config.schema import PretrainConfig
+from dlm_ray.config.io import load_config
+from dlm_ray.core.model import Denoiser
+from dlm_ray.train.engine import deepspeed_config
 
 
 @pytest.fixture(scope="module")

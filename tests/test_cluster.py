@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from dlm_ray.checkpoint import latest_checkpoint
-from dlm_ray.train import fit
+from dlm_ray.io.checkpoint import latest_checkpoint
+from dlm_ray.train.fit import fit
 from tests.test_train import losses, tiny_run
 
 ROOT = Path(__file__).resolve().parents[1]

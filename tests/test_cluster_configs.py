@@ -16,9 +16,9 @@ import pytest
 import ray
 import yaml
 
-from dlm_ray.config import Config, PretrainConfig
-from dlm_ray.config_inference import GenerateConfig, ServeConfig
-from dlm_ray.config_io import load_config
+from dlm_ray.config.schema import Config, PretrainConfig
+from dlm_ray.config.inference import GenerateConfig, ServeConfig
+from dlm_ray.config.io import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 KUBERAY = sorted((ROOT / "cluster" / "kuberay").glob("*.yaml"))

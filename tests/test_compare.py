@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dlm_ray.compare import objective_config
-from dlm_ray.config import PretrainConfig
-from dlm_ray.metrics import read_metrics
+from dlm_ray.eval.compare import objective_config
+from dlm_ray.config.schema import PretrainConfig
+from dlm_ray.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from dlm_ray.config import ModelConfig, PretrainConfig, SampleConfig
-from dlm_ray.config_inference import GenerateConfig
-from dlm_ray.config_io import ConfigError, load_config, parse_job_args, parse_overrides
+from dlm_ray.config.schema import ModelConfig, PretrainConfig, SampleConfig
+from dlm_ray.config.inference import GenerateConfig
+from dlm_ray.config.io import ConfigError, load_config, parse_job_args, parse_overrides
 
 
 def test_overrides_keep_types_and_nest():

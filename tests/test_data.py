@@ -13,10 +13,10 @@ import pytest
 from ray.data import ExecutionOptions, ExecutionResources
 from ray.data._internal.execution.execution_callback import ExecutionCallback
 
-from dlm_ray.config import DataConfig, DiffusionConfig
-from dlm_ray.data import DataPosition, PipelineStats, masked_dataset, packed_dataset, prepare
+from dlm_ray.config.schema import DataConfig, DiffusionConfig
+from dlm_ray.data.pipeline import DataPosition, PipelineStats, masked_dataset, packed_dataset, prepare
 from dlm_ray.runtime import pace_scheduling, scheduler_progress
-from dlm_ray.tokenizer import ByteTokenizer
+from dlm_ray.core.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
 ENGLISH = [t.strip() for t in pydoc_data.topics.topics.values() if t.strip()][:60]
@@ -142,7 +142,7 @@ def test_text_holding_the_mask_token_is_counted_not_trained_on(ray_cluster, tmp_
     hf = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     hf.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     hf.save(str(tmp_path / "tokenizer.json"))
-    from dlm_ray.tokenizer import load_tokenizer
+    from dlm_ray.core.tokenizer import load_tokenizer
 
     tok = load_tokenizer(str(tmp_path / "tokenizer.json"))
     cfg = DataConfig(source=str(tmp_path / "docs.jsonl"), val_fraction=0.0, seq_len=8)
@@ -274,8 +274,8 @@ def test_stalled_feed_does_not_spin(ray_cluster):
 
 
 def test_given_flags_travel_with_their_tokens_and_are_never_masked():
-    from dlm_ray.diffusion import mask_rows
-    from dlm_ray.packing import Packer
+    from dlm_ray.core.diffusion import mask_rows
+    from dlm_ray.data.packing import Packer
 
     p = Packer(8, 257, 256, key="k", track_given=True)
     p.add([np.array([1, 2, 3, 4, 5]), np.array([6, 7, 8])], [2, 0])

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from dlm_ray.config import DiffusionConfig
-from dlm_ray.diffusion import apply_mask, diffusion_loss, estimate_nelbo, mask_rows
-from dlm_ray.model import Denoiser
+from dlm_ray.config.schema import DiffusionConfig
+from dlm_ray.core.diffusion import apply_mask, diffusion_loss, estimate_nelbo, mask_rows
+from dlm_ray.core.model import Denoiser
 
 V, MASK = 50, 49
 

@@ -17,8 +17,8 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from dlm_ray.config import PretrainConfig, TrainConfig
-from dlm_ray.engine import deepspeed_config
+from dlm_ray.config.schema import PretrainConfig, TrainConfig
+from dlm_ray.train.engine import deepspeed_config
 
 SHAPE = {"preset": "tiny", "d_model": 64, "n_layers": 2, "n_heads": 4, "d_mlp": 128, "max_seq_len": 128}
 
@@ -30,7 +30,7 @@ def test_an_override_of_one_setting_keeps_the_rest_of_its_section(tmp_path):
     ds = deepspeed_config(tc, use_gpu=True)
     zero = ds["zero_optimization"]
     assert zero.get("stage") == 3, f"the override dropped the stage: {zero}"
-    from dlm_ray.engine import engine_dtype, zero_stage
+    from dlm_ray.train.engine import engine_dtype, zero_stage
 
     assert zero_stage(ds) == 3
     assert zero["overlap_comm"] is True and zero["offload_optimizer"]["device"] == "cpu"
@@ -84,9 +84,9 @@ def run_config(tmp_path: Path, world: int, stage: int, init_from: Path | None) -
 def prepare(tmp_path: Path) -> None:
     """Before the ranks start: a DeepSpeed override the stage must survive, and a bf16 export (in
     several safetensors shards) of weights no seed in these tests draws."""
-    from dlm_ray.checkpoint import save_inference
-    from dlm_ray.config import ModelConfig
-    from dlm_ray.model import Denoiser
+    from dlm_ray.io.checkpoint import save_inference
+    from dlm_ray.config.schema import ModelConfig
+    from dlm_ray.core.model import Denoiser
 
     (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"overlap_comm": True}}))
     torch.manual_seed(1234)
@@ -105,9 +105,9 @@ def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _built_once_with_the_export_s_weights(rank: int, tmp_path: Path, stage: int) -> None:
-    from dlm_ray.checkpoint import load_inference
-    from dlm_ray.engine import build_model, start_engine
-    from dlm_ray.model import Denoiser
+    from dlm_ray.io.checkpoint import load_inference
+    from dlm_ray.train.engine import build_model, start_engine
+    from dlm_ray.core.model import Denoiser
 
     init = tmp_path / "export"
     cfg = run_config(tmp_path, 1, stage, init)
@@ -147,10 +147,10 @@ def test_init_from_reads_the_export_into_the_one_model_and_the_engine_runs_the_c
 
 
 def _partitions_over_ranks(rank: int, tmp_path: Path) -> None:
-    from dlm_ray.checkpoint import load_inference
-    from dlm_ray.config import ModelConfig
-    from dlm_ray.engine import build_model
-    from dlm_ray.model import Denoiser, num_params
+    from dlm_ray.io.checkpoint import load_inference
+    from dlm_ray.config.schema import ModelConfig
+    from dlm_ray.train.engine import build_model
+    from dlm_ray.core.model import Denoiser, num_params
 
     world = torch.distributed.get_world_size()
     cpu = torch.device("cpu")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dlm_ray.config import SampleConfig
-from dlm_ray.model import Denoiser
-from dlm_ray.batching import left_pad
-from dlm_ray.sampling import _num_commits, generate
+from dlm_ray.config.schema import SampleConfig
+from dlm_ray.core.model import Denoiser
+from dlm_ray.core.batching import left_pad
+from dlm_ray.core.sampling import _num_commits, generate
 
 MASK, PAD, EOS = 258, 256, 257
 

@@ -16,13 +16,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from dlm_ray.checkpoint import save_inference
-from dlm_ray.config import SampleConfig
-from dlm_ray.config_inference import GenerateConfig
-from dlm_ray.config_io import ConfigError, load_config
-from dlm_ray.generate import CHECKPOINT_DIR, OUTPUT_SCHEMA, check_output, run
-from dlm_ray.model import Denoiser
-from dlm_ray.prompts import PromptSource, row_seed
+from dlm_ray.io.checkpoint import save_inference
+from dlm_ray.config.schema import SampleConfig
+from dlm_ray.config.inference import GenerateConfig
+from dlm_ray.config.io import ConfigError, load_config
+from dlm_ray.serving.batch import CHECKPOINT_DIR, OUTPUT_SCHEMA, check_output, run
+from dlm_ray.core.model import Denoiser
+from dlm_ray.data.prompts import PromptSource, row_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_GOOD = 200
@@ -170,8 +170,8 @@ def test_a_resumed_job_feeds_the_model_whole_blocks(ray_cluster, checkpoint, tmp
     read once fed it one-row blocks and the resumed job ran 4-5x slower than a fresh one."""
     import re
 
-    from dlm_ray.checkpoint import checkpoint_hash
-    from dlm_ray.generate import _job_identity, build_dataset, checkpointing
+    from dlm_ray.io.checkpoint import checkpoint_hash
+    from dlm_ray.serving.batch import _job_identity, build_dataset, checkpointing
 
     src = tmp_path / "in"
     src.mkdir()
@@ -221,8 +221,8 @@ def test_a_block_whose_checkpoint_stayed_pending_is_generated_again(ray_cluster,
 
 
 def test_a_messages_column_is_rendered_with_the_models_chat_template(ray_cluster, tmp_path):
-    from dlm_ray.checkpoint import load_inference
-    from dlm_ray.inference import complete_ids, encode_chat
+    from dlm_ray.io.checkpoint import load_inference
+    from dlm_ray.core.inference import complete_ids, encode_chat
     from tests.llada_dir import write_llada_dir
 
     ckpt = str(write_llada_dir(tmp_path / "llada"))
@@ -249,9 +249,9 @@ def test_a_messages_column_is_rendered_with_the_models_chat_template(ray_cluster
 
 def test_a_suffix_column_fills_the_gap_and_a_model_that_cannot_infill_says_so(ray_cluster, checkpoint, tmp_path,
                                                                              tiny_cfg):
-    from dlm_ray.checkpoint import load_inference
-    from dlm_ray.inference import complete_ids, encode_prompt
-    from dlm_ray.prompts import READ_SCHEMA, _row, prepare_batch
+    from dlm_ray.io.checkpoint import load_inference
+    from dlm_ray.core.inference import complete_ids, encode_prompt
+    from dlm_ray.data.prompts import READ_SCHEMA, _row, prepare_batch
 
     rows = [{"prompt": f"s{i}3=", "suffix": f"{i}\n", "tail": "9"} for i in range(4)] + [
         {"prompt": "s9=", "suffix": 7}, {"prompt": "s1="}]
@@ -283,8 +283,8 @@ def test_a_suffix_column_fills_the_gap_and_a_model_that_cannot_infill_says_so(ra
 
 
 def test_an_autoregressive_checkpoint_runs_in_the_same_job(ray_cluster, tmp_path, tiny_cfg):
-    from dlm_ray.checkpoint import load_inference
-    from dlm_ray.inference import complete_ids, encode_prompt, sampler_for
+    from dlm_ray.io.checkpoint import load_inference
+    from dlm_ray.core.inference import complete_ids, encode_prompt, sampler_for
 
     torch.manual_seed(0)
     ar = save_inference(Denoiser(tiny_cfg.model_copy(update={"attention": "causal"})).eval(), {"kind": "byte"},
@@ -309,7 +309,7 @@ def test_resume_with_other_settings_or_foreign_output_is_refused(checkpoint, pro
     with pytest.raises(ValueError, match="other settings \\(checkpoint differ"):
         check_output(cfg, {"checkpoint": "bbb", "seed": 0})
     # Every setting that changes a row's output is part of the job's identity; speed settings are not.
-    from dlm_ray.generate import _job_identity
+    from dlm_ray.serving.batch import _job_identity
 
     first = make_cfg(checkpoint, prompts, tmp_path / "job")
     assert check_output(first, _job_identity(first, "aaa")) == []
@@ -352,7 +352,7 @@ def test_prompt_source_ids_and_builtin(prompts, checkpoint, tmp_path):
     ({"refresh_every": 2}, "refresh_every=2 needs cache 'prefix' or 'dual'"), ({"cache": "blocks"}, "cache"),
 ])
 def test_row_overrides_are_strict_finite_and_bounded(override, fragment):
-    from dlm_ray.prompts import resolve_row
+    from dlm_ray.data.prompts import resolve_row
 
     defaults = SampleConfig(gen_length=24, steps=24, block_length=24)
     with pytest.raises(ValueError, match=fragment):

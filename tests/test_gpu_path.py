@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dlm_ray.config import ModelConfig, SampleConfig
-from dlm_ray.model import Denoiser
-from dlm_ray.batching import left_pad
-from dlm_ray.sampling import generate
+from dlm_ray.config.schema import ModelConfig, SampleConfig
+from dlm_ray.core.model import Denoiser
+from dlm_ray.core.batching import left_pad
+from dlm_ray.core.sampling import generate
 
 MASK, PAD, EOS = 258, 256, 257
 
@@ -104,8 +104,8 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(tiny_cfg, bl
 
 
 def test_activation_checkpointing_setting_picks_blocks():
-    from dlm_ray.config import TrainConfig
-    from dlm_ray.engine import checkpointed_blocks
+    from dlm_ray.config.schema import TrainConfig
+    from dlm_ray.train.engine import checkpointed_blocks
 
     assert checkpointed_blocks(TrainConfig(), 8) == frozenset()
     assert checkpointed_blocks(TrainConfig(activation_checkpointing="full"), 4) == frozenset(range(4))
@@ -114,8 +114,8 @@ def test_activation_checkpointing_setting_picks_blocks():
 
 
 def test_the_optimizer_is_torch_fused_adamw_on_gpu_and_deepspeed_s_on_cpu():
-    from dlm_ray.config import TrainConfig
-    from dlm_ray.engine import deepspeed_config, make_optimizer
+    from dlm_ray.config.schema import TrainConfig
+    from dlm_ray.train.engine import deepspeed_config, make_optimizer
 
     tc = TrainConfig()
     params = [torch.nn.Parameter(torch.zeros(3))]
@@ -126,8 +126,8 @@ def test_the_optimizer_is_torch_fused_adamw_on_gpu_and_deepspeed_s_on_cpu():
 
 
 def test_peak_flops_by_device_and_none_on_cpu():
-    from dlm_ray.config import TrainConfig
-    from dlm_ray.engine import peak_flops
+    from dlm_ray.config.schema import TrainConfig
+    from dlm_ray.train.engine import peak_flops
 
     assert peak_flops("NVIDIA H100 80GB HBM3", TrainConfig()) == 989e12
     assert peak_flops("NVIDIA A100-SXM4-80GB", TrainConfig()) == 312e12
@@ -137,8 +137,8 @@ def test_peak_flops_by_device_and_none_on_cpu():
 
 
 def test_a_configuration_that_cannot_fit_is_refused_with_the_numbers():
-    from dlm_ray.config import TrainConfig
-    from dlm_ray.engine import check_memory
+    from dlm_ray.config.schema import TrainConfig
+    from dlm_ray.train.engine import check_memory
 
     eight_b = ModelConfig(preset="8b")
     line = check_memory(eight_b, TrainConfig(zero_stage=3, num_workers=8), device_bytes=80 * 2**30)
@@ -152,7 +152,7 @@ def test_a_configuration_that_cannot_fit_is_refused_with_the_numbers():
 
 @pytest.mark.slow
 def test_compiled_blocks_match_eager_within_dtype_tolerance(tiny_cfg):
-    from dlm_ray.model import compile_blocks
+    from dlm_ray.core.model import compile_blocks
 
     torch.manual_seed(0)
     eager = Denoiser(tiny_cfg).eval()
@@ -187,7 +187,7 @@ def test_the_gpu_check_runs_on_cpu_in_smoke_mode(tmp_path):
     import sys
     from pathlib import Path
 
-    from dlm_ray.model import num_params
+    from dlm_ray.core.model import num_params
 
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "gpu_check.json"
@@ -206,8 +206,8 @@ def test_the_gpu_check_runs_on_cpu_in_smoke_mode(tmp_path):
 
 
 def test_fused_adamw_updates_the_weights_as_the_unfused_one_does(tiny_cfg):
-    from dlm_ray.config import TrainConfig
-    from dlm_ray.engine import make_optimizer
+    from dlm_ray.config.schema import TrainConfig
+    from dlm_ray.train.engine import make_optimizer
 
     x = torch.randint(0, 256, (2, 16))
     weights = []

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dlm_ray.batching import generate_rows, left_pad, right_pad
-from dlm_ray.config import ModelConfig, SampleConfig
-from dlm_ray.model import Denoiser
-from dlm_ray.sampling import generate, infill
+from dlm_ray.core.batching import generate_rows, left_pad, right_pad
+from dlm_ray.config.schema import ModelConfig, SampleConfig
+from dlm_ray.core.model import Denoiser
+from dlm_ray.core.sampling import generate, infill
 
 MASK, PAD, EOS = 258, 256, 257
 

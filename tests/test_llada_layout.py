@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dlm_ray.checkpoint import CheckpointError, checkpoint_hash, load_inference, save_inference
-from dlm_ray.config import ModelConfig
-from dlm_ray.llada_layout import from_llada_name, to_llada_name
-from dlm_ray.model import Denoiser
+from dlm_ray.io.checkpoint import CheckpointError, checkpoint_hash, load_inference, save_inference
+from dlm_ray.config.schema import ModelConfig
+from dlm_ray.io.llada_layout import from_llada_name, to_llada_name
+from dlm_ray.core.model import Denoiser
 from tests.llada_dir import EOS, EOT, MASK, SHAPE, llada_tensors, write_llada_dir
 
 
@@ -147,7 +147,7 @@ def test_broken_directories_are_named_and_nothing_half_loads(tmp_path):
 
 
 def test_chat_is_rendered_with_the_models_template_markup_as_special_tokens(tmp_path):
-    from dlm_ray.inference import PromptError, encode_chat, encode_prompt
+    from dlm_ray.core.inference import PromptError, encode_chat, encode_prompt
 
     _, tok, _ = load_inference(write_llada_dir(tmp_path / "d"))
     ids = encode_chat(tok, [{"role": "user", "content": "  Hi  "}])

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from dlm_ray.checkpoint import load_inference, save_inference
-from dlm_ray.config import ModelConfig, SampleConfig
-from dlm_ray.diffusion import estimate_nelbo
-from dlm_ray.inference import complete_ids
-from dlm_ray.model import Denoiser
+from dlm_ray.io.checkpoint import load_inference, save_inference
+from dlm_ray.config.schema import ModelConfig, SampleConfig
+from dlm_ray.core.diffusion import estimate_nelbo
+from dlm_ray.core.inference import complete_ids
+from dlm_ray.core.model import Denoiser
 
 pytestmark = pytest.mark.slow  # the harness's imports and its dataset loading take a while
 
@@ -86,7 +86,7 @@ def test_the_harness_scores_choices_and_generations_as_we_do(tmp_path, tiny_cfg,
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from dlm_ray.lm_eval_adapter import DlmRayLM
+    from dlm_ray.eval.lm_eval_adapter import DlmRayLM
 
     torch.manual_seed(0)
     ar = save_inference(Denoiser(ModelConfig.model_validate({**tiny_cfg.model_dump(), "attention": "causal",
@@ -124,7 +124,7 @@ class Req:
 
 
 def test_a_diffusion_likelihood_is_the_monte_carlo_elbo_of_the_continuation(tmp_path, tiny_cfg):
-    from dlm_ray.lm_eval_adapter import DlmRayLM
+    from dlm_ray.eval.lm_eval_adapter import DlmRayLM
 
     torch.manual_seed(0)
     ckpt = save_inference(Denoiser(tiny_cfg).eval(), {"kind": "byte"}, tmp_path / "mdm")
@@ -170,7 +170,7 @@ def one_pass_argmax(model, prefix: list[int], n: int, mask_id: int) -> list[int]
 
 
 def test_is_greedy_is_llada_suffix_greedy_decoding(tmp_path, tiny_cfg):
-    from dlm_ray.lm_eval_adapter import DlmRayLM
+    from dlm_ray.eval.lm_eval_adapter import DlmRayLM
 
     torch.manual_seed(0)
     model = Denoiser(tiny_cfg.model_copy(update={"init_std": 0.2})).eval()
@@ -193,7 +193,7 @@ def test_is_greedy_is_llada_suffix_greedy_decoding(tmp_path, tiny_cfg):
 
 
 def test_an_autoregressive_model_is_greedy_when_each_next_token_is_its_argmax(tmp_path, tiny_cfg):
-    from dlm_ray.lm_eval_adapter import DlmRayLM
+    from dlm_ray.eval.lm_eval_adapter import DlmRayLM
 
     torch.manual_seed(0)
     model = Denoiser(tiny_cfg.model_copy(update={"attention": "causal", "init_std": 0.2})).eval()
@@ -235,7 +235,7 @@ def test_the_contexts_trailing_whitespace_belongs_to_the_continuation(tmp_path, 
     from lm_eval.api.model import TemplateLM
     from transformers import PreTrainedTokenizerFast
 
-    from dlm_ray.lm_eval_adapter import DlmRayLM
+    from dlm_ray.eval.lm_eval_adapter import DlmRayLM
 
     byte_level_bpe(tmp_path / "tokenizer.json")
 
@@ -289,7 +289,7 @@ def test_rolling_windows_carry_the_tokens_before_them(tmp_path, tiny_cfg):
     continuation): its windows, each input run whole and its last len(pred) logits read."""
     from lm_eval.utils import get_rolling_token_windows
 
-    from dlm_ray.lm_eval_adapter import DlmRayLM
+    from dlm_ray.eval.lm_eval_adapter import DlmRayLM
 
     torch.manual_seed(0)
     model = Denoiser(tiny_cfg.model_copy(update={"attention": "causal", "init_std": 0.2})).eval()
@@ -311,7 +311,7 @@ def test_rolling_windows_carry_the_tokens_before_them(tmp_path, tiny_cfg):
 # -------------------------------------------------------------------------------- Monte Carlo draws
 
 def test_likelihoods_take_llada_s_128_monte_carlo_draws_by_default(tmp_path, tiny_cfg):
-    from dlm_ray.lm_eval_adapter import DlmRayLM
+    from dlm_ray.eval.lm_eval_adapter import DlmRayLM
 
     torch.manual_seed(0)
     lm = DlmRayLM(str(save_inference(Denoiser(tiny_cfg).eval(), {"kind": "byte"}, tmp_path / "mdm")))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dlm_ray.config import ModelConfig
-from dlm_ray.model import Denoiser, flops_per_token, num_params
+from dlm_ray.config.schema import ModelConfig
+from dlm_ray.core.model import Denoiser, flops_per_token, num_params
 
 
 def test_shapes_and_dtype(tiny_cfg):

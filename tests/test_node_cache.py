@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dlm_ray.checkpoint import CheckpointError, checkpoint_hash, load_inference, save_inference
-from dlm_ray.config import ModelConfig
-from dlm_ray.model import Denoiser
+from dlm_ray.io.checkpoint import CheckpointError, checkpoint_hash, load_inference, save_inference
+from dlm_ray.config.schema import ModelConfig
+from dlm_ray.core.model import Denoiser
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 ENV_KEYS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_REGION")
@@ -121,7 +121,7 @@ def test_checkpoint_hash_of_a_uri_reads_no_weights(bucket, local_dirs):
 
 def _load(uri: str, start: object, results: object, hold: object) -> None:
     """In a fresh process: load ``uri`` when all start together, report, then stay until told."""
-    from dlm_ray.checkpoint import load_inference
+    from dlm_ray.io.checkpoint import load_inference
 
     start.wait()  # type: ignore[attr-defined]
     loaded, _, _ = load_inference(uri)

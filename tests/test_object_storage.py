@@ -69,9 +69,9 @@ def test_pretrain_export_generate_and_serve_through_the_bucket(own_ray, tmp_path
     import httpx
     from ray import serve
 
-    from dlm_ray.generate import run
-    from dlm_ray.config_inference import GenerateConfig
-    from dlm_ray.serve import build_app
+    from dlm_ray.serving.batch import run
+    from dlm_ray.config.inference import GenerateConfig
+    from dlm_ray.serving.app import build_app
 
     pretrain = runpy.run_path(str(ROOT / "jobs" / "pretrain.py"))["main"]
     monkeypatch.chdir(tmp_path)  # a local "s3:" folder would appear here

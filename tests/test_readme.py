@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from dlm_ray.config import PretrainConfig
-from dlm_ray.config_inference import GenerateConfig
-from dlm_ray.config_io import parse_job_args
+from dlm_ray.config.schema import PretrainConfig
+from dlm_ray.config.inference import GenerateConfig
+from dlm_ray.config.io import parse_job_args
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", ROOT / "cluster" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -99,9 +99,9 @@ def test_paths_named_in_the_docs_exist():
 def test_example_prompts_in_the_docs_have_valid_answers():
     import itertools
 
-    from dlm_ray.corpus import check_answer
+    from dlm_ray.data.corpus import check_answer
 
-    texts = [d.read_text() for d in DOCS] + [(ROOT / "dlm_ray" / n).read_text() for n in ("corpus.py", "inference.py")]
+    texts = [d.read_text() for d in DOCS] + [(ROOT / "dlm_ray" / n).read_text() for n in ("data/corpus.py", "core/inference.py")]
     prompts = {m for t in texts for m in re.findall(r"\b[rsq][0-9.]{6,16}=", t)}
     assert any(p.startswith("q") for p in prompts)
     grids = ["".join("".join(r) for r in rows) for rows in itertools.product(itertools.permutations("1234"), repeat=4)]
@@ -206,8 +206,8 @@ def test_every_documented_request_is_accepted(route, body):
     """Validated as the service validates it, against the settings of jobs/serve.yaml."""
     import yaml
 
-    from dlm_ray.config_inference import ServeConfig
-    from dlm_ray.serve_api import ChatCompletionRequest, CompletionRequest, resolve_sample
+    from dlm_ray.config.inference import ServeConfig
+    from dlm_ray.serving.api import ChatCompletionRequest, CompletionRequest, resolve_sample
 
     args = yaml.safe_load((ROOT / "jobs" / "serve.yaml").read_text())["applications"][0]["args"]
     kind = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest}[route]
@@ -244,8 +244,8 @@ def resolve(dotted: str):
 
 def test_design_states_the_core_contracts():
     names = {name for name, _ in documented_signatures()}
-    assert {"dlm_ray.model.Denoiser.forward", "dlm_ray.sampling.generate", "dlm_ray.diffusion.estimate_nelbo",
-            "dlm_ray.checkpoint.load_inference", "dlm_ray.config_io.load_config"} <= names
+    assert {"dlm_ray.core.model.Denoiser.forward", "dlm_ray.core.sampling.generate", "dlm_ray.core.diffusion.estimate_nelbo",
+            "dlm_ray.io.checkpoint.load_inference", "dlm_ray.config.io.load_config"} <= names
 
 
 @pytest.mark.parametrize("name,params", documented_signatures(), ids=lambda v: v if v.startswith("dlm_ray") else "")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dlm_ray.config import SampleConfig
-from dlm_ray.model import Denoiser
-from dlm_ray.batching import left_pad, trim_after_eos
-from dlm_ray.sampling import generate, num_transfer_tokens
+from dlm_ray.config.schema import SampleConfig
+from dlm_ray.core.model import Denoiser
+from dlm_ray.core.batching import left_pad, trim_after_eos
+from dlm_ray.core.sampling import generate, num_transfer_tokens
 
 MASK, PAD, EOS = 258, 256, 257
 
@@ -242,8 +242,8 @@ def test_proposals_stay_inside_the_tokenizers_vocabulary():
 
 
 def test_complete_texts_decodes_every_committed_token_and_refuses_mask_text(model):
-    from dlm_ray.inference import PromptError, complete_texts
-    from dlm_ray.tokenizer import ByteTokenizer
+    from dlm_ray.core.inference import PromptError, complete_texts
+    from dlm_ray.core.tokenizer import ByteTokenizer
 
     tok = ByteTokenizer()
     cfg = SampleConfig(gen_length=16, steps=16, block_length=16, temperature=1.0)

@@ -12,11 +12,11 @@ import httpx
 import pytest
 import torch
 
-from dlm_ray.checkpoint import load_inference, save_inference
-from dlm_ray.config import SampleConfig
-from dlm_ray.inference import complete_ids, encode_chat
-from dlm_ray.model import Denoiser
-from dlm_ray.tokenizer import ByteTokenizer
+from dlm_ray.io.checkpoint import load_inference, save_inference
+from dlm_ray.config.schema import SampleConfig
+from dlm_ray.core.inference import complete_ids, encode_chat
+from dlm_ray.core.model import Denoiser
+from dlm_ray.core.tokenizer import ByteTokenizer
 from tests.llada_dir import write_llada_dir
 
 MODEL = "dlm-test"
@@ -40,7 +40,7 @@ def chat_ckpt(tmp_path_factory) -> str:
 def server(ray_cluster, tmp_path_factory, tiny_cfg, chat_ckpt):
     from ray import serve
 
-    from dlm_ray.serve import build_app
+    from dlm_ray.serving.app import build_app
 
     torch.manual_seed(0)
     ckpt = save_inference(Denoiser(tiny_cfg).eval(), {"kind": "byte"}, tmp_path_factory.mktemp("serve_ckpt"))
@@ -156,7 +156,7 @@ def test_streams_whose_clients_leave_before_the_first_chunk_are_not_left_counted
     nobody iterates, never reaches anyone."""
     from ray import serve
 
-    from dlm_ray.serve_api import CompletionRequest
+    from dlm_ray.serving.api import CompletionRequest
 
     stats = lambda: httpx.get(f"{server}/big/v1/stats", timeout=30).json()  # noqa: E731
     body = json.dumps({"model": MODEL, "prompt": "s1=", "seed": 1, "stream": True}).encode()
@@ -374,8 +374,8 @@ def test_a_bad_sampler_setting_is_refused_as_a_batch_row_is(server, bad):
     (``prepare_batch`` is the job's own step), with the same message."""
     import pyarrow as pa
 
-    from dlm_ray.config_inference import GenerateConfig
-    from dlm_ray.prompts import READ_SCHEMA, _row, prepare_batch
+    from dlm_ray.config.inference import GenerateConfig
+    from dlm_ray.data.prompts import READ_SCHEMA, _row, prepare_batch
 
     r = complete(server, prompt="s1=", **bad)
     table = pa.Table.from_pylist([_row("x", "x row 0", "s1=", bad, None)], schema=READ_SCHEMA)

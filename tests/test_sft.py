@@ -10,15 +10,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dlm_ray.checkpoint import export, load_inference, run_dir, save_inference
-from dlm_ray.config import DataConfig, DiffusionConfig, PretrainConfig
-from dlm_ray.config_io import load_config
-from dlm_ray.corpus import HELDOUT_SEED, take_examples
-from dlm_ray.diffusion import diffusion_loss, estimate_nelbo, mask_rows
-from dlm_ray.metrics import read_metrics
-from dlm_ray.model import Denoiser
-from dlm_ray.sft import ExampleError, build_rows, encode_example
-from dlm_ray.tokenizer import ByteTokenizer
+from dlm_ray.io.checkpoint import export, load_inference, run_dir, save_inference
+from dlm_ray.config.schema import DataConfig, DiffusionConfig, PretrainConfig
+from dlm_ray.config.io import load_config
+from dlm_ray.data.corpus import HELDOUT_SEED, take_examples
+from dlm_ray.core.diffusion import diffusion_loss, estimate_nelbo, mask_rows
+from dlm_ray.train.metrics import read_metrics
+from dlm_ray.core.model import Denoiser
+from dlm_ray.data.sft import ExampleError, build_rows, encode_example
+from dlm_ray.core.tokenizer import ByteTokenizer
 from tests.llada_dir import EOS, EOT, write_llada_dir
 
 MASK = 258
@@ -61,7 +61,7 @@ def test_sft_loss_is_llada_s_answer_length_normalised_form():
 
 
 def test_chat_examples_end_with_end_of_turn_and_bad_ones_are_named(tmp_path):
-    from dlm_ray.inference import encode_chat
+    from dlm_ray.core.inference import encode_chat
 
     _, tok, _ = load_inference(write_llada_dir(tmp_path / "d"))
     cfg = DataConfig(task="sft")
@@ -102,7 +102,7 @@ def test_fine_tuning_lowers_the_answer_loss_and_resumes(ray_cluster, tmp_path):
             "--data.seq_len=48", "--data.builtin_docs=3000", "--data.builtin_shards=2", "--train.batch_size=16",
             "--train.lr=3e-3", "--train.warmup_steps=2", "--train.log_every=5", "--train.eval_every=15",
             "--train.eval_batches=2", "--train.checkpoint_every=15", "--train.max_failures=0", "--eval.nelbo_samples=2"]
-    from dlm_ray.train import fit
+    from dlm_ray.train.fit import fit
 
     cfg = load_config(PretrainConfig, None, [*args, "--train.max_steps=15"])
     fit(cfg)
@@ -120,7 +120,7 @@ def test_fine_tuning_lowers_the_answer_loss_and_resumes(ray_cluster, tmp_path):
 
 
 def test_records_of_a_jsonl_file_each_give_a_row_or_a_reason(tmp_path):
-    from dlm_ray.sft import iter_records
+    from dlm_ray.data.sft import iter_records
 
     lines = [json.dumps({"prompt": "a=", "response": "b"}), "{oops", json.dumps([1, 2]),
              json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}),

@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dlm_ray.config import DataConfig
-from dlm_ray.sources import iter_documents, list_files, resolve_items
+from dlm_ray.config.schema import DataConfig
+from dlm_ray.data.sources import iter_documents, list_files, resolve_items
 
 
 def docs(cfg: DataConfig, split: str = "train"):

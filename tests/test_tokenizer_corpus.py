@@ -6,10 +6,10 @@ import random
 
 import pytest
 
-from dlm_ray.corpus import (
+from dlm_ray.data.corpus import (
     FAMILIES, check_answer, check_document, is_heldout, take_examples,
 )
-from dlm_ray.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
+from dlm_ray.core.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 
 
 def test_byte_round_trip():

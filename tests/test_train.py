@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from dlm_ray.checkpoint import CheckpointError, export, latest_checkpoint, load_inference, run_dir
-from dlm_ray.config import PretrainConfig
-from dlm_ray.config_io import ConfigError, load_config
-from dlm_ray.metrics import read_metrics, write_summary
-from dlm_ray.train import fit
+from dlm_ray.io.checkpoint import CheckpointError, export, latest_checkpoint, load_inference, run_dir
+from dlm_ray.config.schema import PretrainConfig
+from dlm_ray.config.io import ConfigError, load_config
+from dlm_ray.train.metrics import read_metrics, write_summary
+from dlm_ray.train.fit import fit
 
 
 def tiny_run(tmp_path: Path, name: str, *overrides: str) -> PretrainConfig:

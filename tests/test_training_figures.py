@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from dlm_ray.config import DataConfig, DiffusionConfig, PretrainConfig
-from dlm_ray.diffusion import diffusion_loss, mask_rows
-from dlm_ray.model import Denoiser
-from dlm_ray.train import _per_maskable, training_flops_per_token
+from dlm_ray.config.schema import DataConfig, DiffusionConfig, PretrainConfig
+from dlm_ray.core.diffusion import diffusion_loss, mask_rows
+from dlm_ray.core.model import Denoiser
+from dlm_ray.train.fit import _per_maskable, training_flops_per_token
 
 L = 32
 

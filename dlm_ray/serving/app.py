@@ -32,12 +32,12 @@ from fastapi import HTTPException
 from fastapi.responses import StreamingResponse
 from ray import serve
 
-from dlm_ray.batching import generate_rows
-from dlm_ray.checkpoint import inference_placement, load_inference
-from dlm_ray.config import SampleConfig
-from dlm_ray.config_inference import ServeConfig
-from dlm_ray.inference import Completion, PromptError, complete_ids, encode_chat, encode_prompt, finish, sampler_for
-from dlm_ray.serve_api import (MASK_GLYPH, ChatCompletionRequest, CompletionRequest, SamplingFields, StreamText, app,
+from dlm_ray.core.batching import generate_rows
+from dlm_ray.io.checkpoint import inference_placement, load_inference
+from dlm_ray.config.schema import SampleConfig
+from dlm_ray.config.inference import ServeConfig
+from dlm_ray.core.inference import Completion, PromptError, complete_ids, encode_chat, encode_prompt, finish, sampler_for
+from dlm_ray.serving.api import (MASK_GLYPH, ChatCompletionRequest, CompletionRequest, SamplingFields, StreamText, app,
                                chat_body, chat_chunk, cut_at_stop, resolve_sample, text_body, text_event)
 
 # How long Serve's health probe waits for a generation to free the model: well within Serve's
@@ -344,7 +344,7 @@ class DenoiserServer:
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
-    """The Serve application for ``serve run`` (YAML ``import_path: dlm_ray.serve:build_app``)."""
+    """The Serve application for ``serve run`` (YAML ``import_path: dlm_ray.serving.app:build_app``)."""
     cfg = ServeConfig.model_validate(args)
     a = cfg.autoscaling
     autoscaling = {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,

@@ -6,7 +6,7 @@ the field, and every config round-trips through a plain dict, so it can cross pr
 
 This module imports neither torch nor Ray, so a config can be checked anywhere.
 
-Loading them from YAML files and dotted command-line overrides is ``dlm_ray.config_io``.
+Loading them from YAML files and dotted command-line overrides is ``dlm_ray.config.io``.
 """
 
 from __future__ import annotations
@@ -174,7 +174,7 @@ class CorpusConfig(Config):
 
     @model_validator(mode="after")
     def _check_families(self) -> CorpusConfig:
-        from dlm_ray.corpus import FAMILIES  # corpus imports no torch; safe here
+        from dlm_ray.data.corpus import FAMILIES  # corpus imports no torch; safe here
 
         unknown = set(self.families) - set(FAMILIES)
         if unknown:
@@ -185,7 +185,7 @@ class CorpusConfig(Config):
 
 
 class DataConfig(Config):
-    """Where the corpus comes from and how it becomes masked, packed rows (``dlm_ray.data``).
+    """Where the corpus comes from and how it becomes masked, packed rows (``dlm_ray.data.pipeline``).
 
     ``source``: ``"builtin"``; a local path, directory, glob or pyarrow filesystem URI (``s3://``,
     ``gs://``) of Parquet / JSONL / text files; ``"hf:<name or saved path>"`` for a Hugging Face
@@ -195,7 +195,7 @@ class DataConfig(Config):
 
     source: str = "builtin"
     # "pretrain": documents packed into rows; "sft": one (prompt, response) example per row, the
-    # prompt never masked (dlm_ray.sft), from messages or prompt/response columns.
+    # prompt never masked (dlm_ray.data.sft), from messages or prompt/response columns.
     task: Literal["pretrain", "sft"] = "pretrain"
     corpus: CorpusConfig = Field(default_factory=CorpusConfig)
     format: Literal["auto", "parquet", "jsonl", "text", "hf", "prepared"] = "auto"
@@ -229,7 +229,7 @@ class DataConfig(Config):
     progress_bars: bool = False
     # "files": the item order is drawn afresh each epoch; "rows" also shuffles each item's rows in
     # windows of shuffle_window rows (drawn from seed, epoch and item, so a resume lands exactly:
-    # dlm_ray.packing.shuffle_in_windows). local_shuffle_buffer mixes rows across items in each
+    # dlm_ray.data.packing.shuffle_in_windows). local_shuffle_buffer mixes rows across items in each
     # worker, but its draw is not part of the data position: a resume draws it afresh.
     shuffle: Literal["none", "files", "rows"] = "files"
     shuffle_window: int = Field(4096, gt=1)

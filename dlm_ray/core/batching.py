@@ -8,8 +8,8 @@ from typing import Sequence
 
 import torch
 
-from dlm_ray.config import SampleConfig
-from dlm_ray.sampling import ModelFn, StepCallback, generate
+from dlm_ray.config.schema import SampleConfig
+from dlm_ray.core.sampling import ModelFn, StepCallback, generate
 
 
 def _pad(seqs: list[list[int]], pad_id: int, *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,8 +24,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from dlm_ray.config import SampleConfig
-from dlm_ray.config_inference import MAX_INT, SampleOverrides, describe_errors, resolve_overrides
+from dlm_ray.config.schema import SampleConfig
+from dlm_ray.config.inference import MAX_INT, SampleOverrides, describe_errors, resolve_overrides
 
 MASK_GLYPH = "_"
 

@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
-from dlm_ray.config import ModelConfig, PretrainConfig, SampleConfig
-from dlm_ray.corpus import HELDOUT_SEED, check_answer, take_examples
-from dlm_ray.inference import complete_texts, sampler_for
+from dlm_ray.config.schema import ModelConfig, PretrainConfig, SampleConfig
+from dlm_ray.data.corpus import HELDOUT_SEED, check_answer, take_examples
+from dlm_ray.core.inference import complete_texts, sampler_for
 
 OBJECTIVES = ("diffusion", "block", "autoregressive")
 

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from dlm_ray.config import ModelConfig
+from dlm_ray.config.schema import ModelConfig
 
 
 class RMSNorm(nn.Module):

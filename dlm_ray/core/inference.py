@@ -5,7 +5,7 @@
 ``encode_prompt`` turns a prompt into ids (after EOS, the document separator the model saw in
 training) and refuses a prompt whose ids hold the mask or pad token. ``encode_chat`` does the same
 for OpenAI-style ``messages``, rendered with the tokenizer's own chat template as Hugging Face
-renders it (``dlm_ray.chat_template``; ``tools`` and a template's own variables as keywords).
+renders it (``dlm_ray.core.chat_template``; ``tools`` and a template's own variables as keywords).
 ``complete_ids`` runs ``sampling.generate_many`` (rows grouped by settings and length, a seed per
 row, proposals limited to the tokenizer's vocabulary) and cuts each completion at its first EOS.
 Evaluation, batch generation, Serve and the benchmarks all go through here, so a prompt is completed
@@ -20,11 +20,11 @@ from typing import Any, Sequence
 
 import torch
 
-from dlm_ray.chat_template import render, template_variables
-from dlm_ray.config import ModelConfig, SampleConfig
-from dlm_ray.batching import generate_many, trim_after_eos
-from dlm_ray.sampling import ModelFn
-from dlm_ray.tokenizer import ByteTokenizer, HFTokenizer
+from dlm_ray.core.chat_template import render, template_variables
+from dlm_ray.config.schema import ModelConfig, SampleConfig
+from dlm_ray.core.batching import generate_many, trim_after_eos
+from dlm_ray.core.sampling import ModelFn
+from dlm_ray.core.tokenizer import ByteTokenizer, HFTokenizer
 
 Tok = ByteTokenizer | HFTokenizer
 
@@ -72,7 +72,7 @@ def sampler_for(model_cfg: ModelConfig | None, cfg: SampleConfig) -> SampleConfi
     (``steps`` = ``gen_length``, one block), and diffusion-only settings are refused. Batch generation,
     Serve and evaluation apply it."""
     if model_cfg is not None and model_cfg.attention == "causal":
-        from dlm_ray.autoregressive import check_settings
+        from dlm_ray.core.autoregressive import check_settings
 
         check_settings(cfg)
         return cfg.model_copy(update={"steps": cfg.gen_length, "block_length": cfg.gen_length, "refresh_every": None})
@@ -96,7 +96,7 @@ CHAT_ROLES = ("system", "user", "assistant")
 def render_chat(tok: Tok, messages: Any, *, add_generation_prompt: bool = True, tools: Any = None,
                 **template_kwargs: Any) -> str:
     """A conversation as the text of the tokenizer's chat template, rendered as Hugging Face renders it
-    (``dlm_ray.chat_template``). Messages are ``{"role", "content"}`` dicts; ``tools`` (JSON schemas) and
+    (``dlm_ray.core.chat_template``). Messages are ``{"role", "content"}`` dicts; ``tools`` (JSON schemas) and
     ``template_kwargs`` (e.g. a template's ``date_string``) reach the template as variables. No text a
     caller gives may hold the tokenizer's special-token markup (it would be read as markup, not text),
     and a tokenizer without a chat template is refused, not guessed for."""

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dlm_ray.config import SampleConfig
-from dlm_ray.diffusion import exclude_mask_logit
+from dlm_ray.config.schema import SampleConfig
+from dlm_ray.core.diffusion import exclude_mask_logit
 
 
 def target_mask(attention_mask_BL: torch.Tensor | None, maskable_BL: torch.Tensor | None, shape: torch.Size,
@@ -93,7 +93,7 @@ def generate_ar(model: Any, prompt_ids_BP: torch.Tensor, cfg: SampleConfig, *, m
     diffusion sampling). The prompt is run once; each later call feeds the last token against the
     cache. ``stop_at_eos`` ends a row at its first end token (the rest become EOS); the batch stops
     when every row has. Returns LongTensor[B, P + gen_length], like ``sampling.generate``."""
-    from dlm_ray.sampling import propose  # sampling imports this module
+    from dlm_ray.core.sampling import propose  # sampling imports this module
 
     check_settings(cfg)
     B, P = prompt_ids_BP.shape

@@ -40,14 +40,14 @@ import ray
 from ray.data import ActorPoolStrategy, DataContext
 from ray.data.checkpoint import CheckpointConfig, IdColumnCheckpointManager
 
-from dlm_ray.checkpoint import checkpoint_hash, inference_placement, load_inference, read_inference_config
-from dlm_ray.config import ModelConfig, SampleConfig
-from dlm_ray.config_inference import GenerateConfig
-from dlm_ray.corpus import check_answer
-from dlm_ray.inference import complete_ids
-from dlm_ray.prompts import PromptSource, builtin_count, prepare_batch
+from dlm_ray.io.checkpoint import checkpoint_hash, inference_placement, load_inference, read_inference_config
+from dlm_ray.config.schema import ModelConfig, SampleConfig
+from dlm_ray.config.inference import GenerateConfig
+from dlm_ray.data.corpus import check_answer
+from dlm_ray.core.inference import complete_ids
+from dlm_ray.data.prompts import PromptSource, builtin_count, prepare_batch
 from dlm_ray.runtime import pace_scheduling
-from dlm_ray.sources import filesystem_for
+from dlm_ray.data.sources import filesystem_for
 
 OUTPUT_SCHEMA = pa.schema([
     ("id", pa.string()), ("prompt", pa.string()), ("messages", pa.string()), ("suffix", pa.string()),

@@ -2,7 +2,7 @@
 
     work items (files, or shards of the built-in corpus) × epochs, from a start position
       └─ map_batches(TokenizePack, ActorPoolStrategy): read an item, tokenize, pack into rows
-         (``dlm_ray.packing``), then mask them (``dlm_ray.diffusion.mask_rows``) in the same actor,
+         (``dlm_ray.data.packing``), then mask them (``dlm_ray.core.diffusion.mask_rows``) in the same actor,
          which saves a stage's copy of every row
 
 One work item is one file (or one shard of the built-in corpus), read start to end by one actor
@@ -32,11 +32,11 @@ from typing import Any, Iterator
 import numpy as np
 import ray
 
-from dlm_ray.config import DataConfig, DiffusionConfig
-from dlm_ray.corpus import prompt_length
-from dlm_ray.packing import Packer, shuffle_in_windows, stable_id
-from dlm_ray.sources import BadInputError, filesystem_for, iter_documents, resolve_items
-from dlm_ray.tokenizer import load_tokenizer
+from dlm_ray.config.schema import DataConfig, DiffusionConfig
+from dlm_ray.data.corpus import prompt_length
+from dlm_ray.data.packing import Packer, shuffle_in_windows, stable_id
+from dlm_ray.data.sources import BadInputError, filesystem_for, iter_documents, resolve_items
+from dlm_ray.core.tokenizer import load_tokenizer
 
 ROW_COLUMNS = ("input_ids", "attention_mask", "row_id")  # plus "doc_ids" with document_ids=True
 # Where a row sits in the stream: its epoch, its item's place in that epoch's order, its row in the item.
@@ -101,7 +101,7 @@ class TokenizePack:
         self.diffusion = None if diffusion is None else DiffusionConfig.model_validate(diffusion)
         if self.diffusion is not None:
             # Imported only when masking: the actors of a pack-only pipeline (prepare) never load torch.
-            from dlm_ray.diffusion import mask_rows
+            from dlm_ray.core.diffusion import mask_rows
 
             self.mask_rows = mask_rows
         self.strata, self.block_size = strata, block_size
@@ -209,8 +209,8 @@ class TokenizePack:
             self.stats.add.remote(dict(counts))
 
     def _examples(self, item: dict[str, Any], epoch: int, skip: int) -> Iterator[dict[str, np.ndarray]]:
-        """Fine-tuning rows (``dlm_ray.sft``): one example each; a row's index is its example's."""
-        from dlm_ray.sft import ExampleError, build_rows, encode_example, iter_records
+        """Fine-tuning rows (``dlm_ray.data.sft``): one example each; a row's index is its example's."""
+        from dlm_ray.data.sft import ExampleError, build_rows, encode_example, iter_records
 
         cfg, counts = self.cfg, Counter({"files": 1})
         batch: list[tuple[list[int], list[int]]] = []

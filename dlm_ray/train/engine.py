@@ -23,8 +23,8 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from dlm_ray.config import ModelConfig, PretrainConfig, TrainConfig
-from dlm_ray.model import Denoiser, compile_blocks, no_init
+from dlm_ray.config.schema import ModelConfig, PretrainConfig, TrainConfig
+from dlm_ray.core.model import Denoiser, compile_blocks, no_init
 
 # Dense bf16 tensor-core peaks (FLOP/s) by a substring of the GPU's name; the first match wins.
 PEAK_FLOPS = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12))
@@ -55,7 +55,7 @@ def check_memory(model_cfg: ModelConfig, tc: TrainConfig, device_bytes: int | No
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-    from dlm_ray.model import num_params
+    from dlm_ray.core.model import num_params
 
     n, workers = num_params(model_cfg), tc.num_workers
     if tc.zero_stage == 3:
@@ -207,8 +207,8 @@ def _build_partitioned(cfg: PretrainConfig, ds_config: dict[str, Any], *, draw: 
 
 
 def _read_init_from(model: Denoiser, init_from: str, *, partitioned: bool) -> None:
-    from dlm_ray import llada_layout as layout
-    from dlm_ray.checkpoint import CheckpointError, local_path, read_inference_config
+    from dlm_ray.io import llada_layout as layout
+    from dlm_ray.io.checkpoint import CheckpointError, local_path, read_inference_config
 
     directory = local_path(init_from)
     meta, _ = read_inference_config(directory)

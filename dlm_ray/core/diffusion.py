@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dlm_ray.config import DiffusionConfig
+from dlm_ray.config.schema import DiffusionConfig
 
 Array = np.ndarray | torch.Tensor
 ModelFn = Callable[..., torch.Tensor]
@@ -209,7 +209,7 @@ def estimate_nelbo(
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if getattr(model, "causal", False):  # an autoregressive model: the exact NLL, one forward
-        from dlm_ray.autoregressive import nll_per_token
+        from dlm_ray.core.autoregressive import nll_per_token
 
         return nll_per_token(model, input_ids_BL, mask_id=mask_id, attention_mask=attention_mask, maskable=maskable)
     if getattr(model, "block_causal", False):

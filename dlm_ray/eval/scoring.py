@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from dlm_ray.config import EvalConfig, SampleConfig
-from dlm_ray.corpus import HELDOUT_SEED, check_answer, check_document, take_examples
-from dlm_ray.diffusion import estimate_nelbo, nats_to_bits
-from dlm_ray.inference import Tok, complete_texts, sampler_for
-from dlm_ray.sampling import ModelFn
+from dlm_ray.config.schema import EvalConfig, SampleConfig
+from dlm_ray.data.corpus import HELDOUT_SEED, check_answer, check_document, take_examples
+from dlm_ray.core.diffusion import estimate_nelbo, nats_to_bits
+from dlm_ray.core.inference import Tok, complete_texts, sampler_for
+from dlm_ray.core.sampling import ModelFn
 
 
 def pack_stream(token_lists: list[list[int]], seq_len: int, eos_id: int) -> np.ndarray:

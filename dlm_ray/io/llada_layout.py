@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from dlm_ray.config import ModelConfig
+from dlm_ray.config.schema import ModelConfig
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"

@@ -1,5 +1,5 @@
 """Reading configs: YAML files and dotted command-line overrides, layered onto the typed configs of
-``dlm_ray.config``, and a job's command line (``--config FILE``, overrides, ``--help``).
+``dlm_ray.config.schema``, and a job's command line (``--config FILE``, overrides, ``--help``).
 
 Each layer lands on the one below it field by field: defaults <- YAML file <- overrides, validated
 once at the end, with errors that name every bad field by its dotted path.
@@ -17,7 +17,7 @@ from typing import Any, Callable, TypeVar
 import yaml
 from pydantic import ValidationError
 
-from dlm_ray.config import MODEL_PRESETS, Config, ModelConfig
+from dlm_ray.config.schema import MODEL_PRESETS, Config, ModelConfig
 
 C = TypeVar("C", bound=Config)
 

@@ -36,11 +36,11 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from dlm_ray.batching import generate_many
-from dlm_ray.checkpoint import inference_placement, load_inference
-from dlm_ray.config import SampleConfig
-from dlm_ray.diffusion import estimate_nelbo
-from dlm_ray.inference import complete_ids, sampler_for
+from dlm_ray.core.batching import generate_many
+from dlm_ray.io.checkpoint import inference_placement, load_inference
+from dlm_ray.config.schema import SampleConfig
+from dlm_ray.core.diffusion import estimate_nelbo
+from dlm_ray.core.inference import complete_ids, sampler_for
 
 MC_SAMPLES = 128  # LLaDA's evaluation default (mc_num)
 Pair = tuple[list[int], list[int]]  # (context ids, EOS first; continuation ids)

@@ -20,10 +20,10 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from dlm_ray.config import DataConfig
-from dlm_ray.corpus import example_at, is_heldout
-from dlm_ray.packing import stable_id
-from dlm_ray.sources import in_val, iter_jsonl_records, iter_table_records, marker_reason
+from dlm_ray.config.schema import DataConfig
+from dlm_ray.data.corpus import example_at, is_heldout
+from dlm_ray.data.packing import stable_id
+from dlm_ray.data.sources import in_val, iter_jsonl_records, iter_table_records, marker_reason
 
 Record = tuple[str, "dict[str, Any] | None", "str | None"]  # (where, record, reason it is unusable)
 
@@ -72,7 +72,7 @@ def _raw_records(item: dict[str, Any], cfg: DataConfig) -> Iterator[Record]:
 
 def encode_example(tok: Any, record: dict[str, Any], cfg: DataConfig) -> tuple[list[int], list[int]]:
     """(prompt ids, response ids including the end-of-turn token of a chat) of one example."""
-    from dlm_ray.inference import PromptError, encode_chat, encode_prompt
+    from dlm_ray.core.inference import PromptError, encode_chat, encode_prompt
 
     messages = record.get(cfg.messages_column)
     try:

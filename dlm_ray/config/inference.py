@@ -1,7 +1,7 @@
 """Typed configs of the inference stages: batch generation (``jobs/generate.py``) and the HTTP
-service (``dlm_ray.serve``), and the one check of the sampler settings a request or a row brings
+service (``dlm_ray.serving.app``), and the one check of the sampler settings a request or a row brings
 with it (``SampleOverrides``, ``resolve_overrides``): a batch row and a Serve request with the same
-bad setting are refused with the same message. Like ``dlm_ray.config``, whose base and sampler
+bad setting are refused with the same message. Like ``dlm_ray.config.schema``, whose base and sampler
 settings they use, this module imports neither torch nor Ray.
 """
 
@@ -11,7 +11,7 @@ from typing import Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from dlm_ray.config import MAX_CFG_SCALE, Config, SampleConfig
+from dlm_ray.config.schema import MAX_CFG_SCALE, Config, SampleConfig
 
 # ------------------------------------------------------------------- per-request and per-row settings
 
@@ -161,7 +161,7 @@ class AutoscalingConfig(Config):
 
 
 class ServeConfig(Config):
-    """The HTTP service (``dlm_ray.serve.build_app``): model, batching, back-pressure, replicas."""
+    """The HTTP service (``dlm_ray.serving.app.build_app``): model, batching, back-pressure, replicas."""
 
     checkpoint: str = "runs/tiny/export"
     model_name: str = "dlm-tiny"  # what clients pass as "model"

@@ -2,8 +2,8 @@
 
 Each Ray Train worker builds the denoiser, calls ``deepspeed.initialize`` itself (ZeRO 0-3, CPU
 offload optional; bf16 on GPU, fp32 on CPU with gloo), and reads its shard of masked, packed rows
-from the Ray Data pipeline. The loss is ``dlm_ray.diffusion.diffusion_loss`` (for an autoregressive
-model, ``dlm_ray.autoregressive.next_token_loss`` on unmasked rows). On GPU the optimizer
+from the Ray Data pipeline. The loss is ``dlm_ray.core.diffusion.diffusion_loss`` (for an autoregressive
+model, ``dlm_ray.core.autoregressive.next_token_loss`` on unmasked rows). On GPU the optimizer
 is torch's fused AdamW; activation checkpointing is per block (``train.activation_checkpointing``);
 before training, rank 0 prints DeepSpeed's memory estimate for the model and ZeRO stage, and a
 configuration that cannot fit is refused. MFU uses the device's peak FLOP/s by name (none on CPU).
@@ -31,14 +31,14 @@ import ray
 import ray.train
 import torch
 
-from dlm_ray.autoregressive import next_token_loss
-from dlm_ray.checkpoint import latest_checkpoint, run_dir
-from dlm_ray.config import PretrainConfig, TrainConfig
-from dlm_ray.data import DataPosition, packed_dataset
-from dlm_ray.diffusion import diffusion_loss, estimate_nelbo, nats_to_bits
-from dlm_ray.engine import peak_flops, start_engine
-from dlm_ray.metrics import MetricsLog, console_line
-from dlm_ray.model import flops_per_token
+from dlm_ray.core.autoregressive import next_token_loss
+from dlm_ray.io.checkpoint import latest_checkpoint, run_dir
+from dlm_ray.config.schema import PretrainConfig, TrainConfig
+from dlm_ray.data.pipeline import DataPosition, packed_dataset
+from dlm_ray.core.diffusion import diffusion_loss, estimate_nelbo, nats_to_bits
+from dlm_ray.train.engine import peak_flops, start_engine
+from dlm_ray.train.metrics import MetricsLog, console_line
+from dlm_ray.core.model import flops_per_token
 from dlm_ray.runtime import pace_scheduling, quiet_third_party
 
 
@@ -118,8 +118,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg = PretrainConfig.model_validate(config["cfg"])
     tc = cfg.train
     _quiet_worker(tc.use_gpu)
-    from dlm_ray.checkpoint import load_training, save_training
-    from dlm_ray.tokenizer import load_tokenizer
+    from dlm_ray.io.checkpoint import load_training, save_training
+    from dlm_ray.core.tokenizer import load_tokenizer
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -285,7 +285,7 @@ def _fail_once(cfg: PretrainConfig, rank: int) -> None:
     """Raise once per run and rank: a marker in the run directory (any filesystem) says it happened."""
     import pyarrow.fs as pafs
 
-    from dlm_ray.sources import filesystem_for
+    from dlm_ray.data.sources import filesystem_for
 
     filesystem, root = filesystem_for(run_dir(cfg))
     marker = f"{root}/.fault_injected_rank{rank}"
@@ -304,7 +304,7 @@ def with_init_from(cfg: PretrainConfig) -> PretrainConfig:
     path, its token ids from its config): a fine-tune must read text as the model was trained to."""
     if not cfg.init_from:
         return cfg
-    from dlm_ray.checkpoint import local_path, read_inference_config
+    from dlm_ray.io.checkpoint import local_path, read_inference_config
 
     meta, _ = read_inference_config(cfg.init_from)
     tokenizer = dict(meta["tokenizer"])
@@ -319,7 +319,7 @@ def fit(cfg: PretrainConfig) -> ray.train.Result:
     from ray.data import ExecutionOptions, ExecutionResources
     from ray.train.torch import TorchTrainer
 
-    from dlm_ray.tokenizer import load_tokenizer
+    from dlm_ray.core.tokenizer import load_tokenizer
 
     cfg = with_init_from(cfg.with_absolute_paths())  # workers run elsewhere: no relative path reaches them
     tok = load_tokenizer(cfg.tokenizer)

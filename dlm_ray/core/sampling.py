@@ -13,7 +13,7 @@ With ``temperature=0`` and ``remasking="low_confidence"`` it is LLaDA's referenc
 
 Infilling: ``generate`` takes a suffix (the prompt/suffix form, the canvas prompt + masks + suffix)
 and ``infill`` fills masks wherever they stand in a given canvas; both need full attention.
-Batching many prompts of any lengths is ``dlm_ray.batching``.
+Batching many prompts of any lengths is ``dlm_ray.core.batching``.
 
 One deliberate difference from the reference code: the mask token is never proposed (its logit is
 -inf), so a weak or untrained model can never "commit" a mask and leave the canvas unfinished.
@@ -32,9 +32,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from dlm_ray.autoregressive import generate_ar
-from dlm_ray.config import SampleConfig
-from dlm_ray.diffusion import exclude_mask_logit
+from dlm_ray.core.autoregressive import generate_ar
+from dlm_ray.config.schema import SampleConfig
+from dlm_ray.core.diffusion import exclude_mask_logit
 
 LAST = -1.0  # a confidence below any probability, yet finite: the position is still a mask to fill
 ModelFn = Callable[..., torch.Tensor]
@@ -369,7 +369,7 @@ def _check_model_kind(model: ModelFn, cfg: SampleConfig, P: int) -> None:
         needed = ("prefill", "forward_block") if cfg.cache == "blocks" else ("prefill", "forward_window")
         if not all(hasattr(model, n) for n in needed):
             raise ValueError(f"cache={cfg.cache!r} needs a model with {' and '.join(needed)}(), like "
-                             "dlm_ray.model.Denoiser")
+                             "dlm_ray.core.model.Denoiser")
         if cfg.cfg_scale:
             raise ValueError("cache is not supported with cfg_scale > 0")
         if cfg.cache == "blocks" and P == 0:

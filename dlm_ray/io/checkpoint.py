@@ -39,11 +39,11 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from dlm_ray import llada_layout as layout
-from dlm_ray.config import DiffusionConfig, ModelConfig, PretrainConfig
-from dlm_ray.model import Denoiser
-from dlm_ray.storage import StorageError, filesystem_for, list_tree, node_copy, read_bytes, staged_dir
-from dlm_ray.tokenizer import TOKENIZER_CONFIG, ByteTokenizer, HFTokenizer, load_tokenizer
+from dlm_ray.io import llada_layout as layout
+from dlm_ray.config.schema import DiffusionConfig, ModelConfig, PretrainConfig
+from dlm_ray.core.model import Denoiser
+from dlm_ray.io.storage import StorageError, filesystem_for, list_tree, node_copy, read_bytes, staged_dir
+from dlm_ray.core.tokenizer import TOKENIZER_CONFIG, ByteTokenizer, HFTokenizer, load_tokenizer
 
 DS_DIR = "ds"
 STATE_FILE = "trainer_state.json"
@@ -305,7 +305,7 @@ def load_inference(directory: str | Path, *, device: str | torch.device = "cpu",
     except layout.LayoutError as exc:
         raise CheckpointError(str(exc)) from None
     if compile:
-        from dlm_ray.model import compile_blocks
+        from dlm_ray.core.model import compile_blocks
 
         compile_blocks(model)
     return model.eval(), tok, meta

@@ -21,9 +21,9 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
-from dlm_ray.config import DataConfig
-from dlm_ray.corpus import example_at, is_heldout
-from dlm_ray.storage import filesystem_for
+from dlm_ray.config.schema import DataConfig
+from dlm_ray.data.corpus import example_at, is_heldout
+from dlm_ray.io.storage import filesystem_for
 
 Doc = tuple[str, "str | None", "str | None"]
 SUFFIX_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".json": "jsonl",
