@@ -24,7 +24,8 @@ from dlm_ray.config.schema import PretrainConfig, SampleConfig
 from dlm_ray.config.io import load_config
 from dlm_ray.data.corpus import HELDOUT_SEED, check_answer, take_examples
 from dlm_ray.eval.scoring import heldout_bits_per_token
-from dlm_ray.core.inference import complete_texts, encode_prompt
+from dlm_ray.core.inference import complete_texts
+from dlm_ray.core.text import encode_prompt
 from dlm_ray.train.metrics import read_metrics
 from dlm_ray.runtime import init_ray
 from dlm_ray.train.fit import fit

@@ -29,7 +29,8 @@ from dlm_ray.io.checkpoint import inference_placement, load_inference, save_infe
 from dlm_ray.config.schema import CorpusConfig, ModelConfig, SampleConfig
 from dlm_ray.data.corpus import take_examples
 from dlm_ray.core.model import Denoiser
-from dlm_ray.core.inference import complete_ids, encode_prompt
+from dlm_ray.core.inference import complete_ids
+from dlm_ray.core.text import encode_prompt
 from dlm_ray.serving.app import build_app
 
 MAX_TOKENS = 24  # each request's max_tokens: one block of 24 tokens in 24 steps

@@ -221,7 +221,8 @@ def test_block_models_train_evaluate_export_and_sample(ray_cluster, tmp_path):
 def test_batch_generation_runs_a_block_model_in_its_own_blocks(ray_cluster, block_model, tmp_path):
     from dlm_ray.config.inference import GenerateConfig
     from dlm_ray.serving.batch import run
-    from dlm_ray.core.inference import complete_ids, encode_prompt, sampler_for
+    from dlm_ray.core.inference import complete_ids, sampler_for
+    from dlm_ray.core.text import encode_prompt
     import pyarrow.dataset as pads
 
     ckpt = save_inference(block_model.float(), {"kind": "byte"}, tmp_path / "block")

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from dlm_ray.core.chat_template import template_variables
-from dlm_ray.core.inference import PromptError, encode_chat, render_chat
+from dlm_ray.core.text import PromptError, encode_chat, render_chat
 from dlm_ray.core.tokenizer import HFTokenizer
 from tests.llada_dir import CHAT_TEMPLATE as LLADA_TEMPLATE
 from tests.llada_dir import write_tokenizer as write_llada_tokenizer

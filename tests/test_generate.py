@@ -222,7 +222,8 @@ def test_a_block_whose_checkpoint_stayed_pending_is_generated_again(ray_cluster,
 
 def test_a_messages_column_is_rendered_with_the_models_chat_template(ray_cluster, tmp_path):
     from dlm_ray.io.checkpoint import load_inference
-    from dlm_ray.core.inference import complete_ids, encode_chat
+    from dlm_ray.core.inference import complete_ids
+    from dlm_ray.core.text import encode_chat
     from tests.llada_dir import write_llada_dir
 
     ckpt = str(write_llada_dir(tmp_path / "llada"))
@@ -250,7 +251,8 @@ def test_a_messages_column_is_rendered_with_the_models_chat_template(ray_cluster
 def test_a_suffix_column_fills_the_gap_and_a_model_that_cannot_infill_says_so(ray_cluster, checkpoint, tmp_path,
                                                                              tiny_cfg):
     from dlm_ray.io.checkpoint import load_inference
-    from dlm_ray.core.inference import complete_ids, encode_prompt
+    from dlm_ray.core.inference import complete_ids
+    from dlm_ray.core.text import encode_prompt
     from dlm_ray.data.prompts import READ_SCHEMA, _row, prepare_batch
 
     rows = [{"prompt": f"s{i}3=", "suffix": f"{i}\n", "tail": "9"} for i in range(4)] + [
@@ -284,7 +286,8 @@ def test_a_suffix_column_fills_the_gap_and_a_model_that_cannot_infill_says_so(ra
 
 def test_an_autoregressive_checkpoint_runs_in_the_same_job(ray_cluster, tmp_path, tiny_cfg):
     from dlm_ray.io.checkpoint import load_inference
-    from dlm_ray.core.inference import complete_ids, encode_prompt, sampler_for
+    from dlm_ray.core.inference import complete_ids, sampler_for
+    from dlm_ray.core.text import encode_prompt
 
     torch.manual_seed(0)
     ar = save_inference(Denoiser(tiny_cfg.model_copy(update={"attention": "causal"})).eval(), {"kind": "byte"},

@@ -147,7 +147,7 @@ def test_broken_directories_are_named_and_nothing_half_loads(tmp_path):
 
 
 def test_chat_is_rendered_with_the_models_template_markup_as_special_tokens(tmp_path):
-    from dlm_ray.core.inference import PromptError, encode_chat, encode_prompt
+    from dlm_ray.core.text import PromptError, encode_chat, encode_prompt
 
     _, tok, _ = load_inference(write_llada_dir(tmp_path / "d"))
     ids = encode_chat(tok, [{"role": "user", "content": "  Hi  "}])

@@ -242,7 +242,8 @@ def test_proposals_stay_inside_the_tokenizers_vocabulary():
 
 
 def test_complete_texts_decodes_every_committed_token_and_refuses_mask_text(model):
-    from dlm_ray.core.inference import PromptError, complete_texts
+    from dlm_ray.core.inference import complete_texts
+    from dlm_ray.core.text import PromptError
     from dlm_ray.core.tokenizer import ByteTokenizer
 
     tok = ByteTokenizer()

@@ -14,7 +14,8 @@ import torch
 
 from dlm_ray.io.checkpoint import load_inference, save_inference
 from dlm_ray.config.schema import SampleConfig
-from dlm_ray.core.inference import complete_ids, encode_chat
+from dlm_ray.core.inference import complete_ids
+from dlm_ray.core.text import encode_chat
 from dlm_ray.core.model import Denoiser
 from dlm_ray.core.tokenizer import ByteTokenizer
 from tests.llada_dir import write_llada_dir

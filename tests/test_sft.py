@@ -61,7 +61,7 @@ def test_sft_loss_is_llada_s_answer_length_normalised_form():
 
 
 def test_chat_examples_end_with_end_of_turn_and_bad_ones_are_named(tmp_path):
-    from dlm_ray.core.inference import encode_chat
+    from dlm_ray.core.text import encode_chat
 
     _, tok, _ = load_inference(write_llada_dir(tmp_path / "d"))
     cfg = DataConfig(task="sft")

@@ -2,35 +2,24 @@
 
     completions = complete_texts(model, tok, ["q1...32....23.3..="], cfg, seeds=[0])
 
-``encode_prompt`` turns a prompt into ids (after EOS, the document separator the model saw in
-training) and refuses a prompt whose ids hold the mask or pad token. ``encode_chat`` does the same
-for OpenAI-style ``messages``, rendered with the tokenizer's own chat template as Hugging Face
-renders it (``dlm_ray.core.chat_template``; ``tools`` and a template's own variables as keywords).
-``complete_ids`` runs ``sampling.generate_many`` (rows grouped by settings and length, a seed per
-row, proposals limited to the tokenizer's vocabulary) and cuts each completion at its first EOS.
-Evaluation, batch generation, Serve and the benchmarks all go through here, so a prompt is completed
-the same way everywhere. No Ray, no transport.
+Prompts become ids in ``dlm_ray.core.text`` (``encode_prompt``, ``encode_chat``). ``complete_ids``
+runs ``sampling.generate_many`` (rows grouped by settings and length, a seed per row, proposals
+limited to the tokenizer's vocabulary) and cuts each completion at its first EOS. Evaluation, batch
+generation, Serve and the benchmarks all go through here, so a prompt is completed the same way
+everywhere. No Ray, no transport.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
-from dlm_ray.core.chat_template import render, template_variables
 from dlm_ray.config.schema import ModelConfig, SampleConfig
 from dlm_ray.core.batching import generate_many, trim_after_eos
 from dlm_ray.core.sampling import ModelFn
-from dlm_ray.core.tokenizer import ByteTokenizer, HFTokenizer
-
-Tok = ByteTokenizer | HFTokenizer
-
-
-class PromptError(ValueError):
-    """A prompt that cannot be completed; the message says why."""
+from dlm_ray.core.text import Tok, encode_prompt
 
 
 @dataclass
@@ -51,18 +40,6 @@ def finish(tok: Tok, generated: list[int], num_model_calls: int) -> Completion:
     decoded."""
     ids = trim_after_eos(generated, tok.end_ids)
     return Completion(tok.decode(ids), ids, len(generated), num_model_calls)
-
-
-def encode_prompt(tok: Tok, text: str, *, prepend_eos: bool = True) -> list[int]:
-    """The ids of a prompt; a prompt that is not valid Unicode (a lone surrogate) or that encodes to
-    the mask or pad token is refused."""
-    _check_text(text, "the prompt")
-    ids = tok.encode(text)
-    bad = {tok.mask_id, tok.pad_id}.intersection(ids)
-    if bad:
-        raise PromptError(f"the prompt encodes to the tokenizer's {'mask' if tok.mask_id in bad else 'pad'} token "
-                          f"(id {min(bad)}), which no content may hold")
-    return [tok.eos_id, *ids] if prepend_eos else ids
 
 
 def sampler_for(model_cfg: ModelConfig | None, cfg: SampleConfig) -> SampleConfig:
@@ -88,78 +65,6 @@ def sampler_for(model_cfg: ModelConfig | None, cfg: SampleConfig) -> SampleConfi
     cache = "none" if cfg.cfg_scale else "blocks"  # guidance needs a second, uncached pass
     return cfg.model_copy(update={"gen_length": gen, "block_length": size, "steps": steps, "cache": cache,
                                   "refresh_every": None})
-
-
-CHAT_ROLES = ("system", "user", "assistant")
-
-
-def render_chat(tok: Tok, messages: Any, *, add_generation_prompt: bool = True, tools: Any = None,
-                **template_kwargs: Any) -> str:
-    """A conversation as the text of the tokenizer's chat template, rendered as Hugging Face renders it
-    (``dlm_ray.core.chat_template``). Messages are ``{"role", "content"}`` dicts; ``tools`` (JSON schemas) and
-    ``template_kwargs`` (e.g. a template's ``date_string``) reach the template as variables. No text a
-    caller gives may hold the tokenizer's special-token markup (it would be read as markup, not text),
-    and a tokenizer without a chat template is refused, not guessed for."""
-    if not tok.chat_template:
-        raise PromptError("the model's tokenizer has no chat template; send a plain prompt instead")
-    if not isinstance(messages, list) or not messages:
-        raise PromptError("messages must be a non-empty list")
-    for k, m in enumerate(messages):
-        if not isinstance(m, dict) or set(m) - {"role", "content", "name"}:
-            raise PromptError(f"messages[{k}] must be an object with role and content")
-        if m.get("role") not in CHAT_ROLES:
-            raise PromptError(f"messages[{k}].role is {m.get('role')!r}; expected one of {', '.join(CHAT_ROLES)}")
-        content = m.get("content")
-        if not isinstance(content, str):
-            raise PromptError(f"messages[{k}].content must be a string")
-        _check_markup(tok, content, f"messages[{k}].content")
-        if m.get("name") is not None:
-            if not isinstance(m["name"], str):
-                raise PromptError(f"messages[{k}].name must be a string")
-            _check_markup(tok, m["name"], f"messages[{k}].name")
-    if tools is not None:
-        if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
-            raise PromptError("tools must be a list of objects (JSON schemas)")
-        _check_markup(tok, _json_text(tools, "tools"), "tools")
-    for key, value in template_kwargs.items():
-        _check_markup(tok, _json_text(value, f"the template variable {key!r}"), f"the template variable {key!r}")
-    try:
-        return render(tok.chat_template, messages, add_generation_prompt=add_generation_prompt,
-                      variables=template_variables(getattr(tok, "config", {})), tools=tools, **template_kwargs)
-    except Exception as exc:  # noqa: BLE001 - a template's own raise_exception, or a bad template
-        raise PromptError(f"the chat template refused these messages: {exc}") from None
-
-
-def encode_chat(tok: Tok, messages: Any, *, add_generation_prompt: bool = True, tools: Any = None,
-                **template_kwargs: Any) -> list[int]:
-    """The ids of a conversation (``render_chat``), by default ready for the assistant's answer; the
-    template's markup becomes special tokens, as ``apply_chat_template(tokenize=True)`` makes it."""
-    text = render_chat(tok, messages, add_generation_prompt=add_generation_prompt, tools=tools, **template_kwargs)
-    ids = tok.encode_chat(text)
-    if tok.mask_id in ids:
-        raise PromptError("the rendered conversation holds the mask token")
-    return ids
-
-
-def _check_markup(tok: Tok, text: str, where: str) -> None:
-    _check_text(text, where)
-    markup = next((t for t in tok.special_tokens if t in text), None)
-    if markup is not None:
-        raise PromptError(f"{where} holds the special token text {markup!r}")
-
-
-def _json_text(value: Any, where: str) -> str:
-    try:
-        return json.dumps(value, ensure_ascii=False)
-    except (TypeError, ValueError) as exc:
-        raise PromptError(f"{where} must be JSON data: {exc}") from None
-
-
-def _check_text(text: str, where: str) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise PromptError(f"{where} is not valid Unicode ({exc.reason} at character {exc.start})") from None
 
 
 def complete_ids(model: ModelFn, tok: Tok, prompt_ids: Sequence[list[int]], samples: SampleConfig | Sequence[SampleConfig],

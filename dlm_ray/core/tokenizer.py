@@ -154,7 +154,7 @@ class HFTokenizer:
 
     def encode_chat(self, rendered: str) -> list[int]:
         """Ids of a rendered chat template, its special-token markup recognised as such. Callers
-        check that message contents hold no special-token text (``inference.encode_chat``)."""
+        check that message contents hold no special-token text (``text.encode_chat``)."""
         if self._specials is None:
             raise ValueError(f"{self.path}: the tokenizer has no chat template")
         return self._specials.encode(rendered, add_special_tokens=False).ids

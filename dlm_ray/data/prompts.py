@@ -27,7 +27,8 @@ from ray.data.block import BlockMetadata
 from dlm_ray.config.schema import CorpusConfig, ModelConfig, SampleConfig
 from dlm_ray.config.inference import GenerateConfig, RowOverrides, check_overrides, resolve_overrides
 from dlm_ray.data.corpus import HELDOUT_SEED, iter_examples
-from dlm_ray.core.inference import encode_chat, encode_prompt, sampler_for
+from dlm_ray.core.inference import sampler_for
+from dlm_ray.core.text import encode_chat, encode_prompt
 from dlm_ray.data.sources import BadInputError, file_format, filesystem_for, iter_lines, list_files
 
 # Per-row sampler overrides: input columns with these names, when present and not null. They are

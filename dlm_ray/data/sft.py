@@ -21,6 +21,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from dlm_ray.config.schema import DataConfig
+from dlm_ray.core.text import PromptError, encode_chat, encode_prompt
 from dlm_ray.data.corpus import example_at, is_heldout
 from dlm_ray.data.packing import stable_id
 from dlm_ray.data.sources import in_val, iter_jsonl_records, iter_table_records, marker_reason
@@ -72,8 +73,6 @@ def _raw_records(item: dict[str, Any], cfg: DataConfig) -> Iterator[Record]:
 
 def encode_example(tok: Any, record: dict[str, Any], cfg: DataConfig) -> tuple[list[int], list[int]]:
     """(prompt ids, response ids including the end-of-turn token of a chat) of one example."""
-    from dlm_ray.core.inference import PromptError, encode_chat, encode_prompt
-
     messages = record.get(cfg.messages_column)
     try:
         if messages is not None:

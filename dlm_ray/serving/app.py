@@ -36,7 +36,8 @@ from dlm_ray.core.batching import generate_rows
 from dlm_ray.io.checkpoint import inference_placement, load_inference
 from dlm_ray.config.schema import SampleConfig
 from dlm_ray.config.inference import ServeConfig
-from dlm_ray.core.inference import Completion, PromptError, complete_ids, encode_chat, encode_prompt, finish, sampler_for
+from dlm_ray.core.inference import Completion, complete_ids, finish, sampler_for
+from dlm_ray.core.text import PromptError, encode_chat, encode_prompt
 from dlm_ray.serving.api import (MASK_GLYPH, ChatCompletionRequest, CompletionRequest, SamplingFields, StreamText, app,
                                chat_body, chat_chunk, cut_at_stop, resolve_sample, text_body, text_event)
 
