@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from dlm_ray.core.autoregressive import next_token_loss
 from dlm_ray.io.checkpoint import load_inference, save_inference
 from dlm_ray.config.schema import ModelConfig, SampleConfig
-from dlm_ray.core.diffusion import estimate_nelbo
-from dlm_ray.core.inference import sampler_for
+from dlm_ray.core.likelihood import estimate_nelbo
+from dlm_ray.core.kinds import kind_of
 from dlm_ray.core.model import Denoiser
 from dlm_ray.core.batching import left_pad
 from dlm_ray.core.sampling import generate
@@ -120,12 +120,12 @@ def test_stop_at_eos_ends_a_row_and_the_batch(ar_model):
 
 def test_diffusion_only_settings_are_refused_and_steps_follow_the_length(ar_model):
     cfg = ar_model.config
-    ran = sampler_for(cfg, SampleConfig(gen_length=16, steps=4, block_length=8))
+    ran = kind_of(cfg).resolve(SampleConfig(gen_length=16, steps=4, block_length=8))
     assert (ran.steps, ran.block_length) == (16, 16)
     for bad, msg in [({"cfg_scale": 1.0}, "guidance"), ({"cache": "dual"}, "exact KV cache"),
                      ({"threshold": 0.9}, "one per call")]:
         with pytest.raises(ValueError, match=msg):
-            sampler_for(cfg, SampleConfig(gen_length=16, steps=16, block_length=16, **bad))
+            kind_of(cfg).resolve(SampleConfig(gen_length=16, steps=16, block_length=16, **bad))
         with pytest.raises(ValueError, match=msg):
             generate(ar_model, torch.tensor([[EOS, 5]]), SampleConfig(gen_length=16, steps=16, block_length=16, **bad),
                      mask_id=MASK)

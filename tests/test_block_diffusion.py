@@ -167,7 +167,7 @@ def test_the_block_bound_of_uniform_logits_is_log_v_minus_one():
     """The block diffusion bound with a model that knows nothing: log(V - 1) per token exactly."""
     import math
 
-    from dlm_ray.core.diffusion import estimate_nelbo
+    from dlm_ray.core.likelihood import estimate_nelbo
 
     class Uniform:
         block_causal = True
@@ -191,7 +191,7 @@ def test_block_models_train_evaluate_export_and_sample(ray_cluster, tmp_path):
     from dlm_ray.config.schema import PretrainConfig
     from dlm_ray.config.io import load_config
     from dlm_ray.eval.scoring import validity
-    from dlm_ray.core.inference import sampler_for
+    from dlm_ray.core.kinds import kind_of
     from dlm_ray.train.metrics import read_metrics
     from dlm_ray.train.fit import fit
 
@@ -212,7 +212,7 @@ def test_block_models_train_evaluate_export_and_sample(ray_cluster, tmp_path):
         out = export(ckpt, tmp_path / "export")
     model, tok, meta = load_inference(out)
     assert model.block_causal and meta["model"]["block_size"] == 8
-    cfg_s = sampler_for(model.config, SampleConfig(gen_length=20, steps=10, block_length=20))
+    cfg_s = kind_of(model.config).resolve(SampleConfig(gen_length=20, steps=10, block_length=20))
     assert (cfg_s.gen_length, cfg_s.block_length, cfg_s.steps, cfg_s.cache) == (24, 8, 12, "blocks")
     report = validity(model, tok, ["sort"], SampleConfig(gen_length=20, steps=10, block_length=20), num_prompts=4)
     assert 0 <= report.rates["sort"] <= 1 and len(report.samples["sort"]) == 3
@@ -221,7 +221,8 @@ def test_block_models_train_evaluate_export_and_sample(ray_cluster, tmp_path):
 def test_batch_generation_runs_a_block_model_in_its_own_blocks(ray_cluster, block_model, tmp_path):
     from dlm_ray.config.inference import GenerateConfig
     from dlm_ray.serving.batch import run
-    from dlm_ray.core.inference import complete_ids, sampler_for
+    from dlm_ray.core.inference import complete_ids
+    from dlm_ray.core.kinds import kind_of
     from dlm_ray.core.text import encode_prompt
     import pyarrow.dataset as pads
 
@@ -238,7 +239,7 @@ def test_batch_generation_runs_a_block_model_in_its_own_blocks(ray_cluster, bloc
     assert (used.gen_length, used.block_length, used.cache) == (12, B, "blocks")  # whole blocks, exact cache
     model, tok, _ = load_inference(ckpt)
     for r in rows[:3]:
-        local = complete_ids(model, tok, [encode_prompt(tok, r["prompt"])], sampler_for(model.config, cfg.sample),
+        local = complete_ids(model, tok, [encode_prompt(tok, r["prompt"])], kind_of(model.config).resolve(cfg.sample),
                              [r["seed"]])[0]
         assert r["completion"] == local.text
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from dlm_ray.config.schema import DiffusionConfig
-from dlm_ray.core.diffusion import apply_mask, diffusion_loss, estimate_nelbo, mask_rows
+from dlm_ray.core.diffusion import apply_mask, diffusion_loss, mask_rows
+from dlm_ray.core.likelihood import estimate_nelbo
 from dlm_ray.core.model import Denoiser
 
 V, MASK = 50, 49

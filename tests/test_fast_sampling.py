@@ -8,7 +8,8 @@ import torch
 from dlm_ray.config.schema import SampleConfig
 from dlm_ray.core.model import Denoiser
 from dlm_ray.core.batching import left_pad
-from dlm_ray.core.sampling import _num_commits, generate
+from dlm_ray.core.denoise import _num_commits
+from dlm_ray.core.sampling import generate
 
 MASK, PAD, EOS = 258, 256, 257
 

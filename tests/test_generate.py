@@ -281,12 +281,13 @@ def test_a_suffix_column_fills_the_gap_and_a_model_that_cannot_infill_says_so(ra
     table = pa.Table.from_pylist([_row("x", "x row 0", "s1=", {}, None, None, "9")], schema=READ_SCHEMA)
     ar = tiny_cfg.model_copy(update={"attention": "causal"}).to_dict()
     prepared = prepare_batch(table, cfg=cfg, tokenizer=tok, max_seq_len=128, model_cfg=ar).to_pylist()[0]
-    assert "a suffix needs a full-attention model" in prepared["error"]
+    assert "infilling needs a full-attention model" in prepared["error"]
 
 
 def test_an_autoregressive_checkpoint_runs_in_the_same_job(ray_cluster, tmp_path, tiny_cfg):
     from dlm_ray.io.checkpoint import load_inference
-    from dlm_ray.core.inference import complete_ids, sampler_for
+    from dlm_ray.core.inference import complete_ids
+    from dlm_ray.core.kinds import kind_of
     from dlm_ray.core.text import encode_prompt
 
     torch.manual_seed(0)
@@ -298,7 +299,7 @@ def test_an_autoregressive_checkpoint_runs_in_the_same_job(ray_cluster, tmp_path
     out = read_output(tmp_path / "out").to_pylist()
     assert summary["rows"] == 40 and summary["rows_errored"] == 0
     model, tok, _ = load_inference(str(ar))
-    ran = sampler_for(model.config, cfg.sample)
+    ran = kind_of(model.config).resolve(cfg.sample)
     for row in out[:5]:
         # The recorded settings are the ones it ran with: one token per step, one block.
         assert SampleConfig.model_validate_json(row["sample"]) == ran and ran.steps == ran.gen_length == 16

@@ -17,7 +17,7 @@ import torch
 
 from dlm_ray.io.checkpoint import load_inference, save_inference
 from dlm_ray.config.schema import ModelConfig, SampleConfig
-from dlm_ray.core.diffusion import estimate_nelbo
+from dlm_ray.core.likelihood import estimate_nelbo
 from dlm_ray.core.inference import complete_ids
 from dlm_ray.core.model import Denoiser
 

@@ -244,7 +244,7 @@ def resolve(dotted: str):
 
 def test_design_states_the_core_contracts():
     names = {name for name, _ in documented_signatures()}
-    assert {"dlm_ray.core.model.Denoiser.forward", "dlm_ray.core.sampling.generate", "dlm_ray.core.diffusion.estimate_nelbo",
+    assert {"dlm_ray.core.model.Denoiser.forward", "dlm_ray.core.sampling.generate", "dlm_ray.core.likelihood.estimate_nelbo",
             "dlm_ray.io.checkpoint.load_inference", "dlm_ray.config.io.load_config"} <= names
 
 

@@ -8,7 +8,8 @@ import torch
 from dlm_ray.config.schema import SampleConfig
 from dlm_ray.core.model import Denoiser
 from dlm_ray.core.batching import left_pad, trim_after_eos
-from dlm_ray.core.sampling import generate, num_transfer_tokens
+from dlm_ray.core.denoise import num_transfer_tokens
+from dlm_ray.core.sampling import generate
 
 MASK, PAD, EOS = 258, 256, 257
 

@@ -14,7 +14,8 @@ from dlm_ray.io.checkpoint import export, load_inference, run_dir, save_inferenc
 from dlm_ray.config.schema import DataConfig, DiffusionConfig, PretrainConfig
 from dlm_ray.config.io import load_config
 from dlm_ray.data.corpus import HELDOUT_SEED, take_examples
-from dlm_ray.core.diffusion import diffusion_loss, estimate_nelbo, mask_rows
+from dlm_ray.core.diffusion import diffusion_loss, mask_rows
+from dlm_ray.core.likelihood import estimate_nelbo
 from dlm_ray.train.metrics import read_metrics
 from dlm_ray.core.model import Denoiser
 from dlm_ray.data.sft import ExampleError, build_rows, encode_example

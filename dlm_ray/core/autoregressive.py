@@ -3,9 +3,9 @@ token-by-token sampling with a KV cache, as pure functions of a causal ``Denoise
 
 It shares everything else with the diffusion objectives (data pipeline, training job, checkpoints,
 export, ``sampling.generate``, batch generation, Serve), so a comparison between them differs in
-the objective alone. ``sampling.generate`` hands a causal model to ``generate_ar``, and
-``diffusion.estimate_nelbo`` hands it to ``nll_per_token``: for this model the bound is the exact
-negative log-likelihood.
+the objective alone. Its kind (``kinds.Autoregressive``) hands ``sampling.generate`` to
+``generate_ar`` and ``likelihood.estimate_nelbo`` to ``nll_per_token``: for this model the bound
+is the exact negative log-likelihood.
 
 Shape legend:  B batch, L sequence length, V vocab, P prompt length.
 """
@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from dlm_ray.config.schema import SampleConfig
+from dlm_ray.core.denoise import propose
 from dlm_ray.core.diffusion import exclude_mask_logit
 
 
@@ -93,8 +94,6 @@ def generate_ar(model: Any, prompt_ids_BP: torch.Tensor, cfg: SampleConfig, *, m
     diffusion sampling). The prompt is run once; each later call feeds the last token against the
     cache. ``stop_at_eos`` ends a row at its first end token (the rest become EOS); the batch stops
     when every row has. Returns LongTensor[B, P + gen_length], like ``sampling.generate``."""
-    from dlm_ray.core.sampling import propose  # sampling imports this module
-
     check_settings(cfg)
     B, P = prompt_ids_BP.shape
     device = prompt_ids_BP.device

@@ -183,7 +183,7 @@ def diffusion_loss(
 
 
 @torch.no_grad()
-def estimate_nelbo(
+def masked_nelbo(
     model: ModelFn,
     input_ids_BL: torch.Tensor,
     *,
@@ -202,19 +202,10 @@ def estimate_nelbo(
     exactly l real positions uniformly without replacement and weight the masked cross-entropy by
     n / l. The counts are stratified across samples (evenly spaced with one random offset), so a
     few dozen samples give a stable figure. A model with uniform logits over the V - 1 predictable
-    tokens (the mask excluded) scores exactly log(V - 1). A block-causal model gets the block bound;
-    an autoregressive one its exact NLL (``autoregressive.nll_per_token``: the first token of a row,
-    which has no context, is not scored).
+    tokens (the mask excluded) scores exactly log(V - 1). This is the full-attention bound; every
+    kind's is ``likelihood.estimate_nelbo``.
     """
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    if getattr(model, "causal", False):  # an autoregressive model: the exact NLL, one forward
-        from dlm_ray.core.autoregressive import nll_per_token
-
-        return nll_per_token(model, input_ids_BL, mask_id=mask_id, attention_mask=attention_mask, maskable=maskable)
-    if getattr(model, "block_causal", False):
-        return _block_nelbo(model, input_ids_BL, mask_id=mask_id, num_samples=num_samples,
-                            attention_mask=attention_mask, generator=generator, maskable=maskable)
+    _check_samples(num_samples)
     device = input_ids_BL.device
     B, L = input_ids_BL.shape
     real_BL = torch.ones_like(input_ids_BL, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
@@ -243,16 +234,22 @@ def nats_to_bits(nats: torch.Tensor | float) -> torch.Tensor | float:
     return nats / math.log(2)
 
 
-def _block_nelbo(model: ModelFn, input_ids_BL: torch.Tensor, *, mask_id: int, num_samples: int,
-                 attention_mask: torch.Tensor | None, generator: torch.Generator | None,
-                 maskable: torch.Tensor | None) -> torch.Tensor:
+def _check_samples(num_samples: int) -> None:
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+
+
+def block_nelbo(model: ModelFn, input_ids_BL: torch.Tensor, *, block_size: int, mask_id: int, num_samples: int,
+                attention_mask: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                maskable: torch.Tensor | None = None) -> torch.Tensor:
     """The block diffusion bound, nats per real token [B]: the sum over blocks of each block's NELBO
     given the clean blocks before it. Per sample and block, l of the block's n real tokens are masked
     (l stratified across samples as above) and weighted by n / l; one noisy-and-clean forward scores
     every block at once."""
+    _check_samples(num_samples)
     device = input_ids_BL.device
     B, L = input_ids_BL.shape
-    size = model.config.block_size  # type: ignore[attr-defined]
+    size = block_size
     if L % size:
         raise ValueError(f"estimate_nelbo: length {L} is not a multiple of the block size {size}")
     real_BL = torch.ones_like(input_ids_BL, dtype=torch.bool) if attention_mask is None else attention_mask.bool()

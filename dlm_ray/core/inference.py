@@ -42,31 +42,6 @@ def finish(tok: Tok, generated: list[int], num_model_calls: int) -> Completion:
     return Completion(tok.decode(ids), ids, len(generated), num_model_calls)
 
 
-def sampler_for(model_cfg: ModelConfig | None, cfg: SampleConfig) -> SampleConfig:
-    """``cfg`` as a model of this shape runs it: a block-causal model samples in its own blocks (the
-    length rounded up to whole blocks, about the same tokens per step) with its exact cache; a
-    full-attention model takes ``cfg`` as it is; an autoregressive one writes one token per call
-    (``steps`` = ``gen_length``, one block), and diffusion-only settings are refused. Batch generation,
-    Serve and evaluation apply it."""
-    if model_cfg is not None and model_cfg.attention == "causal":
-        from dlm_ray.core.autoregressive import check_settings
-
-        check_settings(cfg)
-        return cfg.model_copy(update={"steps": cfg.gen_length, "block_length": cfg.gen_length, "refresh_every": None})
-    if model_cfg is None or model_cfg.attention != "block_causal":
-        return cfg
-    if cfg.cache in ("prefix", "dual"):
-        raise ValueError(f"cache={cfg.cache!r} is for full-attention models; this block-causal model uses its "
-                         "exact block cache")
-    size = model_cfg.block_size
-    gen = -(-cfg.gen_length // size) * size
-    per_step = max(1, round(cfg.gen_length / cfg.steps))
-    steps = max(1, size // per_step) * (gen // size)
-    cache = "none" if cfg.cfg_scale else "blocks"  # guidance needs a second, uncached pass
-    return cfg.model_copy(update={"gen_length": gen, "block_length": size, "steps": steps, "cache": cache,
-                                  "refresh_every": None})
-
-
 def complete_ids(model: ModelFn, tok: Tok, prompt_ids: Sequence[list[int]], samples: SampleConfig | Sequence[SampleConfig],
                  seeds: Sequence[int], *, batch_size: int = 64, device: torch.device | str = "cpu",
                  suffixes: Sequence[list[int]] | None = None) -> list[Completion]:

@@ -21,6 +21,8 @@ import random
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+from dlm_ray.config.schema import CORPUS_FAMILIES
+
 NUM_DIGITS = (6, 6)  # inclusive range of list lengths for reverse/sort
 SUDOKU_GIVENS = 6
 HELDOUT_MODULUS = 10  # one document in ten is held out
@@ -78,6 +80,7 @@ FAMILIES: dict[str, Callable[[random.Random], Example]] = {
     "sudoku": make_sudoku,
 }
 PREFIX_TO_FAMILY = {"r": "reverse", "s": "sort", "q": "sudoku"}
+assert tuple(FAMILIES) == CORPUS_FAMILIES, "the config's list of families is this module's"
 
 
 # ------------------------------------------------------------------------------------------ checker

@@ -27,7 +27,7 @@ from ray.data.block import BlockMetadata
 from dlm_ray.config.schema import CorpusConfig, ModelConfig, SampleConfig
 from dlm_ray.config.inference import GenerateConfig, RowOverrides, check_overrides, resolve_overrides
 from dlm_ray.data.corpus import HELDOUT_SEED, iter_examples
-from dlm_ray.core.inference import sampler_for
+from dlm_ray.core.kinds import kind_of
 from dlm_ray.core.text import encode_chat, encode_prompt
 from dlm_ray.data.sources import BadInputError, file_format, filesystem_for, iter_lines, list_files
 
@@ -242,7 +242,7 @@ def prepare_batch(batch: pa.Table, *, cfg: GenerateConfig, tokenizer: Any, max_s
     """Add ``prompt_ids``, ``suffix_ids``, ``sample`` (the row's settings as JSON, as the model runs
     them) and ``seed``; fill ``error`` for rows that cannot be generated. Under ``cfg.strict`` the first bad
     row raises instead."""
-    shape = None if model_cfg is None else ModelConfig.model_validate(model_cfg)
+    kind = kind_of(None if model_cfg is None else ModelConfig.model_validate(model_cfg))
     rows = batch.to_pydict()
     n = batch.num_rows
     prompt_ids: list[list[int]] = []
@@ -261,12 +261,10 @@ def prepare_batch(batch: pa.Table, *, cfg: GenerateConfig, tokenizer: Any, max_s
                 else:
                     ids = encode_prompt(tokenizer, rows["prompt"][i], prepend_eos=cfg.prepend_eos)
                 sc, own_seed = resolve_row(rows["overrides"][i], cfg.sample)
-                sc = sampler_for(shape, sc)
+                sc = kind.resolve(sc)
                 seed = own_seed if own_seed is not None else row_seed(cfg.seed, rows["id"][i])
                 if rows["suffix"][i] is not None:
-                    if shape is not None and shape.attention != "full":
-                        raise ValueError("a suffix needs a full-attention model: this one never sees what comes "
-                                         "after the position it writes")
+                    kind.check_infill()
                     tail = encode_prompt(tokenizer, rows["suffix"][i], prepend_eos=False)
                 if len(ids) + sc.gen_length + len(tail) > max_seq_len:
                     with_suffix = f" and a suffix of {len(tail)}" if tail else ""

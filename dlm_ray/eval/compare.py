@@ -25,7 +25,8 @@ import torch
 
 from dlm_ray.config.schema import ModelConfig, PretrainConfig, SampleConfig
 from dlm_ray.data.corpus import HELDOUT_SEED, check_answer, take_examples
-from dlm_ray.core.inference import complete_texts, sampler_for
+from dlm_ray.core.inference import complete_texts
+from dlm_ray.core.kinds import kind_of_model
 
 OBJECTIVES = ("diffusion", "block", "autoregressive")
 
@@ -72,7 +73,7 @@ def measure_generation(model: Any, tok: Any, cfg: SampleConfig, *, families: lis
     """(validity per family, generated tokens/s, model calls per answer) for one sampler. With
     ``families`` (the built-in corpus) ``num_prompts`` held-out prompts of each; without, as many
     unconditional samples (from EOS alone) at temperature >= 1."""
-    cfg = sampler_for(getattr(model, "config", None), cfg)
+    cfg = kind_of_model(model).resolve(cfg)
     jobs = [(fam, take_examples({fam: 1.0}, num_prompts, seed=HELDOUT_SEED, split="heldout", family=fam))
             for fam in families] if families else [(None, None)]
     validity: dict[str, float] = {}

@@ -7,7 +7,7 @@ as LLaDA's own evaluation does:
   (the harness's own ``_encode_pair``: the context's trailing whitespace belongs to the
   continuation, so a byte-level BPE scores " Paris" as one word, not a lone space then "Paris").
   log p(continuation | context) is the Monte Carlo ELBO over the continuation alone
-  (``diffusion.estimate_nelbo(maskable=...)``, ``mc_samples`` draws, 128 by default as LLaDA's),
+  (``likelihood.estimate_nelbo(maskable=...)``, ``mc_samples`` draws, 128 by default as LLaDA's),
   a lower bound on the log-likelihood. ``is_greedy`` is LLaDA's suffix greedy decoding: the
   continuation's positions all masked, then filled one per step, the most confident first (our
   ``generate`` at temperature 0 with as many steps as tokens), and compared with the continuation.
@@ -39,8 +39,9 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from dlm_ray.core.batching import generate_many
 from dlm_ray.io.checkpoint import inference_placement, load_inference
 from dlm_ray.config.schema import SampleConfig
-from dlm_ray.core.diffusion import estimate_nelbo
-from dlm_ray.core.inference import complete_ids, sampler_for
+from dlm_ray.core.likelihood import estimate_nelbo
+from dlm_ray.core.inference import complete_ids
+from dlm_ray.core.kinds import kind_of
 
 MC_SAMPLES = 128  # LLaDA's evaluation default (mc_num)
 Pair = tuple[list[int], list[int]]  # (context ids, EOS first; continuation ids)
@@ -73,7 +74,8 @@ class DlmRayLM(TemplateLM):
         self.check_greedy = _flag(check_greedy)
         self.sample = sample if isinstance(sample, SampleConfig) else SampleConfig.model_validate(sample or {})
         self.max_len = self.model.max_seq_len
-        self.pad_to = self.model.config.block_size if self.model.config.attention == "block_causal" else 1
+        self.kind = kind_of(self.model.config)
+        self.pad_to = self.kind.block_size or 1
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> DlmRayLM:
@@ -143,13 +145,13 @@ class DlmRayLM(TemplateLM):
     def _greedy(self, pairs: Sequence[Pair]) -> list[bool]:
         """LLaDA's suffix greedy decoding: does the model, filling the continuation's masks one per
         step (most confident first, temperature 0), write exactly the continuation? The model's
-        kind applies (``sampler_for``): an autoregressive model decodes left to right, a block model
+        kind applies (``kind.resolve``): an autoregressive model decodes left to right, a block model
         block by block. Proposals range over the model's whole head, as LLaDA's do: nothing here is
         decoded to text, and an id past the tokenizer's is simply not the continuation."""
         settings, prompts = [], []
         for ctx, cont in pairs:
             n = len(cont)
-            sc = sampler_for(self.model.config, SampleConfig(gen_length=n, block_length=n, steps=n, temperature=0.0,
+            sc = self.kind.resolve(SampleConfig(gen_length=n, block_length=n, steps=n, temperature=0.0,
                                                              remasking="low_confidence"))
             keep = self.max_len - sc.gen_length  # a block model rounds n up to whole blocks
             if keep < 1:
@@ -184,7 +186,7 @@ class DlmRayLM(TemplateLM):
         steps = max(1, block // per_step) * (gen // block)
         sc = base.model_copy(update={"gen_length": gen, "block_length": block, "steps": steps,
                                      "temperature": temperature, "stop_at_eos": True})
-        return sampler_for(self.model.config, SampleConfig.model_validate(sc.model_dump()))
+        return self.kind.resolve(SampleConfig.model_validate(sc.model_dump()))
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
         """Requests with equal settings share batched ``generate`` calls; each row keeps its own seed."""

@@ -14,8 +14,10 @@ import torch
 
 from dlm_ray.config.schema import EvalConfig, SampleConfig
 from dlm_ray.data.corpus import HELDOUT_SEED, check_answer, check_document, take_examples
-from dlm_ray.core.diffusion import estimate_nelbo, nats_to_bits
-from dlm_ray.core.inference import Tok, complete_texts, sampler_for
+from dlm_ray.core.diffusion import nats_to_bits
+from dlm_ray.core.likelihood import estimate_nelbo
+from dlm_ray.core.inference import Tok, complete_texts
+from dlm_ray.core.kinds import kind_of_model
 from dlm_ray.core.sampling import ModelFn
 
 
@@ -60,7 +62,7 @@ def validity(model: ModelFn, tok: Tok, families: list[str], cfg: SampleConfig, *
     """
     rates: dict[str, float] = {}
     samples: dict[str, list[tuple[str, str, bool]]] = {}
-    cfg = sampler_for(getattr(model, "config", None), cfg)
+    cfg = kind_of_model(model).resolve(cfg)
 
     def complete(prompts: list[str], cfg: SampleConfig) -> list[str]:
         seeds = [seed + i for i in range(len(prompts))]

@@ -27,14 +27,16 @@ import torch
 from torch import nn
 
 from dlm_ray.config.schema import ModelConfig
+from dlm_ray.core.kinds import MODEL_TYPES as KIND_MODEL_TYPES
+from dlm_ray.core.kinds import KINDS, kind_of
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 OURS = "dlm_ray"  # config.json key of our own settings
-BLOCK_MODEL_TYPE = "dlm_ray_block_diffusion"  # LLaDA's layout, block-causal attention
-AR_MODEL_TYPE = "dlm_ray_autoregressive"  # LLaDA's layout, causal attention: the autoregressive baseline
-MODEL_TYPES = ("llada", BLOCK_MODEL_TYPE, AR_MODEL_TYPE)
+# config.json's model_type by model kind (kinds.py): LLaDA's own for a full-attention model; our
+# own for the other kinds, in LLaDA's layout, so a tool built for LLaDA does not take them for one.
+MODEL_TYPES = tuple(KIND_MODEL_TYPES)
 DEFAULT_SHARD_BYTES = 4 << 30
 
 DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
@@ -86,10 +88,9 @@ REQUIRED = {"block_type": "llama", "include_bias": False, "include_qkv_bias": Fa
 def llada_config(model: ModelConfig, *, mask_id: int, eos_id: int, pad_id: int, dtype: torch.dtype,
                  ours: dict[str, Any]) -> dict[str, Any]:
     """config.json for a ``Denoiser`` of shape ``model``: LLaDA's keys, ours under ``dlm_ray``."""
-    if model.attention != "full":
-        # Not LLaDA's architecture: a tool built for LLaDA must not take it for one. Same keys and names.
-        block = {"model_type": BLOCK_MODEL_TYPE if model.attention == "block_causal" else AR_MODEL_TYPE,
-                 "attention": model.attention, "block_size": model.block_size}
+    model_type = kind_of(model).model_type
+    if model_type != "llada":  # same keys and tensor names; the kind says what it is
+        block = {"model_type": model_type, "attention": model.attention, "block_size": model.block_size}
     else:
         block = {"model_type": "llada", "architectures": ["LLaDAModelLM"]}
     return {
@@ -110,9 +111,9 @@ def model_config(cfg: dict[str, Any], where: str) -> ModelConfig:
     if cfg.get("model_type") not in MODEL_TYPES:
         raise LayoutError(f"{where}: model_type is {cfg.get('model_type')!r}, not 'llada'")
     attention = cfg.get("attention", "full")
-    if attention not in ("full", "block_causal", "causal"):
+    if attention not in KINDS:
         raise LayoutError(f"{where}: attention = {attention!r} is a model kind this version does not know "
-                          "(full, block_causal, causal)")
+                          f"({', '.join(KINDS)})")
     for key, want in REQUIRED.items():
         got = cfg.get(key, want)
         if got != want and not (key == "multi_query_attention" and got is False):

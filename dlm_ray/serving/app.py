@@ -36,7 +36,8 @@ from dlm_ray.core.batching import generate_rows
 from dlm_ray.io.checkpoint import inference_placement, load_inference
 from dlm_ray.config.schema import SampleConfig
 from dlm_ray.config.inference import ServeConfig
-from dlm_ray.core.inference import Completion, complete_ids, finish, sampler_for
+from dlm_ray.core.inference import Completion, complete_ids, finish
+from dlm_ray.core.kinds import kind_of
 from dlm_ray.core.text import PromptError, encode_chat, encode_prompt
 from dlm_ray.serving.api import (MASK_GLYPH, ChatCompletionRequest, CompletionRequest, SamplingFields, StreamText, app,
                                chat_body, chat_chunk, cut_at_stop, resolve_sample, text_body, text_event)
@@ -81,6 +82,7 @@ class DenoiserServer:
         self.device, dtype = inference_placement(c.num_gpus > 0, c.dtype, c.torch_threads or int(c.num_cpus))
         self.model, self.tok, self.meta = load_inference(c.checkpoint, device=self.device, dtype=dtype,
                                                            compile=c.compile)
+        self.kind = kind_of(self.model.config)  # what this model can run, decided once
         self.max_seq_len = self.model.max_seq_len
         self.batch_sizes: Counter[int] = Counter()
         self.stream_batch_sizes: Counter[int] = Counter()
@@ -129,10 +131,10 @@ class DenoiserServer:
                 raise HTTPException(400, f"prompt {k} is empty")
         suffix: list[int] = []
         if req.suffix:
-            if self.model.config.attention != "full":
-                kind = "an autoregressive" if self.model.config.attention == "causal" else "a block-causal"
-                raise HTTPException(400, f"suffix needs a full-attention model; {self.cfg.model_name!r} is {kind} "
-                                         "model, which never sees what comes after the position it writes")
+            if not self.kind.can_infill:
+                raise HTTPException(400, f"suffix needs a full-attention model; {self.cfg.model_name!r} is "
+                                         f"{self.kind.noun} model, which never sees what comes after the position "
+                                         "it writes")
         try:
             ids = [encode_prompt(self.tok, p) for p in prompts]
             if req.suffix:
@@ -161,7 +163,7 @@ class DenoiserServer:
         answer fills the gap); the body (or stream) in its API's shape."""
         suffix = suffix or []
         try:
-            sample = sampler_for(self.model.config, resolve_sample(req, self.cfg.sample))
+            sample = self.kind.resolve(resolve_sample(req, self.cfg.sample))
         except ValueError as exc:
             raise HTTPException(400, str(exc)) from None
         stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])

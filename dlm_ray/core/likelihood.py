@@ -1,0 +1,24 @@
+"""The likelihood of any kind of model, as one call: the negative ELBO (an upper bound on the
+negative log-likelihood) for diffusion models, the exact NLL for the autoregressive baseline.
+
+The bounds themselves are ``diffusion.masked_nelbo`` (full attention: stratified counts of masked
+tokens, weighted n / l), ``diffusion.block_nelbo`` (block diffusion: each block given the clean
+blocks before it) and ``autoregressive.nll_per_token``; the model's kind chooses.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dlm_ray.core.denoise import ModelFn
+from dlm_ray.core.kinds import kind_of_model
+
+
+def estimate_nelbo(model: ModelFn, input_ids_BL: torch.Tensor, *, mask_id: int, num_samples: int,
+                   attention_mask: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                   maskable: torch.Tensor | None = None) -> torch.Tensor:
+    """Nats per real token, per row: Tensor[B]. With ``maskable`` [B, L] (an answer after its
+    prompt) only those positions are scored: the bound on -log p(answer | prompt) per answer token.
+    A model with uniform logits over the V - 1 predictable tokens scores exactly log(V - 1)."""
+    return kind_of_model(model).nelbo(model, input_ids_BL, mask_id=mask_id, num_samples=num_samples,
+                                      attention_mask=attention_mask, generator=generator, maskable=maskable)
