@@ -47,7 +47,7 @@ from dlm_ray.data.corpus import check_answer
 from dlm_ray.core.inference import complete_ids
 from dlm_ray.data.prompts import PromptSource, builtin_count, prepare_batch
 from dlm_ray.runtime import pace_scheduling
-from dlm_ray.data.sources import filesystem_for
+from dlm_ray.io.storage import filesystem_for
 
 OUTPUT_SCHEMA = pa.schema([
     ("id", pa.string()), ("prompt", pa.string()), ("messages", pa.string()), ("suffix", pa.string()),

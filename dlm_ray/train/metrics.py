@@ -19,7 +19,7 @@ import tempfile
 import time
 from typing import Any, Callable
 
-from dlm_ray.data.sources import filesystem_for
+from dlm_ray.io.storage import filesystem_for
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
