@@ -90,3 +90,53 @@ def test_hf_dataset_dict_uses_its_own_validation_split(tmp_path):
     # No content-hash split on top: every train document trains, the validation split validates.
     assert [t for _, t, _ in docs(cfg, "train")] == train
     assert [t for _, t, _ in docs(cfg, "val")] == val
+
+
+# A JSONL file with every kind of line: a BOM before the first record, a blank line, bad JSON, an
+# array, a good record, and a line that is not UTF-8.
+MIXED_JSONL = (b'\xef\xbb\xbf{"text": "a", "prompt": "p0", "response": "r0"}\n\n{oops\n[1, 2]\n'
+               b'{"text": "b", "prompt": "p4", "response": "r4", "other": 1}\n{"text": "\xff"}\n')
+
+
+def test_one_jsonl_reader_for_documents_examples_and_prompts(tmp_path):
+    """Corpus documents, fine-tuning examples and batch prompts read a JSONL file alike: a record's
+    number counts records (a blank line takes none: it is part of a prompt's id), its ``where``
+    counts lines, and a line that holds no object is reported with its reason, never dropped."""
+    from dlm_ray.config.inference import GenerateConfig
+    from dlm_ray.data.prompts import _read_file
+    from dlm_ray.data.sft import iter_records
+    from dlm_ray.data.sources import iter_jsonl_records
+
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(MIXED_JSONL)
+    got = [(r.index, r.where, r.reason) for r in iter_jsonl_records(str(path))]
+    assert got == [(0, "line 1", None), (1, "line 3", "bad_json"), (2, "line 4", "not_an_object"),
+                   (3, "line 5", None), (4, "line 6", "non_utf8")]
+
+    documents = docs(DataConfig(source=str(path), val_fraction=0))
+    assert documents == [("line 1", "a", None), ("line 3", None, "bad_json"), ("line 4", None, "not_an_object"),
+                         ("line 5", "b", None), ("line 6", None, "non_utf8")]
+
+    item = {"format": "jsonl", "path": str(path), "split": "train", "holdout": "none"}
+    examples = list(iter_records(item, DataConfig(task="sft")))
+    assert [(w, r) for w, _, r in examples] == [(w, r) for w, _, r in documents]
+    assert examples[3][1] == {"prompt": "p4", "response": "r4"}
+
+    rows = [row for t in _read_file(str(path), "mixed.jsonl", "jsonl", GenerateConfig()) for row in t.to_pylist()]
+    assert [r["id"] for r in rows] == [f"mixed.jsonl:{n}" for n in range(5)]
+    assert [r["prompt"] for r in rows] == ["p0", None, None, "p4", None]
+    assert rows[0]["error"] is None and rows[3]["error"] is None
+    assert rows[1]["error"].startswith("bad JSON") and rows[4]["error"].startswith("bad JSON: not UTF-8")
+    assert rows[2]["error"] == "record is list, not an object"
+
+
+def test_a_runs_metrics_are_read_by_the_same_reader_and_a_bad_line_is_named(tmp_path):
+    from dlm_ray.train.metrics import read_metrics
+
+    assert read_metrics(str(tmp_path)) == []
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.5}\n\n{"step": 2, "loss": 2.0}\n')
+    assert read_metrics(str(tmp_path)) == [{"step": 1, "loss": 2.5}, {"step": 2, "loss": 2.0}]
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.5}\n{"step": 2, "lo\n')
+    with pytest.raises(ValueError, match=r"metrics\.jsonl: line 2: bad JSON"):
+        read_metrics(str(tmp_path))
+

@@ -29,7 +29,7 @@ from dlm_ray.config.inference import GenerateConfig, RowOverrides, check_overrid
 from dlm_ray.data.corpus import HELDOUT_SEED, iter_examples
 from dlm_ray.core.kinds import kind_of
 from dlm_ray.core.text import encode_chat, encode_prompt
-from dlm_ray.data.sources import BadInputError, file_format, filesystem_for, iter_lines, list_files
+from dlm_ray.data.sources import BadInputError, file_format, iter_jsonl_records, iter_table_records, list_files
 
 # Per-row sampler overrides: input columns with these names, when present and not null. They are
 # checked as a Serve request's sampler fields are (config_inference.SampleOverrides).
@@ -67,34 +67,14 @@ def _row(id_: str, where: str, prompt: Any, overrides: dict[str, Any], error: st
 
 
 def _records(fmt: str, uri: str, columns: set[str]) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
-    """(row number, record or None, parse error) of one file, only the columns we use."""
+    """(row number, record or None, parse error) of one file, only the columns we use. A JSONL row's
+    number counts records, not lines (a blank line takes none): it is part of the row's id."""
     if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        filesystem, path = filesystem_for(uri)
-        with filesystem.open_input_file(path) as f:
-            pf = pq.ParquetFile(f)
-            cols = [c for c in pf.schema_arrow.names if c in columns]
-            n = 0
-            for batch in pf.iter_batches(columns=cols):
-                for record in batch.to_pylist():
-                    yield n, record, None
-                    n += 1
+        for n, (_, record) in enumerate(iter_table_records(fmt, uri, sorted(columns))):
+            yield n, record, None
         return
-    n = 0
-    for line in iter_lines(uri):
-        if not line.strip():
-            continue  # blank lines are not records (and do not take a row number)
-        try:
-            record = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            yield n, None, f"bad JSON: {exc}"
-        else:
-            if isinstance(record, dict):
-                yield n, {k: v for k, v in record.items() if k in columns}, None
-            else:
-                yield n, None, f"record is {type(record).__name__}, not an object"
-        n += 1
+    for r in iter_jsonl_records(uri):
+        yield r.index, None if r.record is None else {k: v for k, v in r.record.items() if k in columns}, r.error
 
 
 def _read_file(uri: str, name: str, fmt: str, cfg: GenerateConfig) -> Iterator[pa.Table]:

@@ -24,7 +24,7 @@ from dlm_ray.config.schema import DataConfig
 from dlm_ray.core.text import PromptError, encode_chat, encode_prompt
 from dlm_ray.data.corpus import example_at, is_heldout
 from dlm_ray.data.packing import stable_id
-from dlm_ray.data.sources import in_val, iter_jsonl_records, iter_table_records, marker_reason
+from dlm_ray.data.sources import in_val, iter_jsonl_records, iter_table_records
 
 Record = tuple[str, "dict[str, Any] | None", "str | None"]  # (where, record, reason it is unusable)
 
@@ -61,9 +61,8 @@ def _raw_records(item: dict[str, Any], cfg: DataConfig) -> Iterator[Record]:
     fmt, uri = item["format"], item["path"]
     columns = [cfg.prompt_column, cfg.response_column, cfg.messages_column]
     if fmt == "jsonl":
-        for where, record in iter_jsonl_records(uri):
-            reason = marker_reason(record)
-            yield (where, None, reason) if reason else (where, {k: record.get(k) for k in columns if k in record}, None)
+        for r in iter_jsonl_records(uri):
+            yield r.where, None if r.record is None else {k: r.record[k] for k in columns if k in r.record}, r.reason
     elif fmt in ("parquet", "arrow"):
         for where, record in iter_table_records(fmt, uri, columns):
             yield where, record, None

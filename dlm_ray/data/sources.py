@@ -11,6 +11,10 @@ Every document comes out as ``(where, text, None)`` or, when it cannot be used,
 caller counts or raises, nothing is dropped here unseen. A file that is not text at all (its first
 block mostly binary: an archive or random bytes under a text name) is one unreadable file
 (``OSError``), not thousands of bad rows.
+
+``iter_jsonl_records`` and ``iter_table_records`` are the package's readers of JSONL and of
+Parquet/Arrow rows: fine-tuning examples, batch-generation prompts and a run's metrics are read
+through them too.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import fnmatch
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 from dlm_ray.config.schema import DataConfig
 from dlm_ray.data.corpus import example_at, is_heldout
@@ -184,45 +188,67 @@ def iter_lines(uri: str) -> Iterator[bytes]:
             yield rest
 
 
-def _raw_documents(item: dict[str, Any], cfg: DataConfig) -> Iterator[tuple[str, Any]]:
-    """(where, raw value) pairs before validation; raw may be bytes, str, None or a JSON error marker."""
+def _raw_documents(item: dict[str, Any], cfg: DataConfig) -> Iterator[tuple[str, Any, str | None]]:
+    """(where, raw value, reason) before validation; raw may be bytes, str or None, and a JSONL line
+    that holds no record comes with its reason."""
     fmt, uri = item["format"], item.get("path", "")
     if fmt == "text" and cfg.text_unit == "line":
         for n, line in enumerate(iter_lines(uri), 1):
-            yield f"line {n}", line.rstrip(b"\r")
+            yield f"line {n}", line.rstrip(b"\r"), None
     elif fmt == "text":
         filesystem, path = filesystem_for(uri)
         with filesystem.open_input_stream(path, compression="detect") as f:
-            yield "file", f.read()
+            yield "file", f.read(), None
     elif fmt == "jsonl":
         fast = _arrow_jsonl(uri, cfg.text_column)
         if fast is not None:
             for n, value in enumerate(fast):
-                yield f"record {n}", value
+                yield f"record {n}", value, None
             return
-        for where, record in iter_jsonl_records(uri):
-            yield where, record.get(cfg.text_column) if isinstance(record, dict) else record
+        for r in iter_jsonl_records(uri):
+            yield r.where, None if r.record is None else r.record.get(cfg.text_column), r.reason
     elif fmt in ("parquet", "arrow"):
         for where, record in iter_table_records(fmt, uri, [cfg.text_column], required=cfg.text_column):
-            yield where, record[cfg.text_column]
+            yield where, record[cfg.text_column], None
     else:
         raise ValueError(f"unknown format {fmt!r} for {uri}")
 
 
-def iter_jsonl_records(uri: str) -> Iterator[tuple[str, Any]]:
-    """(where, record) of each JSONL line; a line that is no JSON object gives a reason marker."""
+class JsonRecord(NamedTuple):
+    """One non-blank line of a JSONL file: the object it holds, or why it holds none."""
+
+    index: int  # among the file's records, from 0 (blank lines are not records)
+    line: int  # in the file, from 1
+    record: dict[str, Any] | None  # None when the line is no JSON object
+    reason: str | None  # then: bad_json, not_an_object or non_utf8 (a counter's name)
+    error: str | None  # and the same in words, for a message
+
+    @property
+    def where(self) -> str:
+        return f"line {self.line}"
+
+
+def iter_jsonl_records(uri: str) -> Iterator[JsonRecord]:
+    """Every record of a (possibly compressed) JSONL file, streamed; a line that holds no JSON object
+    comes with its reason, never dropped or raised here: the caller counts, reports or raises it."""
+    index = 0
     for n, line in enumerate(iter_lines(uri), 1):
         if not line.strip():
             continue  # blank lines between records are not records
+        record, reason, error = None, None, None
         try:
-            record = json.loads(line.decode("utf-8"))
-        except UnicodeDecodeError:
-            yield f"line {n}", _NON_UTF8
-            continue
-        except json.JSONDecodeError:
-            yield f"line {n}", _BAD_JSON
-            continue
-        yield f"line {n}", record if isinstance(record, dict) else _NOT_OBJECT
+            value = json.loads(line.decode("utf-8-sig" if n == 1 else "utf-8"))  # some editors open a file with a BOM
+        except UnicodeDecodeError as exc:
+            reason, error = "non_utf8", f"bad JSON: not UTF-8 ({exc})"
+        except json.JSONDecodeError as exc:
+            reason, error = "bad_json", f"bad JSON: {exc}"
+        else:
+            if isinstance(value, dict):
+                record = value
+            else:
+                reason, error = "not_an_object", f"record is {type(value).__name__}, not an object"
+        yield JsonRecord(index, n, record, reason, error)
+        index += 1
 
 
 def iter_table_records(fmt: str, uri: str, columns: list[str], *, required: str | None = None
@@ -248,16 +274,6 @@ def iter_table_records(fmt: str, uri: str, columns: list[str], *, required: str 
             for record in batch.select(cols).to_pylist():
                 yield f"row {n}", record
                 n += 1
-
-
-def marker_reason(value: Any) -> str | None:
-    """The reason a raw value from ``iter_jsonl_records`` is not a record, or None if it is one."""
-    return _MARKERS.get(id(value))
-
-
-# Markers for raw values that are not documents, each with its own reason.
-_BAD_JSON, _NOT_OBJECT, _NON_UTF8 = object(), object(), object()
-_MARKERS = {id(_BAD_JSON): "bad_json", id(_NOT_OBJECT): "not_an_object", id(_NON_UTF8): "non_utf8"}
 
 
 def _arrow_jsonl(uri: str, column: str) -> list[Any] | None:
@@ -287,8 +303,8 @@ def iter_documents(item: dict[str, Any], cfg: DataConfig) -> Iterator[Doc]:
                 yield f"document {index}", ex.text, None
         return
     hashed = item.get("holdout") == "hash" and cfg.val_fraction > 0
-    for where, raw in _raw_documents(item, cfg):
-        text, reason = (None, _MARKERS[id(raw)]) if id(raw) in _MARKERS else _check_text(raw)
+    for where, raw, reason in _raw_documents(item, cfg):
+        text, reason = (None, reason) if reason else _check_text(raw)
         if text is not None and hashed and in_val(text, cfg.val_fraction) != (item["split"] == "val"):
             continue  # belongs to the other split
         if text is None and hashed and item["split"] == "val":

@@ -19,6 +19,7 @@ import tempfile
 import time
 from typing import Any, Callable
 
+from dlm_ray.data.sources import iter_jsonl_records
 from dlm_ray.io.storage import filesystem_for
 
 METRICS_FILE = "metrics.jsonl"
@@ -36,8 +37,12 @@ def read_metrics(run_uri: str) -> list[dict[str, Any]]:
     path = f"{root}/{METRICS_FILE}"
     if filesystem.get_file_info(path).type != pafs.FileType.File:
         return []
-    with filesystem.open_input_stream(path) as f:
-        return [json.loads(line) for line in f.read().decode().splitlines() if line.strip()]
+    records = []
+    for r in iter_jsonl_records(f"{run_uri.rstrip('/')}/{METRICS_FILE}"):
+        if r.record is None:
+            raise ValueError(f"{run_uri}/{METRICS_FILE}: {r.where}: {r.error}")
+        records.append(r.record)
+    return records
 
 
 class MetricsLog:
