@@ -140,3 +140,25 @@ def test_a_runs_metrics_are_read_by_the_same_reader_and_a_bad_line_is_named(tmp_
     with pytest.raises(ValueError, match=r"metrics\.jsonl: line 2: bad JSON"):
         read_metrics(str(tmp_path))
 
+
+def test_stored_hashes_keep_the_values_data_was_written_with():
+    """The held-out splits, packed rows' ids and batch rows' seeds name stored data: each is still the
+    blake2b formula it was, so no document changes side and a resumed job draws the same seeds."""
+    import hashlib
+
+    from dlm_ray.data.corpus import is_heldout
+    from dlm_ray.data.hashing import stable_id
+    from dlm_ray.data.prompts import row_seed
+    from dlm_ray.data.sources import in_val
+
+    def blake(text: str) -> int:
+        return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+    texts = [f"r{i:06d}=" for i in range(200)] + ["café", "document number 7", ""]
+    assert {is_heldout(t) for t in texts} == {True, False}
+    for t in texts:
+        assert is_heldout(t) == (blake(t) % 10 == 0)
+        assert in_val(t, 0.3) == (blake(t) / 2**64 < 0.3)
+    assert stable_id("s3://b/x.jsonl:train", 5) == blake("s3://b/x.jsonl:train\x1f5") >> 1
+    assert stable_id(0, 1, "k") == blake("0\x1f1\x1fk") >> 1
+    assert row_seed(7, "a/part.jsonl:3") == blake("7:a/part.jsonl:3") >> 1

@@ -11,16 +11,11 @@ the forward process must leave alone: conditional pretraining), cut and carried 
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any, Iterator
 
 import numpy as np
 
-
-def stable_id(*parts: Any) -> int:
-    """A 63-bit id from the parts' text: the same on every machine and run."""
-    digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
+from dlm_ray.data.hashing import stable_id
 
 
 class Packer:

@@ -34,7 +34,8 @@ import ray
 
 from dlm_ray.config.schema import DataConfig, DiffusionConfig
 from dlm_ray.data.corpus import prompt_length
-from dlm_ray.data.packing import Packer, shuffle_in_windows, stable_id
+from dlm_ray.data.hashing import stable_id
+from dlm_ray.data.packing import Packer, shuffle_in_windows
 from dlm_ray.data.sources import BadInputError, iter_documents, resolve_items
 from dlm_ray.io.storage import filesystem_for
 from dlm_ray.core.tokenizer import load_tokenizer

@@ -13,7 +13,6 @@ prompts (and suffixes, for infilling) and resolves each row's sampler settings (
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import PurePosixPath
 from typing import Any, Iterator
@@ -27,6 +26,7 @@ from ray.data.block import BlockMetadata
 from dlm_ray.config.schema import CorpusConfig, ModelConfig, SampleConfig
 from dlm_ray.config.inference import GenerateConfig, RowOverrides, check_overrides, resolve_overrides
 from dlm_ray.data.corpus import HELDOUT_SEED, iter_examples
+from dlm_ray.data.hashing import hash64
 from dlm_ray.core.kinds import kind_of
 from dlm_ray.core.text import encode_chat, encode_prompt
 from dlm_ray.data.sources import BadInputError, file_format, iter_jsonl_records, iter_table_records, list_files
@@ -201,8 +201,9 @@ def _common_root(paths: list[str]) -> str:
 
 def row_seed(base_seed: int, id_: str) -> int:
     """The sampling seed of a row without its own: stable in the id, not in the row's position."""
-    digest = hashlib.blake2b(f"{base_seed}:{id_}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1  # fits int64
+    # stable_id(base_seed, id_) but joined by ":", as outputs already written were seeded: a rerun
+    # that completes an output must draw the seeds its first rows were generated with.
+    return hash64(f"{base_seed}:{id_}") >> 1  # fits int64
 
 
 def resolve_row(overrides_json: str | None, defaults: SampleConfig) -> tuple[SampleConfig, int | None]:

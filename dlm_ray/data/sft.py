@@ -23,7 +23,7 @@ import numpy as np
 from dlm_ray.config.schema import DataConfig
 from dlm_ray.core.text import PromptError, encode_chat, encode_prompt
 from dlm_ray.data.corpus import example_at, is_heldout
-from dlm_ray.data.packing import stable_id
+from dlm_ray.data.hashing import stable_id
 from dlm_ray.data.sources import in_val, iter_jsonl_records, iter_table_records
 
 Record = tuple[str, "dict[str, Any] | None", "str | None"]  # (where, record, reason it is unusable)

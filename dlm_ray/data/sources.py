@@ -20,13 +20,13 @@ through them too.
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
 from dlm_ray.config.schema import DataConfig
 from dlm_ray.data.corpus import example_at, is_heldout
+from dlm_ray.data.hashing import hash64
 from dlm_ray.io.storage import filesystem_for
 
 Doc = tuple[str, "str | None", "str | None"]
@@ -138,9 +138,9 @@ def resolve_items(cfg: DataConfig, split: str) -> list[dict[str, Any]]:
 
 
 def in_val(text: str, fraction: float) -> bool:
-    """Content-hash split: the same document always lands on the same side."""
-    h = int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
-    return h / 2**64 < fraction
+    """Content-hash split: the same document always lands on the same side (the built-in corpus has
+    its own rule on the same hash, ``corpus.is_heldout``)."""
+    return hash64(text) / 2**64 < fraction
 
 
 def _check_text(value: Any) -> tuple[str | None, str | None]:
