@@ -2,8 +2,8 @@
 
 Each Ray Train worker builds the denoiser, calls ``deepspeed.initialize`` itself (ZeRO 0-3, CPU
 offload optional; bf16 on GPU, fp32 on CPU with gloo), and reads its shard of masked, packed rows
-from the Ray Data pipeline. The loss is ``dlm_ray.core.diffusion.diffusion_loss`` (for an autoregressive
-model, ``dlm_ray.core.autoregressive.next_token_loss`` on unmasked rows). On GPU the optimizer
+from the Ray Data pipeline. The loss is the model kind's (``dlm_ray.core.kinds``: the masked
+diffusion loss, or for an autoregressive model the next-token loss on unmasked rows). On GPU the optimizer
 is torch's fused AdamW; activation checkpointing is per block (``train.activation_checkpointing``);
 before training, rank 0 prints DeepSpeed's memory estimate for the model and ZeRO stage, and a
 configuration that cannot fit is refused. MFU uses the device's peak FLOP/s by name (none on CPU).
@@ -23,32 +23,18 @@ import ray
 import ray.train
 import torch
 
-from dlm_ray.core.autoregressive import next_token_loss
 from dlm_ray.io.checkpoint import latest_checkpoint, run_dir
 from dlm_ray.config.schema import PretrainConfig
 from dlm_ray.data.pipeline import DataPosition, packed_dataset
-from dlm_ray.core.diffusion import diffusion_loss
+from dlm_ray.core.kinds import kind_of
 from dlm_ray.train.trainer import Trainer
-from dlm_ray.core.model import flops_per_token
 from dlm_ray.runtime import pace_scheduling
 
 
 def _loss(engine: Any, b: dict[str, torch.Tensor], cfg: PretrainConfig, mask_id: int) -> torch.Tensor:
-    """The step's loss, by the model's kind: the 1/t-weighted masked cross-entropy (full attention;
-    block-causal models see the noisy row and the clean row together, BD3-LM) or the next-token loss
-    (causal). Fine-tuning rows (LLaDA) score the answer only, each row over its answer length, then
-    over the rows."""
-    x0, am = b["input_ids"].long(), b["attention_mask"].long()
-    sft = "answer_len" in b
-    weight = 1.0 / b["answer_len"].float() if sft else None
-    if cfg.model.attention == "causal":
-        answer = torch.arange(x0.shape[1], device=x0.device)[None, :] >= b["prompt_len"][:, None] if sft else None
-        n = len(b["answer_len"]) if sft else (am[:, :-1] & am[:, 1:]).sum().clamp_min(1)
-        return next_token_loss(engine(x0, am), x0, am, n, mask_id=mask_id, maskable_BL=answer, row_weight_B=weight)
-    clean = {"clean_ids": x0} if cfg.model.attention == "block_causal" else {}
-    logits = engine(b["noisy_ids"].long(), am, **clean)
-    n = len(b["answer_len"]) if sft else am.sum().clamp_min(1)
-    return diffusion_loss(logits, x0, b["loss_mask"], b["p_mask"], n, mask_id=mask_id, row_weight_B=weight)
+    """The step's loss: the model kind's (``kinds``): the 1/t-weighted masked cross-entropy, over the
+    noisy and clean rows together for block diffusion, or the next-token loss."""
+    return kind_of(cfg.model).loss(engine, b, mask_id=mask_id)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -58,13 +44,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def training_flops_per_token(cfg: PretrainConfig) -> float:
-    """FLOPs per trained token. A block-diffusion row runs its noisy and clean copies through the
-    blocks together (twice the tokens, over a sequence twice as long); only the noisy copy reaches
-    the LM head."""
-    if cfg.model.attention != "block_causal":
-        return flops_per_token(cfg.model, cfg.data.seq_len)
-    head = 6.0 * cfg.model.d_model * cfg.model.vocab_size
-    return 2 * (flops_per_token(cfg.model, 2 * cfg.data.seq_len) - head) + head
+    """FLOPs per trained token, as the model's kind runs a row (block diffusion: both copies)."""
+    return kind_of(cfg.model).flops_per_token(cfg.data.seq_len)
 
 
 # ------------------------------------------------------------------------------------------ driver
@@ -105,9 +86,10 @@ def fit(cfg: PretrainConfig) -> ray.train.Result:
         print(f"[fit] resuming {run_dir(cfg)} from {resume[0]} (step {state['step']}, data position {start})",
               flush=True)
     tc = cfg.train
-    block_size = cfg.model.block_size if cfg.model.attention == "block_causal" else None
+    kind = kind_of(cfg.model)
+    block_size = kind.block_size  # block diffusion: each block noised at its own level
     # An autoregressive model trains on the clean rows: the pipeline leaves out the masking.
-    diffusion = None if cfg.model.attention == "causal" else cfg.diffusion
+    diffusion = cfg.diffusion if kind.masked_training else None
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cfg.data.progress_bars
     ctx.print_on_execution_start = cfg.data.progress_bars  # the dataset plan lines, with the bars

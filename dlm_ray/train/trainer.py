@@ -317,7 +317,7 @@ def _fail_once(cfg: PretrainConfig, rank: int) -> None:
     """Raise once per run and rank: a marker in the run directory (any filesystem) says it happened."""
     import pyarrow.fs as pafs
 
-    from dlm_ray.data.sources import filesystem_for
+    from dlm_ray.io.storage import filesystem_for
 
     filesystem, root = filesystem_for(run_dir(cfg))
     marker = f"{root}/.fault_injected_rank{rank}"
