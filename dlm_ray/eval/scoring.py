@@ -14,6 +14,7 @@ import torch
 
 from dlm_ray.config.schema import EvalConfig, SampleConfig
 from dlm_ray.data.corpus import HELDOUT_SEED, check_answer, check_document, take_examples
+from dlm_ray.data.packing import Packer
 from dlm_ray.core.diffusion import nats_to_bits
 from dlm_ray.core.likelihood import estimate_nelbo
 from dlm_ray.core.inference import Tok, complete_texts
@@ -21,28 +22,35 @@ from dlm_ray.core.kinds import kind_of_model
 from dlm_ray.core.sampling import ModelFn
 
 
-def pack_stream(token_lists: list[list[int]], seq_len: int, eos_id: int) -> np.ndarray:
-    """Concatenate documents, each followed by EOS, and cut into full rows [N, seq_len]."""
-    flat = [t for ids in token_lists for t in (*ids, eos_id)]
-    n = len(flat) // seq_len
-    return np.asarray(flat[: n * seq_len], dtype=np.int64).reshape(n, seq_len)
-
-
 def corpus_rows(tok: Tok, families: dict[str, float], num_docs: int, seq_len: int, *, seed: int,
-                split: str) -> np.ndarray:
+                split: str) -> dict[str, np.ndarray]:
+    """``num_docs`` documents of a split packed as training packs them (``data.packing.Packer``):
+    each followed by EOS, cut into ``seq_len`` rows, the last one padded (``attention_mask`` 0), so
+    every token of every document is in a row."""
+    if num_docs < 1:
+        raise ValueError(f"num_docs must be at least 1, got {num_docs}")
     docs = take_examples(families, num_docs, seed=seed, split=split)
-    return pack_stream([tok.encode(d.text) for d in docs], seq_len, tok.eos_id)
+    packer = Packer(seq_len, tok.eos_id, tok.pad_id, key=f"scoring:{split}:{seed}")
+    packer.add([np.asarray(tok.encode(d.text), dtype=np.int32) for d in docs])
+    return packer.rows(final=True)
 
 
 @torch.no_grad()
 def heldout_bits_per_token(model: ModelFn, tok: Tok, families: dict[str, float], *, num_docs: int,
                            seq_len: int, num_samples: int, seed: int = HELDOUT_SEED, batch_size: int = 64) -> float:
-    """Mean held-out NELBO in bits per token over packed rows of held-out documents."""
-    rows = torch.from_numpy(corpus_rows(tok, families, num_docs, seq_len, seed=seed, split="heldout"))
+    """Held-out NELBO in bits per token over every token of ``num_docs`` held-out documents (each
+    with its EOS), packed into ``seq_len`` rows."""
+    rows = corpus_rows(tok, families, num_docs, seq_len, seed=seed, split="heldout")
+    ids_RL = torch.from_numpy(rows["input_ids"]).long()
+    real_RL = torch.from_numpy(rows["attention_mask"]).long()
     gen = torch.Generator().manual_seed(seed)
-    vals = [estimate_nelbo(model, rows[i:i + batch_size], mask_id=tok.mask_id, num_samples=num_samples,
-                           generator=gen) for i in range(0, len(rows), batch_size)]
-    return float(nats_to_bits(torch.cat(vals).mean()))
+    nelbo_R = torch.cat([estimate_nelbo(model, ids_RL[i:i + batch_size], mask_id=tok.mask_id, num_samples=num_samples,
+                                        attention_mask=real_RL[i:i + batch_size], generator=gen)
+                         for i in range(0, len(ids_RL), batch_size)])
+    # A row's figure is per real token; weighted by its real tokens the mean is per token, so the
+    # padded last row counts for the tokens it holds, not as a whole row.
+    n_R = real_RL.sum(-1).double()
+    return float(nats_to_bits((nelbo_R.double() * n_R).sum() / n_R.sum()))
 
 
 @dataclass
