@@ -98,3 +98,13 @@ def test_training_code_is_small_named_steps():
     assert any(name.endswith(" fit") for name in lengths)  # the files were read
     too_long = {name: n for name, n in lengths.items() if n > MAX_FUNCTION_LINES}
     assert not too_long, f"functions over {MAX_FUNCTION_LINES} lines: {too_long}"
+
+
+def test_the_fault_drill_fires_on_object_storage():
+    """``fail_once_at_step`` on a run kept in object storage (pyarrow's in-memory filesystem here)
+    raises as it does locally; it was silently skipped for any URI."""
+    from dlm_ray.train.trainer import InjectedFault, _fail_once
+
+    cfg = PretrainConfig(storage_path="mock:///runs", run_name="drill", train={"fail_once_at_step": 3})
+    with pytest.raises(InjectedFault, match="after step 3"):
+        _fail_once(cfg, rank=0)
