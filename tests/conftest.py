@@ -44,6 +44,30 @@ def tiny_cfg() -> ModelConfig:
     return ModelConfig(preset="tiny", d_model=64, n_layers=2, n_heads=4, d_mlp=128, max_seq_len=128)
 
 
+# What the Llama/Qwen families add to LLaDA's block, all at once: grouped-query attention (4 query
+# heads on 2 key/value heads), a head width that is not d_model / n_heads, q/k/v biases, Qwen3's q/k
+# norms, tied embeddings, and (diffusion models adapted from autoregressive ones) the shifted head.
+QWEN_SHAPE = {"n_kv_heads": 2, "head_dim": 8, "qkv_bias": True, "qk_norm": True, "tie_embeddings": True,
+              "shift_logits": True}
+FAMILIES = {"llada": {}, "qwen": QWEN_SHAPE}
+
+
+def family_model(cfg: ModelConfig, family: str, **update: object) -> torch.nn.Module:
+    """A ``Denoiser`` of ``cfg`` in one of ``FAMILIES``' shapes, with every weight random (biases and
+    norm gains too, which start at 0 and 1 and would hide a wrong layout)."""
+    from dlm_ray.core.model import Denoiser
+
+    shape = dict(FAMILIES[family])
+    if update.get("attention") == "causal":
+        shape.pop("shift_logits", None)
+    model = Denoiser(ModelConfig.model_validate({**cfg.model_dump(), **shape, **update}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_(torch.randn_like(p) * 0.1 + (0 if name.endswith(".bias") else 1))
+    return model
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

@@ -17,15 +17,15 @@ from dlm_ray.core.kinds import kind_of
 from dlm_ray.core.model import Denoiser
 from dlm_ray.core.batching import left_pad
 from dlm_ray.core.sampling import generate
+from tests.conftest import FAMILIES, family_model
 
 MASK, PAD, EOS = 258, 256, 257
 
 
-@pytest.fixture
-def ar_model(tiny_cfg):
+@pytest.fixture(params=list(FAMILIES))
+def ar_model(tiny_cfg, request):
     torch.manual_seed(0)
-    cfg = ModelConfig.model_validate({**tiny_cfg.model_dump(), "attention": "causal", "init_std": 0.2})
-    return Denoiser(cfg).double().eval()
+    return family_model(tiny_cfg, request.param, attention="causal", init_std=0.2).double().eval()
 
 
 def naive_greedy(model: Denoiser, prompt: list[int], n: int) -> list[int]:

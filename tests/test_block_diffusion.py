@@ -13,18 +13,18 @@ from dlm_ray.config.schema import ModelConfig, SampleConfig
 from dlm_ray.core.model import Denoiser
 from dlm_ray.core.batching import left_pad
 from dlm_ray.core.sampling import generate
+from tests.conftest import FAMILIES, family_model
 
 MASK, PAD, EOS = 258, 256, 257
 B = 4  # block size
 
 
-@pytest.fixture
-def block_model(tiny_cfg):
+@pytest.fixture(params=list(FAMILIES))
+def block_model(tiny_cfg, request):
     torch.manual_seed(0)
-    cfg = tiny_cfg.model_copy(update={"attention": "block_causal", "block_size": B})
     # float64: the cached and uncached paths add the same numbers in other orders; in float64 no
     # rounding difference can turn a tie, so their tokens must agree exactly.
-    return Denoiser(ModelConfig.model_validate(cfg.model_dump())).double().eval()
+    return family_model(tiny_cfg, request.param, attention="block_causal", block_size=B).double().eval()
 
 
 @torch.no_grad()
@@ -38,7 +38,9 @@ def test_a_position_sees_its_block_and_the_blocks_before_never_after(block_model
     inside = x.clone()
     inside[0, 9] = (x[0, 9] + 1) % 250  # block 2 changes: all of block 2 (both ways) and block 3 see it
     out = block_model(inside)
-    assert torch.equal(out[0, :8], base[0, :8]) and not torch.allclose(out[0, 8], base[0, 8])
+    # A shifted model's logits at i read the state at i - 1: a block's first logits read the block before.
+    k = 8 + block_model.config.shift_logits
+    assert torch.equal(out[0, :k], base[0, :k]) and not torch.allclose(out[0, k], base[0, k])
     # Counted from block_start: with blocks starting at 2, position 1 is in the block before.
     shifted = block_model(x, block_start=2)
     assert not torch.allclose(shifted, base)

@@ -51,10 +51,23 @@ class ModelConfig(Config):
     d_model: int = Field(128, gt=0)
     n_layers: int = Field(4, gt=0)
     n_heads: int = Field(4, gt=0)
+    # Grouped-query attention (Llama 3, Qwen): heads share n_kv_heads key/value heads; None = n_heads.
+    n_kv_heads: int | None = Field(None, gt=0)
+    # Per-head width; None = d_model / n_heads (Qwen3 sets it independently).
+    head_dim: int | None = Field(None, gt=0)
     d_mlp: int = Field(384, gt=0)
     max_seq_len: int = Field(256, gt=0)
     rope_theta: float = Field(10000.0, gt=0)
     norm_eps: float = Field(1e-5, gt=0)
+    # What the Llama/Qwen families add to LLaDA's block: q/k/v projection biases (Qwen2), an RMSNorm
+    # over each query and key head before RoPE (Qwen3), the LM head sharing the embedding's matrix.
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    tie_embeddings: bool = False
+    # A model adapted from an autoregressive one keeps its head's alignment (hidden state i predicts
+    # token i + 1) and shifts inside: the logits at i come from the hidden state at i - 1, and position
+    # 0 keeps its own. The model call's contract (logits at i predict token i) is unchanged.
+    shift_logits: bool = False
     init_std: float = Field(0.02, gt=0)
     # torch.compile each block (training, and sampling where the job sets compile): off by default.
     compile: bool = False
@@ -79,11 +92,26 @@ class ModelConfig(Config):
     def _check_heads(self) -> ModelConfig:
         if self.attention == "block_causal" and self.max_seq_len % self.block_size:
             raise ValueError(f"block_size={self.block_size} does not divide max_seq_len={self.max_seq_len}")
-        if self.d_model % self.n_heads:
+        if self.head_dim is None and self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
-        if (self.d_model // self.n_heads) % 2:
-            raise ValueError(f"head dim {self.d_model // self.n_heads} must be even for RoPE")
+        if self.head_size % 2:
+            raise ValueError(f"head dim {self.head_size} must be even for RoPE")
+        if self.n_heads % self.kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.kv_heads}")
+        if self.shift_logits and self.attention == "causal":
+            raise ValueError("shift_logits is for diffusion models adapted from an autoregressive one; "
+                             "a causal model already predicts the next token")
         return self
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads (n_kv_heads, or n_heads without grouped-query attention)."""
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_size(self) -> int:
+        """Width of one attention head (head_dim, or d_model / n_heads)."""
+        return self.head_dim or self.d_model // self.n_heads
 
 
 # ----------------------------------------------------------------------------------------- diffusion

@@ -4,8 +4,12 @@ LLaDA's architecture at any size: token embedding, rotary positions, pre-norm RM
 multi-head attention and a SiLU-gated MLP, no biases, an untied LM head, and no time input (the
 best prediction at a masked position depends only on the visible tokens). Attention is full, not
 causal: every position sees every real token. The model knows nothing of the loss or of training.
+The same block also takes what the Llama/Qwen families add (grouped-query attention, q/k/v biases,
+Qwen3's per-head q/k norms, a head width of its own, tied embeddings), so their checkpoints load as
+they are; caches keep the key/value heads only, never repeated copies.
 
-Shape legend:  B batch, L sequence length, D d_model, H heads, K head dim (D / H), V vocab, F MLP.
+Shape legend:  B batch, L sequence length, D d_model, H heads, G key/value heads, K head dim,
+V vocab, F MLP.
 
     model = Denoiser(ModelConfig(preset="tiny"))
     logits_BLV = model(input_ids_BL, attention_mask_BL)
@@ -70,11 +74,15 @@ def apply_rope(x_BHLK: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.n_heads, self.head_dim = cfg.n_heads, cfg.d_model // cfg.n_heads
-        self.q_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.k_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.attn_out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_size
+        q_width, kv_width = cfg.n_heads * cfg.head_size, cfg.kv_heads * cfg.head_size
+        self.q_proj = nn.Linear(cfg.d_model, q_width, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, kv_width, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, kv_width, bias=cfg.qkv_bias)
+        self.attn_out = nn.Linear(q_width, cfg.d_model, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_size, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_size, cfg.norm_eps)
 
     def forward(
         self, x_BLD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keep_B11S: torch.Tensor | None,
@@ -83,18 +91,23 @@ class Attention(nn.Module):
         """Attention of L positions. Without ``kv`` they attend to each other (S = L). With ``kv``
         (keys/values of a whole canvas of S positions) the L positions are the window
         [start, start + L) of it: its keys/values are computed afresh, the rest come from ``kv``."""
-        B, L, D = x_BLD.shape
-        split = lambda t: t.view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # noqa: E731
-        q_BHLK = apply_rope(split(self.q_proj(x_BLD)), cos, sin)
+        B, L, _ = x_BLD.shape
+        q_BLHK = self.q_proj(x_BLD).view(B, L, self.n_heads, self.head_dim)
+        k_BLGK = self.k_proj(x_BLD).view(B, L, self.n_kv, self.head_dim)
+        if hasattr(self, "q_norm"):  # Qwen3: each head normalised before its rotation
+            q_BLHK, k_BLGK = self.q_norm(q_BLHK), self.k_norm(k_BLGK)
+        q_BHLK = apply_rope(q_BLHK.transpose(1, 2), cos, sin)
         # Keys are stored after RoPE: each carries its own absolute position.
-        k_BHLK = apply_rope(split(self.k_proj(x_BLD)), cos, sin)
-        v_BHLK = split(self.v_proj(x_BLD))
-        k_BHSK, v_BHSK = k_BHLK, v_BHLK
+        k_BGLK = apply_rope(k_BLGK.transpose(1, 2), cos, sin)
+        v_BGLK = self.v_proj(x_BLD).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)
+        k_BGSK, v_BGSK = k_BGLK, v_BGLK
         if kv is not None:
-            k_BHSK = torch.cat([kv[0][:, :, :start], k_BHLK, kv[0][:, :, start + L:]], dim=2)
-            v_BHSK = torch.cat([kv[1][:, :, :start], v_BHLK, kv[1][:, :, start + L:]], dim=2)
-        y_BHLK = F.scaled_dot_product_attention(q_BHLK, k_BHSK, v_BHSK, attn_mask=keep_B11S, is_causal=False)
-        return self.attn_out(y_BHLK.transpose(1, 2).reshape(B, L, D)), (k_BHLK, v_BHLK)
+            k_BGSK = torch.cat([kv[0][:, :, :start], k_BGLK, kv[0][:, :, start + L:]], dim=2)
+            v_BGSK = torch.cat([kv[1][:, :, :start], v_BGLK, kv[1][:, :, start + L:]], dim=2)
+        # Each group of n_heads / n_kv query heads reads one key/value head, never a repeated copy.
+        y_BHLK = F.scaled_dot_product_attention(q_BHLK, k_BGSK, v_BGSK, attn_mask=keep_B11S, is_causal=False,
+                                                enable_gqa=self.n_kv != self.n_heads)
+        return self.attn_out(y_BHLK.transpose(1, 2).reshape(B, L, -1)), (k_BGLK, v_BGLK)
 
 
 class MLP(nn.Module):
@@ -136,6 +149,8 @@ class Denoiser(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:  # one matrix: named_parameters() lists it once, as wte.weight
+            self.lm_head.weight = self.wte.weight
         self.reset_parameters()
 
     @classmethod
@@ -144,14 +159,19 @@ class Denoiser(nn.Module):
         weights about to be loaded (no fp32 copy, no time spent drawing random weights)."""
         with no_init(), torch.device("meta"):
             model = cls(cfg)
-        return model.to(dtype=dtype).to_empty(device=device)
+        model = model.to(dtype=dtype).to_empty(device=device)
+        if cfg.tie_embeddings:  # to_empty gives each module a tensor of its own
+            model.lm_head.weight = model.wte.weight
+        return model
 
     def reset_parameters(self, params: Iterable[tuple[str, nn.Parameter]] | None = None) -> None:
         """Draw the initial weights: of every parameter, or of the (name, parameter) pairs given (one
         at a time, as an engine that partitions parameters across processes must)."""
         std = self.config.init_std
         for name, p in self.named_parameters() if params is None else params:
-            if p.dim() == 2:
+            if name.endswith(".bias"):
+                nn.init.zeros_(p)
+            elif p.dim() == 2:
                 # Residual-branch outputs scaled down with depth (GPT-2) so deep presets start stable.
                 residual_out = name.endswith(("attn_out.weight", "ff_out.weight"))
                 scale = 1 / math.sqrt(2 * self.config.n_layers) if residual_out else 1.0
@@ -199,12 +219,25 @@ class Denoiser(nn.Module):
         attend = keep_B11L
         if self.block_causal or self.causal:
             attend = self._block_mask(L, block_start, keep_B11L, input_ids_BL.device)
-        cos, sin = rope_tables(pos_BL, self.config.d_model // self.config.n_heads, self.config.rope_theta)
+        cos, sin = rope_tables(pos_BL, self.config.head_size, self.config.rope_theta)
         x_BLD, layers = self._layers(self.wte(input_ids_BL), cos, sin, attend, keep_cache)
-        if logits_span is not None:
-            x_BLD = x_BLD[:, logits_span[0]:logits_span[1]]  # the head (L x V) only where it is read
-        logits_BLV = self.lm_head(self.ln_f(x_BLD)).float()
-        return logits_BLV, (KVCache(layers, pos_BL, keep_B11L) if keep_cache else None)
+        h_BLD = self.ln_f(x_BLD)
+        a, b = logits_span or (0, L)
+        logits_BLV = self.lm_head(self._head_input(h_BLD, a, b)).float()  # the head (L x V) only where read
+        if not keep_cache:
+            return logits_BLV, None
+        return logits_BLV, KVCache(layers, pos_BL, keep_B11L, h_BLD if self.config.shift_logits else None)
+
+    def _head_input(self, h_BLD: torch.Tensor, a: int, b: int, before_BD: torch.Tensor | None = None) -> torch.Tensor:
+        """The final hidden states whose logits are those of positions [a, b) of ``h_BLD``: the same
+        positions, or with ``shift_logits`` the ones before them; ``before_BD`` stands for the
+        position before ``h_BLD``'s first (from a cache), else position 0 keeps its own."""
+        if not self.config.shift_logits:
+            return h_BLD[:, a:b]
+        if a > 0:
+            return h_BLD[:, a - 1:b - 1]
+        first_B1D = h_BLD[:, :1] if before_BD is None else before_BD[:, None]
+        return torch.cat([first_B1D, h_BLD[:, :b - 1]], 1)
 
     def _layers(self, x_BLD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: torch.Tensor | None,
                 keep_cache: bool) -> tuple[torch.Tensor, list[LayerKV]]:
@@ -237,9 +270,17 @@ class Denoiser(nn.Module):
                      | (q_clean & k_clean & (k_blk <= q_blk)))
         attend = (attend_QK[None, None] & real_BL.repeat(1, 2)[:, None, None, :]) | torch.eye(2 * L, dtype=torch.bool,
                                                                                              device=device)
-        cos, sin = rope_tables(pos_BL.repeat(1, 2), self.config.d_model // self.config.n_heads, self.config.rope_theta)
+        cos, sin = rope_tables(pos_BL.repeat(1, 2), self.config.head_size, self.config.rope_theta)
         x_BSD, _ = self._layers(self.wte(torch.cat([noisy_BL, clean_BL], 1)), cos, sin, attend, False)
-        return self.lm_head(self.ln_f(x_BSD[:, :L])).float()
+        if not self.config.shift_logits:
+            return self.lm_head(self.ln_f(x_BSD[:, :L])).float()
+        # Shifted: a block's first position reads the state before it as sampling does, from the
+        # finished (clean) previous block; every other position reads its noisy neighbour.
+        h_BSD = self.ln_f(x_BSD)
+        first_L = (torch.arange(L, device=device) % self.config.block_size == 0) & (torch.arange(L, device=device) > 0)
+        prev_noisy_BLD = self._head_input(h_BSD[:, :L], 0, L)
+        prev_clean_BLD = self._head_input(h_BSD[:, L:], 0, L)
+        return self.lm_head(torch.where(first_L[None, :, None], prev_clean_BLD, prev_noisy_BLD)).float()
 
     def _block_mask(self, L: int, block_start: int, keep_B11L: torch.Tensor | None,
                     device: torch.device) -> torch.Tensor:
@@ -268,17 +309,20 @@ class Denoiser(nn.Module):
         keep_B11S = cache.keep_B11L
         if keep_B11S is not None:
             keep_B11S = torch.cat([keep_B11S, keep_B11S.new_ones(B, 1, 1, W)], -1)
-        cos, sin = rope_tables(pos_BW, self.config.d_model // self.config.n_heads, self.config.rope_theta)
+        cos, sin = rope_tables(pos_BW, self.config.head_size, self.config.rope_theta)
         x_BWD = self.wte(block_ids_BW)
         layers = []
         for block, kv in zip(self.blocks, cache.layers):
             x_BWD, (k_new, v_new) = block(x_BWD, cos, sin, keep_B11S, kv, S)
             if extend:
                 layers.append((torch.cat([kv[0], k_new], 2), torch.cat([kv[1], v_new], 2)))
-        logits = self.lm_head(self.ln_f(x_BWD[:, :logits_len])).float()
+        h_BWD = self.ln_f(x_BWD)
+        before = None if cache.hidden_BLD is None else cache.hidden_BLD[:, -1]
+        logits = self.lm_head(self._head_input(h_BWD, 0, logits_len or W, before)).float()
         if not extend:
             return logits, None
-        return logits, KVCache(layers, torch.cat([cache.pos_BL, pos_BW], 1), keep_B11S)
+        hidden = None if cache.hidden_BLD is None else torch.cat([cache.hidden_BLD, h_BWD], 1)
+        return logits, KVCache(layers, torch.cat([cache.pos_BL, pos_BW], 1), keep_B11S, hidden)
 
     def forward_window(self, window_ids_BW: torch.Tensor, start: int, cache: KVCache, *,
                        logits_len: int | None = None) -> torch.Tensor:
@@ -288,11 +332,13 @@ class Denoiser(nn.Module):
         ``logits_len`` only the window's first ``logits_len`` positions get logits."""
         W = window_ids_BW.shape[1]
         pos_BW = cache.pos_BL[:, start:start + W]
-        cos, sin = rope_tables(pos_BW, self.config.d_model // self.config.n_heads, self.config.rope_theta)
+        cos, sin = rope_tables(pos_BW, self.config.head_size, self.config.rope_theta)
         x_BWD = self.wte(window_ids_BW)
         for block, kv in zip(self.blocks, cache.layers):
             x_BWD, _ = block(x_BWD, cos, sin, cache.keep_B11L, kv, start)
-        return self.lm_head(self.ln_f(x_BWD[:, :logits_len])).float()
+        # Shifted, the window's first logits read the cached state before it (as stale as its keys).
+        before = None if cache.hidden_BLD is None or start == 0 else cache.hidden_BLD[:, start - 1]
+        return self.lm_head(self._head_input(self.ln_f(x_BWD), 0, logits_len or W, before)).float()
 
 
 @contextlib.contextmanager
@@ -319,29 +365,38 @@ def compile_blocks(model: Denoiser) -> Denoiser:
     return model
 
 
-LayerKV = tuple[torch.Tensor, torch.Tensor]  # keys (after RoPE) and values [B, H, L, K]
+LayerKV = tuple[torch.Tensor, torch.Tensor]  # keys (after RoPE) and values [B, G, L, K]
 
 
 @dataclass
 class KVCache:
-    """Keys/values of every layer for a whole canvas, with its positions and padding mask."""
+    """Keys/values of every layer for a whole canvas, with its positions and padding mask; for a
+    model with ``shift_logits``, also the final hidden states (a position's logits read the one
+    before it)."""
 
     layers: list[LayerKV]
     pos_BL: torch.Tensor
     keep_B11L: torch.Tensor | None
+    hidden_BLD: torch.Tensor | None = None
 
     def rows(self, idx_A: torch.Tensor) -> KVCache:
         """The cache of a subset of the batch (rows that still have work)."""
+        pick = lambda t: None if t is None else t[idx_A]  # noqa: E731
         return KVCache([(k[idx_A], v[idx_A]) for k, v in self.layers], self.pos_BL[idx_A],
-                       None if self.keep_B11L is None else self.keep_B11L[idx_A])
+                       pick(self.keep_B11L), pick(self.hidden_BLD))
 
 
 def num_params(cfg: ModelConfig, *, include_embedding: bool = True) -> int:
     """Exact parameter count of ``Denoiser(cfg)``, computed without building it."""
     D, F_, V = cfg.d_model, cfg.d_mlp, cfg.vocab_size
-    per_block = 4 * D * D + 3 * D * F_ + 2 * D
-    n = cfg.n_layers * per_block + D + V * D  # blocks, final norm, LM head
-    return n + (V * D if include_embedding else 0)
+    q, kv = cfg.n_heads * cfg.head_size, cfg.kv_heads * cfg.head_size
+    attention = 2 * D * q + 2 * D * kv + ((q + 2 * kv) if cfg.qkv_bias else 0) + (2 * cfg.head_size if cfg.qk_norm else 0)
+    per_block = attention + 3 * D * F_ + 2 * D
+    n = cfg.n_layers * per_block + D  # blocks, final norm
+    # The LM head is a matmul either way; a tied one is the embedding's matrix, counted once.
+    if include_embedding or not cfg.tie_embeddings:
+        n += V * D
+    return n + (V * D if include_embedding and not cfg.tie_embeddings else 0)
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -350,5 +405,5 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     N excludes the embedding lookup (no matmul). Attention is bidirectional, so every query attends
     to all ``seq_len`` keys: 12 * layers * d_model * seq_len (no causal halving).
     """
-    n = num_params(cfg, include_embedding=False)
-    return 6.0 * n + 12.0 * cfg.n_layers * cfg.d_model * seq_len
+    n = num_params(cfg, include_embedding=False) + (cfg.vocab_size * cfg.d_model if cfg.tie_embeddings else 0)
+    return 6.0 * n + 12.0 * cfg.n_layers * cfg.n_heads * cfg.head_size * seq_len
