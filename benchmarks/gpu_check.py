@@ -14,6 +14,10 @@ a bare GPU machine and run it. It measures
   reference sampler and the dual cache at the same commit count (4 tokens per call, so both do the
   same work per call), and threshold 0.9 with the dual cache; then the autoregressive line: the
   same 256 tokens one per call against a key/value cache of the canvas;
+- sampling at Qwen2.5-0.5B's shape (random weights: 24 layers, 14 query heads on 2 key/value heads,
+  q/k/v biases, tied embeddings, vocabulary 151,936), the shape diffusion models are adapted from:
+  its diffusion form (full attention, shifted head) with the same samplers, and its autoregressive
+  form through ``generate``'s own KV-cache decoder;
 - the ``8b`` preset: parameters, and DeepSpeed's per-GPU memory estimate for ZeRO-3 on 8 GPUs.
 
 Figures are printed, never asserted; the JSON (``--out``) holds every number.
@@ -44,13 +48,19 @@ from dlm_ray.core.sampling import generate  # noqa: E402
 MASK = 3  # any id works for random weights; 3 keeps clear of the ids the batches draw from
 
 
+# Qwen2.5-0.5B's published config; the smoke run keeps its head layout (14 on 2, tied, biases) only.
+QWEN_0_5B = dict(vocab_size=151936, d_model=896, n_layers=24, n_heads=14, n_kv_heads=2, head_dim=64, d_mlp=4864,
+                 max_seq_len=32768, rope_theta=1e6, norm_eps=1e-6, qkv_bias=True, tie_embeddings=True)
+QWEN_SMOKE = dict(QWEN_0_5B, vocab_size=264, d_model=56, n_layers=2, head_dim=4, d_mlp=112, max_seq_len=256)
+
+
 def sizes(smoke: bool) -> dict[str, Any]:
     if smoke:
         return {"preset": "tiny", "seq": 64, "micro": {"none": [1, 2], "full": [2, 4]}, "steps": 2, "gen": 32,
-                "block": 8, "batches": [1, 4], "prompt": 16}
+                "block": 8, "batches": [1, 4], "prompt": 16, "qwen": QWEN_SMOKE}
     # Micro-batches tried (ascending, until one runs out of memory): with checkpointing, larger ones fit.
     return {"preset": "1b", "seq": 2048, "micro": {"none": [2, 4, 8, 16], "full": [8, 16, 32, 64]}, "steps": 5,
-            "gen": 256, "block": 32, "batches": [1, 64], "prompt": 64}
+            "gen": 256, "block": 32, "batches": [1, 64], "prompt": 64, "qwen": QWEN_0_5B}
 
 
 def sync(device: torch.device) -> None:
@@ -185,9 +195,38 @@ def training(s: dict[str, Any], device: torch.device) -> list[dict[str, Any]]:
 
 
 def sampling(s: dict[str, Any], device: torch.device) -> list[dict[str, Any]]:
+    rows = diffusion_sampling(s, device, ModelConfig(preset=s["preset"]), s["preset"], stand_in_ar=True)
+    qwen = ModelConfig(**s["qwen"], shift_logits=True)
+    rows += diffusion_sampling(s, device, qwen, "qwen2.5-0.5b shape", stand_in_ar=False)
+    ar = Denoiser(qwen.model_copy(update={"shift_logits": False, "attention": "causal"}))
+    ar = ar.to(device, torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
+    for bsz in s["batches"]:
+        prompt = torch.randint(10, 200, (bsz, s["prompt"]), device=device)
+        rows.append(timed_generate(ar, prompt, SampleConfig(gen_length=s["gen"], steps=s["gen"], block_length=s["gen"]),
+                                   "autoregressive (generate, KV cache)", "qwen2.5-0.5b shape", device))
+    return rows
+
+
+def timed_generate(model: Denoiser, prompt: torch.Tensor, sc: SampleConfig, name: str, label: str,
+                   device: torch.device) -> dict[str, Any]:
+    generate(model, prompt, sc, mask_id=MASK)  # warm-up
+    reset_peak(device)
+    stats: dict[str, int] = {}
+    sync(device)
+    t = time.perf_counter()
+    generate(model, prompt, sc, mask_id=MASK, stats=stats)
+    sync(device)
+    seconds = time.perf_counter() - t
+    return {"model": label, "sampler": name, "batch": prompt.shape[0], "tokens_per_s": prompt.shape[0] * sc.gen_length / seconds,
+            "model_calls": stats["model_calls"], "seconds": seconds, "peak_gib": peak_gib(device)}
+
+
+def diffusion_sampling(s: dict[str, Any], device: torch.device, cfg: ModelConfig, label: str, *,
+                       stand_in_ar: bool) -> list[dict[str, Any]]:
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = Denoiser(ModelConfig(preset=s["preset"])).to(device, dtype).eval()
+    with torch.device(device):
+        model = Denoiser(cfg).to(dtype).eval()
     gen, block = s["gen"], s["block"]
     calls = gen // 4  # 4 tokens committed per call
     settings = {"reference": SampleConfig(gen_length=gen, steps=calls, block_length=block),
@@ -198,17 +237,9 @@ def sampling(s: dict[str, Any], device: torch.device) -> list[dict[str, Any]]:
     for bsz in s["batches"]:
         prompt = torch.randint(10, 200, (bsz, s["prompt"]), device=device)
         for name, sc in settings.items():
-            generate(model, prompt, sc, mask_id=MASK)  # warm-up
-            reset_peak(device)
-            stats: dict[str, int] = {}
-            sync(device)
-            t = time.perf_counter()
-            generate(model, prompt, sc, mask_id=MASK, stats=stats)
-            sync(device)
-            seconds = time.perf_counter() - t
-            rows.append({"sampler": name, "batch": bsz, "tokens_per_s": bsz * gen / seconds,
-                         "model_calls": stats["model_calls"], "seconds": seconds, "peak_gib": peak_gib(device)})
-        rows.append(autoregressive(model, prompt, gen, device))
+            rows.append(timed_generate(model, prompt, sc, name, label, device))
+        if stand_in_ar:
+            rows.append({"model": label, **autoregressive(model, prompt, gen, device)})
     return rows
 
 
@@ -283,10 +314,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"| {r['engine']} | {fmt(r.get('micro_batch'))} | {r['activation_checkpointing']} | "
               f"{fmt(r.get('tokens_per_s'))} | {fmt(r.get('mfu'))} | {fmt(r.get('peak_gib'))} | "
               f"{fmt(r.get('host_syncs_per_step'))} | {fmt(r.get('deepspeed_overhead'))} |")
-    print("\n| sampling | batch | tokens/s | model calls | seconds | peak GiB |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("\n| model | sampling | batch | tokens/s | model calls | seconds | peak GiB |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in result["sampling"]:
-        print(f"| {r['sampler']} | {r['batch']} | {fmt(r['tokens_per_s'])} | {r['model_calls']} | "
+        print(f"| {r['model']} | {r['sampler']} | {r['batch']} | {fmt(r['tokens_per_s'])} | {r['model_calls']} | "
               f"{fmt(r['seconds'])} | {fmt(r['peak_gib'])} |")
     print(f"\n8b preset: {result['8b']['params'] / 1e9:.2f}B parameters; {result['8b']['zero3_8gpu']}")
     print(f"done in {result['seconds']} s; {args.out}")

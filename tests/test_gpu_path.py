@@ -198,9 +198,11 @@ def test_the_gpu_check_runs_on_cpu_in_smoke_mode(tmp_path):
     train = {(r["engine"], r["activation_checkpointing"]): r for r in result["training"]}
     assert set(train) == {("deepspeed", "none"), ("plain", "none"), ("deepspeed", "full"), ("plain", "full")}
     assert all(r["tokens_per_s"] > 0 and r["mfu"] is None for r in train.values())  # no MFU on a CPU
-    calls = {(r["sampler"], r["batch"]): r["model_calls"] for r in result["sampling"]}
-    assert calls[("reference", 1)] == calls[("dual cache", 4)] == 32 // 4  # the same commits per call
-    assert calls[("autoregressive (1 token/call, KV cache)", 1)] == 32 + 1
+    calls = {(r["model"], r["sampler"], r["batch"]): r["model_calls"] for r in result["sampling"]}
+    for model in ("tiny", "qwen2.5-0.5b shape"):  # the Qwen shape: GQA 14/2, biases, tied, shifted head
+        assert calls[(model, "reference", 1)] == calls[(model, "dual cache", 4)] == 32 // 4  # same commits per call
+    assert calls[("tiny", "autoregressive (1 token/call, KV cache)", 1)] == 32 + 1
+    assert calls[("qwen2.5-0.5b shape", "autoregressive (generate, KV cache)", 4)] == 32  # prefill + 31 steps
     assert result["8b"]["params"] == num_params(ModelConfig(preset="8b")) and "ZeRO-3" in result["8b"]["zero3_8gpu"]
     assert "| training |" in proc.stdout and "| sampling |" in proc.stdout
 
