@@ -29,6 +29,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.timeout(FAST_TIMEOUT_S))
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # A DeepSpeed op build killed in an earlier run leaves a lock every later build waits on forever.
+    from dlm_ray.train.op_builds import clear_stale_build_locks
+
+    clear_stale_build_locks()
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     import sys
 
