@@ -10,13 +10,15 @@ from dlm_ray.core.model import Denoiser
 from dlm_ray.core.batching import left_pad
 from dlm_ray.core.denoise import _num_commits
 from dlm_ray.core.sampling import generate
+from tests.conftest import FAMILIES, family_model
 
 MASK, PAD, EOS = 258, 256, 257
 
 
-@pytest.fixture
-def model(tiny_cfg):
-    return Denoiser(tiny_cfg.model_copy(update={"vocab_size": 264})).eval()
+@pytest.fixture(params=list(FAMILIES))
+def model(tiny_cfg, request):
+    # The Qwen shape: the prefix and dual caches keep key/value heads (and the shifted head's states).
+    return family_model(tiny_cfg, request.param, vocab_size=264).eval()
 
 
 def padded_batch(lengths=(4, 9, 6)):
