@@ -217,7 +217,8 @@ def timed_generate(model: Denoiser, prompt: torch.Tensor, sc: SampleConfig, name
     generate(model, prompt, sc, mask_id=MASK, stats=stats)
     sync(device)
     seconds = time.perf_counter() - t
-    return {"model": label, "sampler": name, "batch": prompt.shape[0], "tokens_per_s": prompt.shape[0] * sc.gen_length / seconds,
+    B = prompt.shape[0]
+    return {"model": label, "sampler": name, "batch": B, "tokens_per_s": B * sc.gen_length / seconds,
             "model_calls": stats["model_calls"], "seconds": seconds, "peak_gib": peak_gib(device)}
 
 

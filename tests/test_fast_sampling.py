@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from dlm_ray.config.schema import SampleConfig
-from dlm_ray.core.model import Denoiser
 from dlm_ray.core.batching import left_pad
 from dlm_ray.core.denoise import _num_commits
 from dlm_ray.core.sampling import generate
