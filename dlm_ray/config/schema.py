@@ -125,6 +125,10 @@ class DiffusionConfig(Config):
     schedule: Literal["linear", "loglinear"] = "linear"
     # "low_discrepancy" spreads t evenly over a batch (MDLM): lower-variance gradients.
     time_sampling: Literal["uniform", "low_discrepancy"] = "low_discrepancy"
+    # Complementary masks (Fast-dLLM v2): each training row is trained twice in its step, masked by
+    # its draw and by the draw's complement (at p(t) and 1 - p(t)), so every maskable token is
+    # predicted once per pair; a step then costs twice the compute.
+    complementary: bool = False
 
 
 # ------------------------------------------------------------------------------------------ sampling
@@ -366,6 +370,31 @@ class EvalConfig(Config):
     )
 
 
+class AdaptConfig(Config):
+    """The recipe for adapting an autoregressive checkpoint (``init_from`` with causal attention)
+    into a diffusion model: the run names the diffusion kind (``model.attention: full`` or
+    ``block_causal``) and the driver (``dlm_ray.train.fit.with_init_from``) turns the recipe on.
+    The shift (``model.shift_logits``) is on unless given, so is ``diffusion.complementary`` for
+    block diffusion, and ``lr`` / ``warmup_steps`` stand in for ``train``'s unless those are given.
+    A run that adapts nothing refuses a setting of this section that differs from its default."""
+
+    # Set by the driver, never by hand: this run adapts a causal checkpoint (the schedules below run).
+    from_causal: bool = False
+    # DiffuLLaMA's attention annealing (full attention): at step s every key after a query is also
+    # visible with probability min(1, s / anneal_steps), one draw per step shared by the batch, so
+    # the first step sees the checkpoint's causal mask and step anneal_steps on sees everything.
+    # 0: full attention from the first step.
+    anneal_steps: int = Field(100, ge=0)
+    # LLaDA 2.0's block-size warm-up (block diffusion): train first in blocks of 1 (the causal
+    # model itself), then 4, 16, ... (each dividing the model's block_size), each for this many
+    # steps, then in the model's own blocks. 0: the model's blocks from the first step.
+    block_warmup_steps: int = Field(0, ge=0)
+    # The optimiser of an adaptation (docs/comparison.md sets them beside the papers'): a fresh
+    # optimizer state on trained weights warms up again, to the peak the tiny model was pretrained at.
+    lr: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(50, ge=0)
+
+
 class PretrainConfig(Config):
     """Everything ``jobs/pretrain.py`` needs."""
 
@@ -381,6 +410,8 @@ class PretrainConfig(Config):
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    # Adapting an autoregressive init_from into a diffusion model (applied by the driver).
+    adapt: AdaptConfig = Field(default_factory=AdaptConfig)
 
     @model_validator(mode="after")
     def _check_lengths(self) -> PretrainConfig:
@@ -392,6 +423,10 @@ class PretrainConfig(Config):
             raise ValueError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
             )
+        if self.adapt.from_causal and (self.init_from is None or self.model.attention == "causal"):
+            raise ValueError("adapt.from_causal is set by the driver for a diffusion run from an autoregressive "
+                             "init_from; this run has " + ("no init_from" if self.init_from is None
+                                                             else "model.attention: causal"))
         return self
 
     def with_absolute_paths(self) -> PretrainConfig:
