@@ -5,7 +5,8 @@ Training loss: cross-entropy on the masked positions, weighted by 1/p(t), summed
 number of real tokens: the negative ELBO per token, an upper bound on the NLL.
 
 ``mask_rows`` is the one forward process: the Ray Data pipeline masks the training rows with it in
-its workers, and the tests check it directly.
+its workers, and the tests check it directly. With ``complementary`` it also gives each row the
+complement of its draw (Fast-dLLM v2), which ``with_complements`` turns into rows of the batch.
 
 Shape legend:  B batch, L sequence length, V vocab.
 """
@@ -131,9 +132,36 @@ def mask_rows(rows: dict[str, np.ndarray], cfg: DiffusionConfig, *, seed: int, m
     # Column 0 of the per-row draws is left to sample_times' i.i.d. case; positions use 1..L.
     u_RL = counter_uniforms(seed, rows["epoch"], rows["row_id"], L + 1)[:, 1:]
     noisy_RL, masked_RL = apply_mask(x0_RL, p_R, u_RL, maskable_RL, mask_id)
-    return {**rows, "noisy_ids": noisy_RL.astype(np.int32), "loss_mask": masked_RL,
-            "t": t_R.astype(np.float32), "p_mask": p_R.astype(np.float32),
-            "num_maskable": maskable_RL.sum(1).astype(np.int32)}
+    out = {**rows, "noisy_ids": noisy_RL.astype(np.int32), "loss_mask": masked_RL,
+           "t": t_R.astype(np.float32), "p_mask": p_R.astype(np.float32),
+           "num_maskable": maskable_RL.sum(1).astype(np.int32)}
+    if cfg.complementary:
+        # The complement of the same draw: a maskable position is masked iff u >= p, a draw of the
+        # forward process at 1 - p (kept >= eps: its 1/p weight stays bounded as the row's does).
+        masked_c_RL = maskable_RL & ~masked_RL
+        p_c = np.maximum(1.0 - np.asarray(p_R, dtype=np.float64), cfg.eps)
+        out.update(noisy_ids_c=np.where(masked_c_RL, mask_id, x0_RL).astype(np.int32), loss_mask_c=masked_c_RL,
+                   p_mask_c=p_c.astype(np.float32))
+    return out
+
+
+COMPLEMENT_COLUMNS = {"noisy_ids": "noisy_ids_c", "loss_mask": "loss_mask_c", "p_mask": "p_mask_c"}
+
+
+def with_complements(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A batch of complementary pairs (``mask_rows`` with ``complementary``) as 2B rows: the B rows
+    as drawn, then the same B rows under the complementary masks. Every other per-row column is
+    repeated, so a loss over real tokens averages the two views; a batch without pairs is returned
+    as it is."""
+    if "noisy_ids_c" not in batch:
+        return batch
+    out = {}
+    for name, value in batch.items():
+        if name in COMPLEMENT_COLUMNS.values():
+            continue
+        other = batch.get(COMPLEMENT_COLUMNS.get(name, name))
+        out[name] = torch.cat([value, other], 0)
+    return out
 
 
 # --------------------------------------------------------------------------------------------- loss

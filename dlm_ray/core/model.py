@@ -180,13 +180,17 @@ class Denoiser(nn.Module):
     def forward(
         self, input_ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor | None = None, *,
         logits_span: tuple[int, int] | None = None, block_start: int = 0, clean_ids: torch.Tensor | None = None,
+        visible_LL: torch.Tensor | None = None, block_size: int | None = None,
     ) -> torch.Tensor:
         """Logits [B, L, V], or [B, b - a, V] for positions [a, b) with ``logits_span=(a, b)``. With
-        ``clean_ids`` (block-causal models, training): ``noisy_given_clean(input_ids, clean_ids)``."""
+        ``clean_ids`` (block-causal models, training): ``noisy_given_clean(input_ids, clean_ids)``.
+        Training an adapted model only: ``visible_LL`` (bool, which keys each query sees besides
+        itself) stands in for the attention pattern, ``block_size`` for the blocks of
+        ``noisy_given_clean`` (``dlm_ray.core.adapt``'s schedules)."""
         if clean_ids is not None:
-            return self.noisy_given_clean(input_ids_BL, clean_ids, attention_mask_BL)
+            return self.noisy_given_clean(input_ids_BL, clean_ids, attention_mask_BL, block_size=block_size)
         logits_BLV, _ = self.prefill(input_ids_BL, attention_mask_BL, keep_cache=False, logits_span=logits_span,
-                                     block_start=block_start)
+                                     block_start=block_start, visible_LL=visible_LL)
         return logits_BLV
 
     @property
@@ -200,7 +204,7 @@ class Denoiser(nn.Module):
 
     def prefill(
         self, input_ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor | None = None, *, keep_cache: bool = True,
-        logits_span: tuple[int, int] | None = None, block_start: int = 0,
+        logits_span: tuple[int, int] | None = None, block_start: int = 0, visible_LL: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, KVCache | None]:
         """The plain forward, also returning every layer's keys/values for ``forward_window`` (full
         attention) or ``forward_block`` (block-causal)."""
@@ -219,6 +223,9 @@ class Denoiser(nn.Module):
         attend = keep_B11L
         if self.block_causal or self.causal:
             attend = self._block_mask(L, block_start, keep_B11L, input_ids_BL.device)
+        if visible_LL is not None:
+            eye_LL = torch.eye(L, dtype=torch.bool, device=input_ids_BL.device)
+            attend = (visible_LL if keep_B11L is None else visible_LL & keep_B11L) | eye_LL
         cos, sin = rope_tables(pos_BL, self.config.head_size, self.config.rope_theta)
         x_BLD, layers = self._layers(self.wte(input_ids_BL), cos, sin, attend, keep_cache)
         h_BLD = self.ln_f(x_BLD)
@@ -252,7 +259,7 @@ class Denoiser(nn.Module):
         return x_BLD, layers
 
     def noisy_given_clean(self, noisy_BL: torch.Tensor, clean_BL: torch.Tensor,
-                          attention_mask_BL: torch.Tensor | None = None) -> torch.Tensor:
+                          attention_mask_BL: torch.Tensor | None = None, *, block_size: int | None = None) -> torch.Tensor:
         """Block diffusion's training forward (BD3-LM's vectorised form): the noisy row and the clean
         row side by side, [B, 2L]. A noisy block sees itself and the clean blocks before it; a clean
         block sees the clean blocks up to itself. One pass gives every noisy block's logits [B, L, V],
@@ -263,7 +270,8 @@ class Denoiser(nn.Module):
         device = noisy_BL.device
         real_BL = torch.ones_like(noisy_BL, dtype=torch.bool) if attention_mask_BL is None else attention_mask_BL.bool()
         pos_BL = (real_BL.long().cumsum(-1) - 1).clamp(min=0)
-        blk = torch.div(torch.arange(L, device=device), self.config.block_size, rounding_mode="floor")
+        size = block_size or self.config.block_size
+        blk = torch.div(torch.arange(L, device=device), size, rounding_mode="floor")
         blk2, clean2 = blk.repeat(2), torch.arange(2 * L, device=device) >= L
         q_blk, k_blk, q_clean, k_clean = blk2[:, None], blk2[None, :], clean2[:, None], clean2[None, :]
         attend_QK = ((~q_clean & ~k_clean & (q_blk == k_blk)) | (~q_clean & k_clean & (k_blk < q_blk))
@@ -277,7 +285,7 @@ class Denoiser(nn.Module):
         # Shifted: a block's first position reads the state before it as sampling does, from the
         # finished (clean) previous block; every other position reads its noisy neighbour.
         h_BSD = self.ln_f(x_BSD)
-        first_L = (torch.arange(L, device=device) % self.config.block_size == 0) & (torch.arange(L, device=device) > 0)
+        first_L = (torch.arange(L, device=device) % size == 0) & (torch.arange(L, device=device) > 0)
         prev_noisy_BLD = self._head_input(h_BSD[:, :L], 0, L)
         prev_clean_BLD = self._head_input(h_BSD[:, L:], 0, L)
         return self.lm_head(torch.where(first_L[None, :, None], prev_clean_BLD, prev_noisy_BLD)).float()
