@@ -1,6 +1,7 @@
 """Pretrain the denoiser with Ray Train + DeepSpeed, then export it and score it.
 
     python jobs/pretrain.py [--config jobs/configs/tiny.yaml] [--train.max_steps=300 ...]
+    python jobs/pretrain.py --init_from=<autoregressive export> --model.attention=full   # adapt it
     ray job submit --working-dir . -- python jobs/pretrain.py --config jobs/configs/small.yaml
 
 Rerunning with the same ``run_name`` resumes from the run's latest checkpoint. On the built-in
@@ -23,7 +24,7 @@ from dlm_ray.train.metrics import write_summary
 from dlm_ray.core.model import Denoiser, num_params
 from dlm_ray.runtime import init_ray
 from dlm_ray.core.tokenizer import load_tokenizer
-from dlm_ray.train.fit import fit, with_init_from
+from dlm_ray.train.fit import adaptation_line, fit, with_init_from
 
 
 def results_table(before: dict, after: dict, first: str = "untrained") -> str:
@@ -40,13 +41,15 @@ def main(argv: list[str] | None = None) -> dict:
                                lambda ap: ap.add_argument("--export-dir", help="default: <run dir>/export"))
     t0 = time.time()
     init_ray()
-    cfg = with_init_from(cfg)  # continued pretraining: the checkpoint's shape and tokenizer
+    cfg = with_init_from(cfg)  # the checkpoint's shape and tokenizer; an AR one adapts to a given diffusion kind
     tc = cfg.train
     where = f"{tc.gpus_per_worker:g} GPU" if tc.use_gpu else f"{tc.cpus_per_worker:g} CPU"
     stage = zero_stage(deepspeed_config(tc, use_gpu=tc.use_gpu))  # train.deepspeed_config may set it
     print(f"[pretrain] model {num_params(cfg.model) / 1e6:.2f}M params | run {run_dir(cfg)}\n"
           f"[pretrain] {tc.num_workers} workers x {where}, DeepSpeed ZeRO-{stage} | {tc.max_steps} steps of "
           f"{tc.batch_size} x {cfg.data.seq_len} tokens | data {cfg.data.source}", flush=True)
+    if adaptation := adaptation_line(cfg):
+        print(adaptation, flush=True)
     builtin = cfg.data.source == "builtin"
     tok = load_tokenizer(cfg.tokenizer)
     torch.manual_seed(tc.seed)  # the same initial weights the workers start from

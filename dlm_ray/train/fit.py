@@ -13,6 +13,10 @@ through ``ray.train.report``; rerunning with the same run name resumes from the 
 
 The engine's setup (DeepSpeed config, optimizer, memory check, peak FLOP/s, the model built once)
 is in ``engine``, which needs no Ray, so the GPU check runs it on a bare machine.
+
+On the driver, ``with_init_from`` lays the run's config over ``init_from``'s: what the run gives
+explicitly wins where the weights allow it, and a diffusion attention on an autoregressive
+checkpoint turns on the adaptation recipe (``AdaptConfig``; its schedules are ``core.adapt``'s).
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ import ray.train
 import torch
 
 from dlm_ray.io.checkpoint import latest_checkpoint, run_dir
-from dlm_ray.config.schema import PretrainConfig
+from dlm_ray.config.schema import MODEL_PRESETS, AdaptConfig, ModelConfig, PretrainConfig
+from dlm_ray.core.adapt import warmup_block_sizes
 from dlm_ray.data.pipeline import DataPosition, packed_dataset
 from dlm_ray.core.kinds import kind_of
 from dlm_ray.train.trainer import Trainer
@@ -44,26 +49,129 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def training_flops_per_token(cfg: PretrainConfig) -> float:
-    """FLOPs per trained token, as the model's kind runs a row (block diffusion: both copies)."""
-    return kind_of(cfg.model).flops_per_token(cfg.data.seq_len)
+    """FLOPs per trained token, as the model's kind runs a row (block diffusion: both copies), twice
+    over with complementary masks (each row runs as drawn and as the complement)."""
+    pairs = 2 if cfg.diffusion.complementary and kind_of(cfg.model).masked_training else 1
+    return pairs * kind_of(cfg.model).flops_per_token(cfg.data.seq_len)
 
 
 # ------------------------------------------------------------------------------------------ driver
 
 
+# The model settings that are its weights' own: given explicitly with init_from, each must equal the
+# checkpoint's (n_kv_heads and head_dim compared as resolved: None means n_heads, d_model / n_heads).
+WEIGHT_SETTINGS = {"vocab_size": "vocab_size", "d_model": "d_model", "n_layers": "n_layers", "n_heads": "n_heads",
+                   "n_kv_heads": "kv_heads", "head_dim": "head_size", "d_mlp": "d_mlp", "qkv_bias": "qkv_bias",
+                   "qk_norm": "qk_norm", "tie_embeddings": "tie_embeddings", "rope_theta": "rope_theta",
+                   "norm_eps": "norm_eps"}
+
+
+def given_model_settings(model: ModelConfig) -> set[str]:
+    """The model settings a run gives explicitly (a file, an override): fields set on the config,
+    less the default preset's own values (a preset other than the default counts as given)."""
+    given = set(model.model_fields_set) - {"preset"}
+    if model.preset is not None and model.preset == PretrainConfig().model.preset:
+        preset = MODEL_PRESETS[model.preset]
+        given -= {k for k, v in preset.items() if getattr(model, k) == v}
+    return given
+
+
 def with_init_from(cfg: PretrainConfig) -> PretrainConfig:
-    """The run's config with ``init_from``'s model shape and tokenizer (its tokenizer file by absolute
-    path, its token ids from its config): a fine-tune must read text as the model was trained to."""
+    """The run's config with ``init_from``'s model and tokenizer (its tokenizer file by absolute path,
+    its token ids from its config): a run must read text as the model was trained to.
+
+    A model setting the run gives explicitly wins where the weights allow it (attention, block_size,
+    shift_logits, a shorter max_seq_len); one that contradicts the weights is refused by name. A
+    diffusion attention on an autoregressive checkpoint adapts it (``AdaptConfig``): the shift on
+    unless given, the recipe's learning rate and warm-up unless ``train`` gives them, complementary
+    masks for block diffusion unless ``diffusion`` gives them. Applying it twice changes nothing."""
     if not cfg.init_from:
         return cfg
     from dlm_ray.io.checkpoint import local_path, read_inference_config
 
-    meta, _ = read_inference_config(cfg.init_from)
+    # A checkpoint that cannot say its kind (an A2D directory) is taken as the kind the run names.
+    named = {"attention": cfg.model.attention, "block_size": cfg.model.block_size}
+    meta, _ = read_inference_config(cfg.init_from,
+                                    default_kind=named if "attention" in given_model_settings(cfg.model) else None)
     tokenizer = dict(meta["tokenizer"])
     if tokenizer.get("kind") == "hf":
         tokenizer["path"] = str(local_path(cfg.init_from).resolve() / tokenizer["path"])
-    out = PretrainConfig.model_validate({**cfg.to_dict(), "model": meta["model"], "tokenizer": tokenizer})
+    # An autoregressive tokenizer gains a mask token; the embedding grows to hold it (init_from fills it).
+    vocab = meta.get("mask_token", {}).get("vocab_size", meta["model"]["vocab_size"])
+    ckpt = ModelConfig.model_validate({**meta["model"], "vocab_size": vocab, "preset": None})
+    model = _model_over(ckpt, cfg.model, where=f"init_from {cfg.init_from}")
+    adapting = not kind_of(ckpt).masked_training and kind_of(model).masked_training
+    update: dict[str, Any] = {}
+    if adapting:
+        if "shift_logits" not in given_model_settings(cfg.model):
+            model = model.model_copy(update={"shift_logits": True})
+        update = _recipe(cfg, kind_of(model).block_size is not None)
+    else:
+        _check_not_adapting(cfg)
+    out = PretrainConfig.model_validate({**cfg.to_dict(), **update, "model": model.to_dict(), "tokenizer": tokenizer})
+    if out.data.seq_len > out.model.max_seq_len:
+        raise ValueError(f"data.seq_len={out.data.seq_len} exceeds init_from's model.max_seq_len={out.model.max_seq_len}")
     return out
+
+
+def _model_over(ckpt: ModelConfig, run: ModelConfig, *, where: str) -> ModelConfig:
+    """The checkpoint's model with the run's given settings that its weights allow; the rest refused."""
+    given = given_model_settings(run)
+    wrong = [f"model.{k}={getattr(run, k)} (its weights have {ours}={getattr(ckpt, ours)})"
+             for k, ours in sorted(WEIGHT_SETTINGS.items()) if k in given and getattr(run, ours) != getattr(ckpt, ours)]
+    if "max_seq_len" in given and run.max_seq_len > ckpt.max_seq_len:
+        wrong.append(f"model.max_seq_len={run.max_seq_len} (its positions were trained up to {ckpt.max_seq_len}; "
+                     "a shorter context is allowed)")
+    if wrong:
+        raise ValueError(f"{where}: {'; '.join(wrong)}: the run cannot change what the weights are; leave these "
+                         "settings out or start from another checkpoint")
+    honoured = {k: getattr(run, k) for k in given - set(WEIGHT_SETTINGS)}
+    return ModelConfig.model_validate({**ckpt.to_dict(), **honoured})
+
+
+def _recipe(cfg: PretrainConfig, block: bool) -> dict[str, Any]:
+    """The adaptation's sections: ``adapt.from_causal`` on; the recipe's lr and warm-up where ``train``
+    does not give them; complementary masks for block diffusion unless ``diffusion`` says."""
+    defaults = AdaptConfig()
+    if block and cfg.adapt.anneal_steps != defaults.anneal_steps:
+        raise ValueError("adapt.anneal_steps anneals full attention; a block diffusion adaptation warms up its "
+                         "block size instead (adapt.block_warmup_steps)")
+    if not block and cfg.adapt.block_warmup_steps != defaults.block_warmup_steps:
+        raise ValueError("adapt.block_warmup_steps is for block diffusion (model.attention: block_causal); a "
+                         "full-attention adaptation anneals (adapt.anneal_steps)")
+    train = cfg.train.to_dict()
+    for name in ("lr", "warmup_steps"):
+        if name not in cfg.train.model_fields_set:
+            train[name] = getattr(cfg.adapt, name)
+    diffusion = cfg.diffusion.to_dict()
+    if block and "complementary" not in cfg.diffusion.model_fields_set:
+        diffusion["complementary"] = True
+    return {"adapt": {**cfg.adapt.to_dict(), "from_causal": True}, "train": train, "diffusion": diffusion}
+
+
+def _check_not_adapting(cfg: PretrainConfig) -> None:
+    """A run that adapts nothing refuses the recipe's settings rather than ignore them."""
+    defaults = AdaptConfig()
+    changed = [f"adapt.{k}={v}" for k, v in cfg.adapt.to_dict().items() if v != getattr(defaults, k)]
+    if changed:
+        raise ValueError(f"{', '.join(changed)}: the adaptation recipe applies to a diffusion run "
+                         "(model.attention: full or block_causal) from an autoregressive init_from; this run "
+                         "adapts nothing")
+
+
+def adaptation_line(cfg: PretrainConfig) -> str | None:
+    """What an adaptation run does, in one line (None for any other run)."""
+    if not cfg.adapt.from_causal:
+        return None
+    kind, a, tc = kind_of(cfg.model), cfg.adapt, cfg.train
+    if kind.block_size is None:
+        schedule = f"attention annealed from causal to full over {a.anneal_steps} steps"
+    else:
+        sizes = " -> ".join(map(str, [*warmup_block_sizes(kind.block_size), kind.block_size]))
+        warmup = f"blocks {sizes} ({a.block_warmup_steps} steps each)" if a.block_warmup_steps else "no block warm-up"
+        schedule = f"{warmup}, complementary masks {'on' if cfg.diffusion.complementary else 'off'}"
+    return (f"[adapt] autoregressive -> {kind.noun} diffusion model: shift {'on' if cfg.model.shift_logits else 'off'}, "
+            f"{schedule}, lr {tc.lr:g} after {tc.warmup_steps} warm-up steps")
 
 
 def fit(cfg: PretrainConfig) -> ray.train.Result:
@@ -96,7 +204,9 @@ def fit(cfg: PretrainConfig) -> ray.train.Result:
     datasets = {
         "train": packed_dataset(cfg.data, cfg.tokenizer, "train", num_epochs=tc.max_epochs, start=start,
                                 diffusion=diffusion, strata=tc.micro_batch_size, block_size=block_size),
-        "val": packed_dataset(cfg.data, cfg.tokenizer, "val", diffusion=diffusion, block_size=block_size),
+        # Held-out rows are scored by estimate_nelbo, which draws its own masks: no pairs needed.
+        "val": packed_dataset(cfg.data, cfg.tokenizer, "val", block_size=block_size, diffusion=diffusion and
+                              diffusion.model_copy(update={"complementary": False})),
     }
     for ds in datasets.values():
         pace_scheduling(ds.context, cfg.data.pacing)

@@ -12,11 +12,13 @@ a checkpoint is reported (every ``checkpoint_every``), each also at the last ste
 for one of two reasons, ``"max_steps"`` or ``"data_exhausted"``, and the stop is always
 checkpointed with its reason in the final record. The objective is handed in (its kind is not the
 loop's business), so is the FLOPs-per-token figure behind MFU. The loop syncs with the device only
-at log windows.
+at log windows. A run adapting an autoregressive checkpoint hands the loss a model call with the
+step's attention (``scheduled_model``), and rows with complementary masks train as both views.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
@@ -32,7 +34,8 @@ import ray.train
 import torch
 
 from dlm_ray.config.schema import PretrainConfig, TrainConfig
-from dlm_ray.core.diffusion import nats_to_bits
+from dlm_ray.core.adapt import training_attention
+from dlm_ray.core.diffusion import nats_to_bits, with_complements
 from dlm_ray.core.likelihood import estimate_nelbo
 from dlm_ray.data.pipeline import DataPosition
 from dlm_ray.io.checkpoint import run_dir
@@ -126,10 +129,10 @@ class Trainer:
     def step(self, after: DataPosition, batch: dict[str, torch.Tensor]) -> bool:
         """One micro-batch: forward, backward, engine step. True when it completed an optimizer step."""
         self.consumed = max(self.consumed, after)
-        b = _to_device(batch, self.device)
+        b = with_complements(_to_device(batch, self.device))  # complementary pairs: both views, 2B rows
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr_at(self.state["step"], self.tc)
-        loss = self.loss_fn(self.engine, b, self.cfg, self.mask_id)
+        loss = self.loss_fn(self.scheduled_model(), b, self.cfg, self.mask_id)
         self.engine.backward(loss)
         self.engine.step()
         self.micro += 1
@@ -142,6 +145,13 @@ class Trainer:
         self.state["step"] += 1
         self.state["tokens_seen"] += self.tc.batch_size * self.cfg.data.seq_len
         return True
+
+    def scheduled_model(self) -> Any:
+        """The engine, or while an adaptation's schedule runs (``dlm_ray.core.adapt``) a call of it
+        with this step's attention: the annealed mask, or the warm-up's block size."""
+        extra = training_attention(self.cfg.model, self.cfg.adapt, self.state["step"], seq_len=self.cfg.data.seq_len,
+                                   seed=self.tc.seed, device=self.device)
+        return functools.partial(self.engine, **extra) if extra else self.engine
 
     def _after_step(self) -> None:
         """What follows an optimizer step: its record (log window, evaluation), then a checkpoint or
