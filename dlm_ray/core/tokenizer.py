@@ -5,7 +5,9 @@ Both expose the same small surface (``encode``, ``decode``, ``vocab_size``, ``pa
 canonical mask id: the data pipeline, the loss and the samplers all take it from here.
 
 A masked diffusion model needs a mask token that the tokenizer never produces from text; the HF
-loader adds one (and pad/EOS) when the file lacks it, always offline from a local path, and encodes
+loader adds ``<|mask|>`` at the first free id when the file has none (every autoregressive
+tokenizer; ``mask_added`` says so, and ``save`` records it in both tokenizer files), and pad/EOS
+likewise, always offline from a local path, and encodes
 text with special-token matching off, so a document holding the literal text ``<|mdm_mask|>`` (or
 ``[MASK]``, ``<pad>``, ...) is encoded as ordinary text, never as the mask or pad id.
 
@@ -15,7 +17,9 @@ outside the vocabulary is an error.
 An instruct model ends its answer with an end-of-turn token (LLaDA: ``<|eot_id|>``) and pads with
 EOS; ``end_ids`` holds every id that ends an answer. A model's own ids (a LLaDA config.json's
 ``mask_token_id`` / ``eos_token_id`` / ``pad_token_id``, where pad and EOS are one token) are passed
-in as ``ids`` and win over the lookup by name. ``chat_template`` is the Jinja template of
+in as ``ids`` and win over the lookup by name; ids a model's config leaves out are looked up by the
+names ``tokenizer_config.json`` gives, then by the usual names, and a pad missing everywhere is
+EOS (as an autoregressive model pads). ``chat_template`` is the Jinja template of
 ``tokenizer_config.json``, if the tokenizer has one.
 """
 
@@ -28,6 +32,7 @@ from typing import Any, Protocol
 import numpy as np
 
 MASK_CANDIDATES = ("<|mdm_mask|>", "<|mask|>", "[MASK]", "<mask>")
+MASK_TOKEN = "<|mask|>"  # added where a tokenizer has none (Dream's and dllm's A2D models' name for it)
 EOS_CANDIDATES = ("<|endoftext|>", "<|eot_id|>", "</s>", "<eos>", "[SEP]")
 PAD_CANDIDATES = ("<|pad|>", "<pad>", "[PAD]")
 
@@ -89,7 +94,6 @@ class HFTokenizer:
     """A ``tokenizers.Tokenizer`` from a local ``tokenizer.json``, with pad/EOS/mask guaranteed."""
 
     def __init__(self, path: str | Path, *, ids: dict[str, int] | None = None) -> None:
-        from tokenizers import AddedToken
         from tokenizers import Tokenizer as _Tok
 
         path = Path(path)
@@ -104,31 +108,38 @@ class HFTokenizer:
         if (path.parent / TOKENIZER_CONFIG).is_file():
             self.config = json.loads((path.parent / TOKENIZER_CONFIG).read_text())
         self.chat_template = self.config.get("chat_template") if isinstance(self.config.get("chat_template"), str) else None
-        if ids is not None:
-            self._take_ids(ids, vocab)
-            return
-
-        def find_or_add(candidates: tuple[str, ...]) -> int:
-            for token in candidates:
-                if token in vocab:
-                    return vocab[token]
-            self._tok.add_special_tokens([AddedToken(candidates[0], special=True, normalized=False)])
-            vocab.update(self._tok.get_vocab(with_added_tokens=True))
-            return vocab[candidates[0]]
-
-        self.mask_id = find_or_add(MASK_CANDIDATES)
-        self.eos_id = find_or_add(EOS_CANDIDATES)
-        self.pad_id = find_or_add(PAD_CANDIDATES)
+        self.mask_added = False
+        self.mask_id = self._resolve("mask_id", ids, vocab, MASK_CANDIDATES, add=MASK_TOKEN)
+        self.eos_id = self._resolve("eos_id", ids, vocab, EOS_CANDIDATES, add=EOS_CANDIDATES[0])
+        # A model's own ids without a pad (autoregressive models have none): it pads with EOS.
+        self.pad_id = self._resolve("pad_id", ids, vocab, PAD_CANDIDATES,
+                                    add=None if ids is not None else PAD_CANDIDATES[0], fallback=self.eos_id)
         self._finish(vocab)
 
-    def _take_ids(self, ids: dict[str, int], vocab: dict[str, int]) -> None:
-        size = self._tok.get_vocab_size(with_added_tokens=True)
-        for key in ("mask_id", "eos_id", "pad_id"):
-            if key not in ids or not 0 <= ids[key] < size or self._tok.id_to_token(ids[key]) is None:
+    def _resolve(self, key: str, ids: dict[str, int] | None, vocab: dict[str, int], candidates: tuple[str, ...], *,
+                 add: str | None, fallback: int | None = None) -> int:
+        """``ids[key]`` (checked to be a token), else the token tokenizer_config.json names, else the
+        first of ``candidates`` found, else ``fallback``, else ``add`` added at the first free id."""
+        from tokenizers import AddedToken
+
+        if ids is not None and key in ids:
+            size = self._tok.get_vocab_size(with_added_tokens=True)
+            if not 0 <= ids[key] < size or self._tok.id_to_token(ids[key]) is None:
                 raise ValueError(f"{self.path}: the model's {key} {ids.get(key)} is not a token of this tokenizer "
                                  f"({size} ids); a diffusion model needs its mask token in the tokenizer")
-        self.mask_id, self.eos_id, self.pad_id = ids["mask_id"], ids["eos_id"], ids["pad_id"]
-        self._finish(vocab)
+            return ids[key]
+        # A model's tokenizer (ids given) names its own specials; otherwise the usual names decide.
+        named = self.config.get(key.replace("_id", "_token")) if ids is not None else None
+        named = named.get("content") if isinstance(named, dict) else named
+        for token in ((named,) if isinstance(named, str) else ()) + candidates:
+            if token in vocab:
+                return vocab[token]
+        if fallback is not None and add is None:
+            return fallback
+        self._tok.add_special_tokens([AddedToken(add, special=True, normalized=False)])
+        vocab.update(self._tok.get_vocab(with_added_tokens=True))
+        self.mask_added = self.mask_added or key == "mask_id"
+        return vocab[add]
 
     def _finish(self, vocab: dict[str, int]) -> None:
         from tokenizers import Tokenizer as _Tok
@@ -166,12 +177,19 @@ class HFTokenizer:
         return self._tok.decode(list(ids), skip_special_tokens=False)
 
     def save(self, directory: str | Path) -> Path:
-        """Write the tokenizer (with the tokens added here) and its tokenizer_config.json, so a
-        checkpoint is self-contained."""
+        """Write the tokenizer (with the tokens added here) and its tokenizer_config.json (naming an
+        added mask token as the mask token), so a checkpoint is self-contained."""
         out = Path(directory) / "tokenizer.json"
         self._tok.save(str(out))
-        if self.config:
-            (Path(directory) / TOKENIZER_CONFIG).write_text(json.dumps(self.config, indent=2, ensure_ascii=False))
+        config = dict(self.config)
+        if self.mask_added:  # transformers' tokenizers then know it as their mask token too
+            config = {"tokenizer_class": "PreTrainedTokenizerFast", **config, "mask_token": MASK_TOKEN}
+            if isinstance(config.get("added_tokens_decoder"), dict):
+                config["added_tokens_decoder"] = {**config["added_tokens_decoder"], str(self.mask_id): {
+                    "content": MASK_TOKEN, "lstrip": False, "normalized": False, "rstrip": False,
+                    "single_word": False, "special": True}}
+        if config:
+            (Path(directory) / TOKENIZER_CONFIG).write_text(json.dumps(config, indent=2, ensure_ascii=False))
         return out
 
     def to_config(self) -> dict[str, Any]:
