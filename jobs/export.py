@@ -2,8 +2,9 @@
 
     python jobs/export.py runs/tiny/checkpoint_<...> exports/tiny
 
-Writes LLaDA's Hugging Face layout (config.json, safetensors with LLaDA's tensor names, the
-tokenizer files), the format batch generation, Serve and evaluation load.
+Writes the model family's Hugging Face layout (config.json, safetensors, the tokenizer files): LLaDA's
+for a LLaDA-shaped diffusion model, Llama's or Qwen's for an autoregressive one (transformers loads it
+as it is), Dream's or A2D's for other diffusion models; batch generation, Serve and evaluation load any.
 
     python jobs/export.py runs/tiny/checkpoint_<...> exports/tiny --dtype bfloat16
 """

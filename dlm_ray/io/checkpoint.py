@@ -11,13 +11,16 @@ Training checkpoint (one Ray Train checkpoint directory, every rank writing its 
     rng_rank<r>.pt         each rank's torch / numpy / python RNG states
     run_config.json        the full PretrainConfig, so a checkpoint explains itself
 
-Inference checkpoint (``export``): LLaDA's Hugging Face layout (``llada_layout``): config.json with
-LLaDA's keys and ours (diffusion schedule, tokenizer, where it came from) under ``dlm_ray``,
-safetensors with LLaDA's tensor names, and the tokenizer files. A published LLaDA directory
-(LLaDA-8B-Base/Instruct, LLaDA-1.5) is the same format without our key, so batch generation, Serve
-and evaluation load either, from a local directory or a URI (a remote one is copied once per node
-into the node's checkpoint cache, ``storage.node_copy``, and its settings alone without the weights).
-Exports of earlier versions (config.json with a ``model`` key, our own tensor names) still load.
+Inference checkpoint (``export``): the Hugging Face layout of the model's family, config.json with
+ours (diffusion schedule, tokenizer, where it came from) under ``dlm_ray``, safetensors and the
+tokenizer files: LLaDA's (``llada_layout``) where it can hold the model; Llama's, Qwen2's or Qwen3's
+for an autoregressive model (transformers loads it as it is); Dream's or A2D's for another
+diffusion model (``hf_layout``, ``hf_tensors``). Published directories of these layouts are the
+same without our key, so batch generation, Serve and evaluation load any, local or at a URI (copied
+once per node into the node's checkpoint cache, ``storage.node_copy``; the settings alone without
+the weights). Where a config cannot say the model's kind (an A2D model, a diffusion model in a
+plain Qwen3 directory) the caller names it (``kind``). Earlier exports (config.json with a
+``model`` key, our own tensor names) still load.
 
 An export is written whole into a staging directory and swapped in (``storage.staged_dir``), so a
 directory never mixes two exports; it refuses to replace a directory that is not a model's.
@@ -39,8 +42,10 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from dlm_ray.io import hf_layout, hf_tensors
 from dlm_ray.io import llada_layout as layout
 from dlm_ray.config.schema import DiffusionConfig, ModelConfig, PretrainConfig
+from dlm_ray.core.kinds import kind_of
 from dlm_ray.core.model import Denoiser
 from dlm_ray.io.storage import StorageError, filesystem_for, list_tree, node_copy, read_bytes, staged_dir
 from dlm_ray.core.tokenizer import TOKENIZER_CONFIG, ByteTokenizer, HFTokenizer, load_tokenizer
@@ -50,6 +55,7 @@ STATE_FILE = "trainer_state.json"
 RUN_CONFIG_FILE = "run_config.json"
 CONFIG_FILE = layout.CONFIG_FILE
 CONTENT_KEY = "content_sha256"  # under config.json's ``dlm_ray``: the hash of everything but config.json
+Kind = str | dict[str, Any] | None  # a model kind named by the caller (hf_layout.parse_kind)
 
 
 class CheckpointError(RuntimeError):
@@ -183,8 +189,9 @@ def consolidated_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tenso
 
 
 def export(checkpoint_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype = torch.float32) -> str:
-    """Turn a (possibly ZeRO-3 sharded) training checkpoint into an inference checkpoint in LLaDA's
-    layout, weights in ``dtype``. Either may be a local directory or a URI; returns where it went."""
+    """Turn a (possibly ZeRO-3 sharded) training checkpoint into an inference checkpoint in its
+    family's layout, weights in ``dtype``. Either may be a local directory or a URI; returns where
+    it went."""
     with staged(out_dir) as out:
         _export(local_path(checkpoint_dir), out, dtype)
     return str(out_dir)
@@ -203,8 +210,9 @@ def _export(src: Path, out: Path, dtype: torch.dtype) -> None:
 def write_inference(state: dict[str, torch.Tensor], model_cfg: ModelConfig, tok: Any, out: Path, *,
                     diffusion: DiffusionConfig, source: dict[str, Any], dtype: torch.dtype = torch.float32,
                     shard_bytes: int = layout.DEFAULT_SHARD_BYTES) -> None:
-    """Weights (``Denoiser`` names) + settings as an inference checkpoint in LLaDA's layout.
-    config.json comes last and records the content hash of the files before it."""
+    """Weights (``Denoiser`` names) + settings as an inference checkpoint in the layout of the
+    model's family (``hf_layout.export_type``; LLaDA's where it can hold the model). config.json
+    comes last and records the content hash of the files before it."""
     out.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
 
@@ -216,8 +224,10 @@ def write_inference(state: dict[str, torch.Tensor], model_cfg: ModelConfig, tok:
             digest.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
             yield name, t
 
-    layout.save_weights(hashed((layout.to_llada_name(k), v) for k, v in state.items()), out, dtype=dtype,
-                        shard_bytes=shard_bytes)
+    model_type = hf_layout.export_type(model_cfg)
+    named = ((layout.to_llada_name(k), v) for k, v in state.items()) if model_type is None \
+        else hf_tensors.export_tensors(state, model_cfg, model_type)
+    layout.save_weights(hashed(named), out, dtype=dtype, shard_bytes=shard_bytes)
     tok_cfg = tok.to_config()
     if isinstance(tok, HFTokenizer):
         tok.save(out)
@@ -227,8 +237,9 @@ def write_inference(state: dict[str, torch.Tensor], model_cfg: ModelConfig, tok:
                 digest.update(name.encode() + b"\n" + (out / name).read_bytes())
     ours = {"model": model_cfg.to_dict(), "diffusion": diffusion.to_dict(), "tokenizer": tok_cfg, "source": source,
             CONTENT_KEY: digest.hexdigest()}
-    config = layout.llada_config(model_cfg, mask_id=tok.mask_id, eos_id=tok.eos_id, pad_id=tok.pad_id, dtype=dtype,
-                                 ours=ours)
+    ids = {"mask_id": tok.mask_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id}
+    config = layout.llada_config(model_cfg, **ids, dtype=dtype, ours=ours) if model_type is None \
+        else hf_layout.hf_config(model_cfg, model_type, ids=ids, dtype=dtype, ours=ours)
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
 
 
@@ -243,35 +254,62 @@ def save_inference(model: Denoiser, tokenizer_cfg: dict[str, Any], out_dir: str 
     return out_dir
 
 
-def read_inference_config(directory: str | Path) -> tuple[dict[str, Any], Any]:
+def read_inference_config(directory: str | Path, *, kind: Kind = None,
+                          default_kind: Kind = None) -> tuple[dict[str, Any], Any]:
     """(settings, tokenizer) of an inference checkpoint, without loading the weights. The settings
-    have the same keys for every layout: ``model`` (a ModelConfig dict), ``diffusion``,
-    ``tokenizer``, ``source`` and ``layout`` ("llada" or "legacy")."""
+    have the same keys for every layout: ``model`` (the checkpoint's ModelConfig dict),
+    ``diffusion``, ``tokenizer`` (a spec; ``ids``: those config.json names), ``source``, ``layout``
+    ("llada", "legacy" or the Hugging Face model_type: "llama", "qwen2", "qwen3", "Dream",
+    "a2d-qwen3", ...) and ``mask_token``: ``id``, ``added`` (the tokenizer had none: ``<|mask|>``
+    added at the first free id, as to every autoregressive tokenizer) and ``vocab_size`` (the rows
+    a model needs to embed it; ``init_from`` fills rows beyond the checkpoint's, and a masking
+    run's mask row, with the mean of the existing tokens' rows).
+
+    ``kind`` ("full", "block_causal:32", "causal"; "+shift" for shifted logits) names the kind
+    where the config cannot (an A2D directory; a diffusion model in a plain Qwen3 directory);
+    one the config contradicts is refused. ``default_kind``: a fallback only where nothing says
+    it (the kind a run starting from the checkpoint trains). A diffusion model whose tokenizer
+    has no mask token is refused."""
     d = local_path(directory, weights=False)
-    if not (d / CONFIG_FILE).is_file():
-        raise CheckpointError(f"{d} has no {CONFIG_FILE}: not a model directory (export a training checkpoint "
-                              "with jobs/export.py, or point at a LLaDA directory)")
-    try:
-        raw = json.loads((d / CONFIG_FILE).read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{d / CONFIG_FILE} is not valid JSON: {exc}") from None
+    raw = _raw_config(d)
+    where = str(d / CONFIG_FILE)
     if "model" in raw and "model_type" not in raw:  # an export of an earlier version
         meta = {**raw, "layout": "legacy"}
     elif raw.get("model_type") in layout.MODEL_TYPES:
-        try:
-            model_cfg = layout.model_config(raw, str(d / CONFIG_FILE))
-        except layout.LayoutError as exc:
-            raise CheckpointError(str(exc)) from None
-        ours = raw.get(layout.OURS, {})
-        ids = {"mask_id": raw.get("mask_token_id", 126336), "eos_id": raw.get("eos_token_id", 126081),
-               "pad_id": raw.get("pad_token_id", raw.get("eos_token_id", 126081))}
-        meta = {"model": model_cfg.to_dict(), "diffusion": ours.get("diffusion", DiffusionConfig().to_dict()),
-                "tokenizer": {**ours.get("tokenizer", {"kind": "hf", "path": "tokenizer.json"}), "ids": ids},
-                "source": ours.get("source", {"imported": str(directory)}), "layout": "llada"}
+        meta = _checked(lambda: layout.settings(raw, where, imported=str(directory)))
+    elif hf_layout.is_hf_config(raw):
+        meta = _checked(lambda: hf_layout.settings(raw, where, imported=str(directory), kind=kind,
+                                                   default_kind=default_kind))
     else:
-        raise CheckpointError(f"{d / CONFIG_FILE}: neither a LLaDA config (model_type 'llada') nor a dlm-ray "
-                              f"export (model_type is {raw.get('model_type')!r})")
-    return meta, _tokenizer(meta["tokenizer"], d)
+        raise CheckpointError(f"{where}: neither a LLaDA config (model_type 'llada'), one of "
+                              f"{', '.join(hf_layout.MODEL_TYPES)}, nor a dlm-ray export (model_type is "
+                              f"{raw.get('model_type')!r})")
+    model_cfg, tok = ModelConfig.model_validate(meta["model"]), _tokenizer(meta["tokenizer"], d)
+    if kind is not None and meta["layout"] in ("legacy", "llada"):
+        _checked(lambda: hf_layout.check_kind(model_cfg, kind, where))
+    added = bool(getattr(tok, "mask_added", False))
+    if added and kind_of(model_cfg).masked_training:
+        raise CheckpointError(f"{d}: the tokenizer has no mask token (and config.json no mask_token_id): a diffusion "
+                              "model needs the mask token it was trained with")
+    meta["mask_token"] = {"id": tok.mask_id, "added": added, "vocab_size": max(model_cfg.vocab_size, tok.mask_id + 1)}
+    return meta, tok
+
+
+def _raw_config(d: Path) -> dict[str, Any]:
+    if not (d / CONFIG_FILE).is_file():
+        raise CheckpointError(f"{d} has no {CONFIG_FILE}: not a model directory (export a training checkpoint "
+                              "with jobs/export.py, or point at a LLaDA, Llama, Qwen or Dream directory)")
+    try:
+        return json.loads((d / CONFIG_FILE).read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{d / CONFIG_FILE} is not valid JSON: {exc}") from None
+
+
+def _checked(build: Any) -> Any:
+    try:
+        return build()
+    except layout.LayoutError as exc:  # a layout's refusal, as every loader's caller catches it
+        raise CheckpointError(str(exc)) from None
 
 
 def _tokenizer(spec: dict[str, Any], d: Path) -> Any:
@@ -290,20 +328,33 @@ def _tokenizer(spec: dict[str, Any], d: Path) -> Any:
         raise CheckpointError(str(exc)) from None
 
 
-def load_inference(directory: str | Path, *, device: str | torch.device = "cpu",
-                   dtype: torch.dtype = torch.float32, compile: bool = False) -> tuple[Denoiser, Any, dict[str, Any]]:
+def read_weights(model: Denoiser, directory: Path, meta: dict[str, Any], *, pieces: layout.Pieces = layout.whole_parameter,
+                 grow: frozenset[str] = frozenset()) -> None:
+    """Fill ``model`` from a local checkpoint directory of ``meta``'s layout, tensor by tensor
+    (``pieces`` and ``grow`` as ``llada_layout.load_weights`` takes them)."""
+    def read() -> None:
+        files = layout.weight_files(directory)
+        if meta["layout"] not in ("legacy", "llada"):
+            return hf_tensors.load(model, files, _raw_config(directory), pieces=pieces, grow=grow)
+        rename = (lambda name: name) if meta["layout"] == "legacy" else layout.from_llada_name  # noqa: E731
+        layout.load_weights(model, files, rename, pieces=pieces, grow=grow)
+
+    _checked(read)
+
+
+def load_inference(directory: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                   compile: bool = False, kind: Kind = None) -> tuple[Denoiser, Any, dict[str, Any]]:
     """(model in eval mode, tokenizer, settings) from an inference checkpoint, local or at a URI.
 
     The weights go tensor by tensor into a model allocated once in ``dtype`` on ``device``; nothing
-    is returned unless every tensor was found with the right shape. ``compile`` compiles its blocks."""
+    is returned unless every tensor was found with the right shape. ``compile`` compiles its blocks.
+    ``kind``: the model's kind where its config cannot say it (``read_inference_config``). An
+    autoregressive model keeps its own vocabulary: a mask token added to its tokenizer is never
+    fed to it."""
     d = local_path(directory)
-    meta, tok = read_inference_config(d)
+    meta, tok = read_inference_config(d, kind=kind)
     model = Denoiser.empty(ModelConfig.model_validate(meta["model"]), device=device, dtype=dtype)
-    rename = (lambda name: name) if meta["layout"] == "legacy" else layout.from_llada_name  # noqa: E731
-    try:
-        layout.load_weights(model, layout.weight_files(d), rename)
-    except layout.LayoutError as exc:
-        raise CheckpointError(str(exc)) from None
+    read_weights(model, d, meta)
     if compile:
         from dlm_ray.core.model import compile_blocks
 

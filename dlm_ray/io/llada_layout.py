@@ -1,4 +1,5 @@
-"""LLaDA's Hugging Face layout: the on-disk format of every inference checkpoint.
+"""LLaDA's Hugging Face layout: the format of LLaDA-expressible diffusion models, and the safetensors
+reader and writer every layout uses.
 
     config.json                       model_type "llada", LLaDA's architecture keys and token ids;
                                       our own settings (diffusion schedule, tokenizer, provenance)
@@ -13,6 +14,10 @@ Tensor names are LLaDA's (``model.transformer.blocks.{i}.q_proj.weight``, the LM
 range, then the raw bytes) is read here without memory-mapping: every tensor is read straight into
 the parameter it belongs to, already allocated in the target dtype on the target device, so host
 memory never holds a second full copy of the weights (an 8B model in fp32 would not fit).
+
+What LLaDA's keys cannot say (grouped-query attention, biases, q/k norms, tied embeddings, a head
+width of its own, the shifted head of adapted models, an autoregressive model) is written in the
+Llama/Qwen/Dream layouts instead (``hf_layout``); ``llada_config`` refuses it by name.
 """
 
 from __future__ import annotations
@@ -26,9 +31,9 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from dlm_ray.config.schema import ModelConfig
+from dlm_ray.config.schema import DiffusionConfig, ModelConfig
 from dlm_ray.core.kinds import MODEL_TYPES as KIND_MODEL_TYPES
-from dlm_ray.core.kinds import KINDS, kind_of
+from dlm_ray.core.kinds import KINDS, Autoregressive, kind_of
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -85,9 +90,24 @@ REQUIRED = {"block_type": "llama", "include_bias": False, "include_qkv_bias": Fa
             "clip_qkv": None}
 
 
+def inexpressible(model: ModelConfig) -> str | None:
+    """Why LLaDA's layout cannot hold a model of this shape (None: it can): an autoregressive model,
+    or what the Llama/Qwen families add to LLaDA's block."""
+    reasons = {"attention = 'causal' (an autoregressive model)": isinstance(kind_of(model), Autoregressive),
+               f"n_kv_heads = {model.n_kv_heads} (grouped-query attention)": model.kv_heads != model.n_heads,
+               f"head_dim = {model.head_dim} (not d_model / n_heads)": model.head_size * model.n_heads != model.d_model,
+               "qkv_bias": model.qkv_bias, "qk_norm": model.qk_norm, "tie_embeddings": model.tie_embeddings,
+               "shift_logits": model.shift_logits}
+    found = [what for what, present in reasons.items() if present]
+    return ", ".join(found) or None
+
+
 def llada_config(model: ModelConfig, *, mask_id: int, eos_id: int, pad_id: int, dtype: torch.dtype,
                  ours: dict[str, Any]) -> dict[str, Any]:
     """config.json for a ``Denoiser`` of shape ``model``: LLaDA's keys, ours under ``dlm_ray``."""
+    why = inexpressible(model)
+    if why:
+        raise LayoutError(f"LLaDA's layout cannot hold {why}: write it in a Llama/Qwen/Dream layout (hf_layout)")
     model_type = kind_of(model).model_type
     if model_type != "llada":  # same keys and tensor names; the kind says what it is
         block = {"model_type": model_type, "attention": model.attention, "block_size": model.block_size}
@@ -135,6 +155,18 @@ def model_config(cfg: dict[str, Any], where: str) -> ModelConfig:
         raise LayoutError(f"{where}: {exc}") from None
 
 
+def settings(raw: dict[str, Any], where: str, *, imported: str) -> dict[str, Any]:
+    """``checkpoint.read_inference_config``'s settings of a LLaDA-layout config.json (``imported``:
+    the source recorded for a directory without our key)."""
+    ours = raw.get(OURS, {})
+    ids = {"mask_id": raw.get("mask_token_id", 126336), "eos_id": raw.get("eos_token_id", 126081),
+           "pad_id": raw.get("pad_token_id", raw.get("eos_token_id", 126081))}
+    return {"model": model_config(raw, where).to_dict(),
+            "diffusion": ours.get("diffusion", DiffusionConfig().to_dict()),
+            "tokenizer": {**ours.get("tokenizer", {"kind": "hf", "path": "tokenizer.json"}), "ids": ids},
+            "source": ours.get("source", {"imported": imported}), "layout": "llada"}
+
+
 # ------------------------------------------------------------------------------------ safetensors
 
 
@@ -176,27 +208,34 @@ def whole_parameter(p: nn.Parameter) -> tuple[list[int], list[tuple[int, torch.T
     return list(p.shape), [(0, p.data)]
 
 
-def load_weights(model: nn.Module, files: list[Path], rename: Any = from_llada_name, *,
-                 pieces: Pieces = whole_parameter) -> None:
+def load_weights(model: nn.Module, files: list[Path], rename: Callable[[str], str | None] = from_llada_name, *,
+                 pieces: Pieces = whole_parameter, extra: dict[str, torch.Tensor] | None = None,
+                 grow: frozenset[str] = frozenset()) -> None:
     """Fill every parameter of ``model`` (allocated, any dtype and device) from ``files``, one tensor
     at a time, reading only the elements ``pieces`` names. Every parameter must be found exactly
-    once, with its shape."""
-    params = dict(model.named_parameters())
+    once, with its shape. ``rename`` maps a file's tensor name to the parameter's, or to None for a
+    tensor the model does without (a buffer derived from the config, a tied head's copy).
+    ``extra``: tensors the layout holds that are not parameters (read whole, for the caller to
+    check), by their renamed names. ``grow``: parameters whose file tensor may have fewer rows (a
+    vocabulary grown since): the file's rows fill the first rows, the rest are left to the caller."""
+    params, extra = dict(model.named_parameters()), extra or {}
     seen: set[str] = set()
     for path in files:
         header, start = read_header(path)
         with open(path, "rb") as f:
             for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
                 ours = rename(name)
-                if ours not in params:
+                if ours is None:
+                    continue
+                if ours not in params and ours not in extra:
                     raise LayoutError(f"{path}: tensor {name} is not part of the model")
-                shape, parts = pieces(params[ours])
-                if list(info["shape"]) != shape:
+                shape, parts = pieces(params[ours]) if ours in params else whole_parameter(extra[ours])
+                if list(info["shape"]) != shape and not (ours in grow and _fewer_rows(info["shape"], shape)):
                     raise LayoutError(f"{path}: {name} has shape {info['shape']}, the config says {shape}")
                 if info["dtype"] not in DTYPES:
                     raise LayoutError(f"{path}: {name} has unsupported dtype {info['dtype']}")
                 dtype, (begin, end) = DTYPES[info["dtype"]], info["data_offsets"]
-                numel = math.prod(shape)
+                numel = math.prod(info["shape"])
                 if numel * dtype.itemsize != end - begin:
                     raise LayoutError(f"{path}: {name}'s byte range does not match its shape and dtype")
                 for first, dest in parts:
@@ -206,10 +245,14 @@ def load_weights(model: nn.Module, files: list[Path], rename: Any = from_llada_n
                         _read_into(f, dest if count == dest.numel() else dest.view(-1)[:count], dtype,
                                    count * dtype.itemsize, path)
                 seen.add(ours)
-    missing = sorted(set(params) - seen)
+    missing = sorted((set(params) | set(extra)) - seen)
     if missing:
-        raise LayoutError(f"{files[0].parent}: no tensor for {to_llada_name(missing[0])} "
-                          f"({len(missing)} missing)")
+        name = to_llada_name(missing[0]) if rename is from_llada_name else missing[0]
+        raise LayoutError(f"{files[0].parent}: no tensor for {name} ({len(missing)} missing)")
+
+
+def _fewer_rows(file_shape: list[int], shape: list[int]) -> bool:
+    return len(file_shape) == len(shape) and file_shape[1:] == shape[1:] and file_shape[0] <= shape[0]
 
 
 def _read_into(f: Any, dest: torch.Tensor, dtype: torch.dtype, nbytes: int, path: Path) -> None:
