@@ -207,17 +207,66 @@ def _build_partitioned(cfg: PretrainConfig, ds_config: dict[str, Any], *, draw: 
 
 
 def _read_init_from(model: Denoiser, init_from: str, *, partitioned: bool) -> None:
-    from dlm_ray.io import llada_layout as layout
-    from dlm_ray.io.checkpoint import CheckpointError, local_path, read_inference_config
+    """``init_from``'s weights into ``model``, each process its own partitions under ZeRO-3. A model
+    with a larger vocabulary than the checkpoint's (a mask token added to an autoregressive
+    tokenizer) gets the checkpoint's rows first and the mean of its tokens' rows in the new ones;
+    so does a diffusion model's mask row where the added token fell in a spare row."""
+    from dlm_ray.core.kinds import kind_of_model
+    from dlm_ray.io.checkpoint import CheckpointError, local_path, read_inference_config, read_weights
+    from dlm_ray.io.llada_layout import whole_parameter
 
-    directory = local_path(init_from)
-    meta, _ = read_inference_config(directory)
-    rename = (lambda name: name) if meta["layout"] == "legacy" else layout.from_llada_name  # noqa: E731
+    directory, cfg = local_path(init_from), model.config
+    # The run names the kind it trains; it stands in only where the checkpoint cannot say its own.
+    meta, _ = read_inference_config(directory, default_kind={"attention": cfg.attention, "block_size": cfg.block_size})
+    theirs, mask = meta["model"]["vocab_size"], meta["mask_token"]
+    grow = frozenset({"wte.weight", "lm_head.weight"}) if cfg.vocab_size > theirs else frozenset()
     try:
-        layout.load_weights(model, layout.weight_files(directory), rename,
-                            pieces=_own_partition if partitioned else layout.whole_parameter)
-    except layout.LayoutError as exc:
+        read_weights(model, directory, meta, pieces=_own_partition if partitioned else whole_parameter, grow=grow)
+    except CheckpointError as exc:
         raise CheckpointError(f"init_from: {exc}") from None
+    rows = list(range(theirs, cfg.vocab_size))
+    if mask["added"] and mask["id"] < theirs and kind_of_model(model).masked_training:  # a run that masks
+        rows.append(mask["id"])
+    if rows:
+        known = mask["id"] if mask["added"] else theirs  # the tokens the checkpoint was trained on
+        for name, p in model.named_parameters():
+            if name in ("wte.weight", "lm_head.weight"):
+                _mean_rows(p, rows, known, partitioned)
+
+
+@torch.no_grad()
+def _mean_rows(p: torch.nn.Parameter, rows: list[int], known: int, partitioned: bool) -> None:
+    """Set ``rows`` of a [V, D] matrix to the mean of its first ``known`` rows. Under ZeRO-3 each
+    process holds a flat slice of it: each sums the known rows' elements it holds, column by column,
+    the sums are added up over the parameter's group, and each writes the slice of the new rows it
+    holds; no process ever holds the whole matrix."""
+    if not partitioned:
+        p[rows] = p[:known].float().mean(0).to(p.dtype)
+        return
+    import deepspeed.comm as dist
+
+    _, parts = _own_partition(p)
+    (first, part), D = parts[0], p.ds_shape[1]
+    flat = part.view(-1)
+    sum_D = torch.zeros(D, dtype=torch.float32, device=flat.device)
+    end = min(first + flat.numel(), known * D)  # this slice's elements of the known rows: [first, end)
+    at = first
+    while at < end:  # a partial first row, whole rows, a partial last row
+        col = at % D
+        if col == 0 and end - at >= D:
+            k = (end - at) // D
+            sum_D += flat[at - first:at - first + k * D].float().view(k, D).sum(0)
+            at += k * D
+        else:
+            n = min(D - col, end - at)
+            sum_D[col:col + n] += flat[at - first:at - first + n].float()
+            at += n
+    dist.all_reduce(sum_D, group=p.ds_process_group)
+    mean_D = (sum_D / known).to(flat.dtype)
+    for r in rows:
+        lo, hi = max(r * D, first), min((r + 1) * D, first + flat.numel())
+        if lo < hi:
+            flat[lo - first:hi - first] = mean_D[lo - r * D:hi - r * D]
 
 
 def _own_partition(p: torch.nn.Parameter) -> tuple[list[int], list[tuple[int, torch.Tensor]]]:
