@@ -134,7 +134,10 @@ def test_diffusion_only_settings_are_refused_and_steps_follow_the_length(ar_mode
 def test_export_records_the_kind_and_loads_back(ar_model, tmp_path):
     out = save_inference(ar_model.float(), {"kind": "byte"}, tmp_path / "ar")
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["model_type"] == "dlm_ray_autoregressive" and cfg["attention"] == "causal"
+    # The family's own layout (transformers loads it as a causal LM); the kind under our key.
+    family = "qwen3" if ar_model.config.qk_norm else "llama"
+    assert cfg["model_type"] == family and cfg["architectures"] == [f"{family.title()}ForCausalLM"]
+    assert cfg["dlm_ray"]["model"]["attention"] == "causal"
     loaded, _, meta = load_inference(out)
     assert loaded.causal and meta["model"]["attention"] == "causal"
     x = torch.randint(0, 250, (1, 12))

@@ -114,7 +114,7 @@ def test_old_exports_still_load(tmp_path):
     ({"weight_tying": True}, "weight_tying = True"),
     ({"n_kv_heads": 2}, "grouped-query attention"),
     ({"block_type": "sequential"}, "block_type = 'sequential'"),
-    ({"model_type": "llama"}, "neither a LLaDA config"),
+    ({"model_type": "gpt2"}, "neither a LLaDA config"),
     ({"d_model": 48}, "shape"),
 ])
 def test_configurations_we_cannot_run_are_refused_by_name(tmp_path, change, message):
