@@ -293,6 +293,9 @@ def start_engine(cfg: PretrainConfig, *, device: torch.device, resume: bool) -> 
     lines name the ZeRO stage the engine runs, read from the engine itself."""
     import deepspeed
 
+    from dlm_ray.train.op_builds import clear_stale_build_locks
+
+    clear_stale_build_locks()  # else a build killed in an earlier run makes this one wait forever
     tc = cfg.train
     ds_config = deepspeed_config(tc, use_gpu=tc.use_gpu)
     on_gpu = device.type == "cuda"
