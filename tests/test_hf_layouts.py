@@ -286,16 +286,19 @@ def _train_and_save(rank: int, tmp_path) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_jobs_export_of_an_autoregressive_run_loads_in_transformers(tmp_path):
+    import os
     import subprocess
     import sys
+    from pathlib import Path
 
     from transformers import AutoModelForCausalLM
 
     from tests.test_engine import run_ranks
 
     run_ranks(1, _train_and_save, tmp_path)
+    root = Path(__file__).resolve().parents[1]  # the job of this tree, with this tree's package
     subprocess.run([sys.executable, "jobs/export.py", str(tmp_path / "ck"), str(tmp_path / "export")], check=True,
-                   capture_output=True, timeout=240)
+                   capture_output=True, timeout=240, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
     assert json.loads((tmp_path / "export" / "config.json").read_text())["model_type"] == "qwen3"
     theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export")).float().eval()
     ids, am = batch(padded=True)
