@@ -169,8 +169,7 @@ def test_a_diffusion_model_exports_in_llada_dream_or_a2d_layout(tiny_cfg, tmp_pa
 @pytest.mark.parametrize("family, change, key", [
     ("qwen2", {"use_sliding_window": True, "sliding_window": 4}, "use_sliding_window = True"),
     ("qwen3", {"layer_types": ["full_attention", "sliding_attention"]}, "layer_types"),
-    ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}, "rope_scaling"),
+    ("llama", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope_scaling"),
     ("llama", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "rope_parameters"),
     ("llama", {"mlp_bias": True}, "mlp_bias = True"),
     ("llama", {"hidden_act": "gelu"}, "hidden_act = 'gelu'"),
@@ -304,3 +303,26 @@ def test_jobs_export_of_an_autoregressive_run_loads_in_transformers(tmp_path):
     ids, am = batch(padded=True)
     err = real_error(torch.load(tmp_path / "logits.pt"), reference_logits(theirs, ids, am), am)
     assert err < TOL, f"max |engine - transformers| = {err:.2e}"
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_llama3_rope_scaling_loads_and_exports_with_transformers_logits(tmp_path, padded):
+    """Llama 3.1 / 3.2's rescaled rotary frequencies: an original context of 8 makes every band
+    (stretched, blended, kept) occur at this head width, so a wrong formula shows in the logits."""
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8}
+    ref_model = hf_model("llama", rope_scaling=dict(scaling))  # transformers adds rope_theta to it
+    model, _, meta = load_inference(save_hf(ref_model, tmp_path / "llama3"))
+    assert meta["model"]["rope_scaling"] == scaling  # read from rope_parameters (transformers 5 writes it)
+    ids, am = batch(padded=padded, L=24)
+    with torch.no_grad():
+        want = reference_logits(ref_model, ids, am)
+        assert real_error(model(ids, am), want, am) < TOL
+        plain = Denoiser(model.config.model_copy(update={"rope_scaling": None}))
+        plain.load_state_dict(model.state_dict())
+        assert real_error(plain(ids, am), want, am) > 1e-3  # the scaling is not a no-op here
+    from transformers import AutoModelForCausalLM
+
+    out = save_inference(model, {"kind": "byte"}, tmp_path / "export")
+    theirs = AutoModelForCausalLM.from_pretrained(str(out)).float().eval()
+    assert real_error(reference_logits(theirs, ids, am), want, am) < TOL

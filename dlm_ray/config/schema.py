@@ -43,6 +43,25 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+class RopeScaling(Config):
+    """Llama 3.1's rotary scaling (``rope_type: llama3``): wavelengths longer than the original
+    context / ``low_freq_factor`` are stretched by ``factor``, those shorter than original context /
+    ``high_freq_factor`` kept, and those between blended smoothly."""
+
+    rope_type: Literal["llama3"] = "llama3"
+    factor: float = Field(gt=0)
+    low_freq_factor: float = Field(gt=0)
+    high_freq_factor: float = Field(gt=0)
+    original_max_position_embeddings: int = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _check_band(self) -> RopeScaling:
+        if self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError(f"rope_scaling: high_freq_factor={self.high_freq_factor} must exceed "
+                             f"low_freq_factor={self.low_freq_factor}")
+        return self
+
+
 class ModelConfig(Config):
     """Shape of the denoiser. ``preset`` fills every field not given explicitly."""
 
@@ -58,6 +77,7 @@ class ModelConfig(Config):
     d_mlp: int = Field(384, gt=0)
     max_seq_len: int = Field(256, gt=0)
     rope_theta: float = Field(10000.0, gt=0)
+    rope_scaling: RopeScaling | None = None  # Llama 3.1 / 3.2 checkpoints
     norm_eps: float = Field(1e-5, gt=0)
     # What the Llama/Qwen families add to LLaDA's block: q/k/v projection biases (Qwen2), an RMSNorm
     # over each query and key head before RoPE (Qwen3), the LM head sharing the embedding's matrix.

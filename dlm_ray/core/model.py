@@ -41,7 +41,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from dlm_ray.config.schema import ModelConfig
+from dlm_ray.config.schema import ModelConfig, RopeScaling
 
 
 class RMSNorm(nn.Module):
@@ -57,11 +57,25 @@ class RMSNorm(nn.Module):
         return x32.to(x.dtype) * self.weight
 
 
-def rope_tables(pos_BL: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(pos_BL: torch.Tensor, head_dim: int, theta: float,
+                scaling: RopeScaling | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables [B, 1, L, K/2] for the given absolute positions (float32)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=pos_BL.device).float() / head_dim))
+    if scaling is not None:
+        inv_freq = llama3_frequencies(inv_freq, scaling)
     angles = pos_BL.float()[:, None, :, None] * inv_freq  # B,1,L,K/2
     return angles.cos(), angles.sin()
+
+
+def llama3_frequencies(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
+    """Llama 3.1's rescaled rotary frequencies: long wavelengths slowed by ``factor``, short ones
+    kept, the band between interpolated linearly in (original context / wavelength)."""
+    wavelen = 2 * math.pi / inv_freq
+    context = s.original_max_position_embeddings
+    ratio = context / wavelen
+    blend = ((ratio - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)).clamp(0.0, 1.0)
+    # blend 0 (wavelength >= context / low_freq_factor): inv_freq / factor; blend 1: inv_freq.
+    return (1 - blend) * inv_freq / s.factor + blend * inv_freq
 
 
 def apply_rope(x_BHLK: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -226,7 +240,8 @@ class Denoiser(nn.Module):
         if visible_LL is not None:
             eye_LL = torch.eye(L, dtype=torch.bool, device=input_ids_BL.device)
             attend = (visible_LL if keep_B11L is None else visible_LL & keep_B11L) | eye_LL
-        cos, sin = rope_tables(pos_BL, self.config.head_size, self.config.rope_theta)
+        cos, sin = rope_tables(pos_BL, self.config.head_size, self.config.rope_theta,
+                               self.config.rope_scaling)
         x_BLD, layers = self._layers(self.wte(input_ids_BL), cos, sin, attend, keep_cache)
         h_BLD = self.ln_f(x_BLD)
         a, b = logits_span or (0, L)
@@ -278,7 +293,8 @@ class Denoiser(nn.Module):
                      | (q_clean & k_clean & (k_blk <= q_blk)))
         attend = (attend_QK[None, None] & real_BL.repeat(1, 2)[:, None, None, :]) | torch.eye(2 * L, dtype=torch.bool,
                                                                                              device=device)
-        cos, sin = rope_tables(pos_BL.repeat(1, 2), self.config.head_size, self.config.rope_theta)
+        cos, sin = rope_tables(pos_BL.repeat(1, 2), self.config.head_size, self.config.rope_theta,
+                               self.config.rope_scaling)
         x_BSD, _ = self._layers(self.wte(torch.cat([noisy_BL, clean_BL], 1)), cos, sin, attend, False)
         if not self.config.shift_logits:
             return self.lm_head(self.ln_f(x_BSD[:, :L])).float()
@@ -317,7 +333,8 @@ class Denoiser(nn.Module):
         keep_B11S = cache.keep_B11L
         if keep_B11S is not None:
             keep_B11S = torch.cat([keep_B11S, keep_B11S.new_ones(B, 1, 1, W)], -1)
-        cos, sin = rope_tables(pos_BW, self.config.head_size, self.config.rope_theta)
+        cos, sin = rope_tables(pos_BW, self.config.head_size, self.config.rope_theta,
+                               self.config.rope_scaling)
         x_BWD = self.wte(block_ids_BW)
         layers = []
         for block, kv in zip(self.blocks, cache.layers):
@@ -340,7 +357,8 @@ class Denoiser(nn.Module):
         ``logits_len`` only the window's first ``logits_len`` positions get logits."""
         W = window_ids_BW.shape[1]
         pos_BW = cache.pos_BL[:, start:start + W]
-        cos, sin = rope_tables(pos_BW, self.config.head_size, self.config.rope_theta)
+        cos, sin = rope_tables(pos_BW, self.config.head_size, self.config.rope_theta,
+                               self.config.rope_scaling)
         x_BWD = self.wte(window_ids_BW)
         for block, kv in zip(self.blocks, cache.layers):
             x_BWD, _ = block(x_BWD, cos, sin, cache.keep_B11L, kv, start)

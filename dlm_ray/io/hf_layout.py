@@ -17,7 +17,7 @@ an A2D directory without one is refused until the user names it (``parse_kind``)
 own settings under ``dlm_ray`` as in LLaDA's layout. Tensor names are in ``hf_tensors``.
 
 Keys we cannot run are refused by name: an activation other than SiLU, MLP biases, sliding-window
-layers in use, rope scaling of any type (only plain rotary positions are implemented), partial
+layers in use, rope scaling other than Llama 3's (``llama3``), partial
 rotary embeddings, mixture-of-experts blocks, multimodal rotary positions.
 """
 
@@ -144,8 +144,8 @@ def _refuse_unsupported(raw: dict[str, Any], where: str) -> None:
         refuse("layer_types", "layers other than 'full_attention': sliding-window attention")
     for key in ("rope_scaling", "rope_parameters"):
         rope = raw.get(key) or {}
-        if not isinstance(rope, dict) or rope.get("rope_type", rope.get("type", "default")) != "default":
-            refuse(key, "only plain rotary positions; rope scaling is not implemented")
+        if not isinstance(rope, dict) or rope.get("rope_type", rope.get("type", "default")) not in ("default", "llama3"):
+            refuse(key, "only plain rotary positions and Llama 3's scaling ('llama3')")
         if rope.get("partial_rotary_factor", 1.0) != 1.0:
             refuse(key, "partial rotary embeddings")
     if raw.get("partial_rotary_factor", 1.0) != 1.0:
@@ -179,16 +179,27 @@ def model_config(raw: dict[str, Any], where: str, *, kind: str | dict[str, Any] 
     qkv_bias = ours.get("qkv_bias", True) if family == "qwen2" else bool(raw.get("attention_bias", False))
     rope = raw.get("rope_parameters") or {}
     theta = raw.get("rope_theta") or rope.get("rope_theta") or 10000.0
+    scaling = _llama3_scaling(raw)
     try:
         return ModelConfig(
             vocab_size=raw["vocab_size"], d_model=d, n_layers=raw["num_hidden_layers"], n_heads=heads,
             n_kv_heads=None if kv == heads else kv, head_dim=None if head_dim * heads == d else head_dim,
             d_mlp=raw["intermediate_size"], max_seq_len=raw.get("max_position_embeddings") or DEFAULT_MAX_LEN[family],
-            rope_theta=float(theta), norm_eps=raw.get("rms_norm_eps") or 1e-6, qkv_bias=qkv_bias,
+            rope_theta=float(theta), rope_scaling=scaling, norm_eps=raw.get("rms_norm_eps") or 1e-6, qkv_bias=qkv_bias,
             qk_norm=family == "qwen3", tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
             init_std=raw.get("initializer_range") or 0.02, **_resolve_kind(raw, kind, where, default_kind))
     except ValueError as exc:
         raise LayoutError(f"{where}: {exc}") from None
+
+
+def _llama3_scaling(raw: dict[str, Any]) -> dict[str, Any] | None:
+    """Llama 3's rotary scaling from ``rope_scaling`` (transformers 4) or ``rope_parameters`` (5)."""
+    for key in ("rope_scaling", "rope_parameters"):
+        rope = raw.get(key) or {}
+        if rope.get("rope_type", rope.get("type")) == "llama3":
+            keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+            return {"rope_type": "llama3", **{k: rope[k] for k in keys}}  # rope_theta is read on its own
+    return None
 
 
 def settings(raw: dict[str, Any], where: str, *, imported: str, kind: str | dict[str, Any] | None = None,
@@ -246,7 +257,8 @@ def hf_config(model: ModelConfig, model_type: str, *, ids: dict[str, int], dtype
         "hidden_size": model.d_model, "intermediate_size": model.d_mlp, "num_hidden_layers": model.n_layers,
         "num_attention_heads": model.n_heads, "num_key_value_heads": model.kv_heads, "head_dim": model.head_size,
         "hidden_act": "silu", "max_position_embeddings": model.max_seq_len, "rms_norm_eps": model.norm_eps,
-        "rope_theta": model.rope_theta, "rope_scaling": None, "tie_word_embeddings": model.tie_embeddings,
+        "rope_theta": model.rope_theta,
+        "rope_scaling": model.rope_scaling.to_dict() if model.rope_scaling else None, "tie_word_embeddings": model.tie_embeddings,
         "vocab_size": model.vocab_size, "attention_dropout": 0.0, "initializer_range": model.init_std,
         "use_cache": causal, "torch_dtype": str(dtype).removeprefix("torch."),
     }

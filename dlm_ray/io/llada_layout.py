@@ -97,7 +97,7 @@ def inexpressible(model: ModelConfig) -> str | None:
                f"n_kv_heads = {model.n_kv_heads} (grouped-query attention)": model.kv_heads != model.n_heads,
                f"head_dim = {model.head_dim} (not d_model / n_heads)": model.head_size * model.n_heads != model.d_model,
                "qkv_bias": model.qkv_bias, "qk_norm": model.qk_norm, "tie_embeddings": model.tie_embeddings,
-               "shift_logits": model.shift_logits}
+               "shift_logits": model.shift_logits, "rope_scaling": model.rope_scaling is not None}
     found = [what for what, present in reasons.items() if present]
     return ", ".join(found) or None
 
