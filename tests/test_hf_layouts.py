@@ -326,3 +326,22 @@ def test_llama3_rope_scaling_loads_and_exports_with_transformers_logits(tmp_path
     out = save_inference(model, {"kind": "byte"}, tmp_path / "export")
     theirs = AutoModelForCausalLM.from_pretrained(str(out)).float().eval()
     assert real_error(reference_logits(theirs, ids, am), want, am) < TOL
+
+
+def test_batch_generation_runs_a_checkpoint_as_the_kind_the_job_names(tmp_path):
+    """An A2D directory cannot say its kind: jobs/generate.py (and Serve) take it as ``model_kind``;
+    without it the job is refused by name, and the kind is part of the job's identity (a rerun
+    with another kind cannot resume into the same output)."""
+    from dlm_ray.config.inference import GenerateConfig
+    from dlm_ray.config.io import load_config
+    from dlm_ray.serving.batch import Completer, _job_identity
+
+    d = save_hf(hf_model("qwen3"), tmp_path / "a2d", mask=True,
+                config={"model_type": "a2d-qwen3", "architectures": ["A2DQwen3LMHeadModel"]})
+    unnamed = GenerateConfig(checkpoint=str(d))
+    with pytest.raises(CheckpointError, match="does not say whether the model is masked diffusion or block"):
+        Completer(unnamed.to_dict(), "hash")
+    named = load_config(GenerateConfig, None, [f"--checkpoint={d}", "--model_kind=block_causal:4"])
+    completer = Completer(named.to_dict(), "hash")
+    assert completer.model.block_causal and completer.model.config.block_size == 4
+    assert _job_identity(named, "hash") != _job_identity(named.model_copy(update={"model_kind": "full"}), "hash")

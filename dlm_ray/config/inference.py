@@ -98,6 +98,9 @@ class GenerateConfig(Config):
     """
 
     checkpoint: str = "runs/tiny/export"
+    # The checkpoint's kind where its config.json cannot say it (an A2D directory, a diffusion model
+    # in a plain Qwen3 directory): "full", "block_causal:32", "+shift" appended for shifted logits.
+    model_kind: str | None = None
     input: str = "builtin:1000"
     output: str = "runs/tiny/generations"
     format: Literal["auto", "parquet", "jsonl"] = "auto"
@@ -164,6 +167,7 @@ class ServeConfig(Config):
     """The HTTP service (``dlm_ray.serving.app.build_app``): model, batching, back-pressure, replicas."""
 
     checkpoint: str = "runs/tiny/export"
+    model_kind: str | None = None  # as GenerateConfig's: only where the checkpoint cannot say it
     model_name: str = "dlm-tiny"  # what clients pass as "model"
     # Defaults for fields a request leaves out; max_tokens sets gen_length.
     sample: SampleConfig = Field(default_factory=lambda: SampleConfig(gen_length=24, steps=24, block_length=24))

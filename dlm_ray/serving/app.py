@@ -81,7 +81,7 @@ class DenoiserServer:
         self.cfg = c = ServeConfig.model_validate(cfg)
         self.device, dtype = inference_placement(c.num_gpus > 0, c.dtype, c.torch_threads or int(c.num_cpus))
         self.model, self.tok, self.meta = load_inference(c.checkpoint, device=self.device, dtype=dtype,
-                                                           compile=c.compile)
+                                                           compile=c.compile, kind=c.model_kind)
         self.kind = kind_of(self.model.config)  # what this model can run, decided once
         self.max_seq_len = self.model.max_seq_len
         self.batch_sizes: Counter[int] = Counter()

@@ -69,7 +69,7 @@ class Completer:
         self.cfg = c = GenerateConfig.model_validate(cfg)
         self.device, dtype = inference_placement(c.gpus_per_actor > 0, c.dtype, c.torch_threads or int(c.cpus_per_actor))
         self.model, self.tok, _ = load_inference(c.checkpoint, device=self.device, dtype=dtype,
-                                                  compile=c.compile)
+                                                  compile=c.compile, kind=c.model_kind)
         self.hash = ckpt_hash
 
     def _maybe_fail(self) -> None:
@@ -112,11 +112,12 @@ def _absolute(path: str) -> str:
 
 
 def _job_identity(cfg: GenerateConfig, ckpt_hash: str) -> dict[str, Any]:
-    """Every setting that changes what a row's output is: which weights, how a row is read (its
+    """Every setting that changes what a row's output is: which weights (and the kind they are run
+    as), how a row is read (its
     format, the columns its prompt, messages, suffix and id come from), how it is encoded and
     sampled, and the number format the model runs in. Batch sizes, actors and the like only change
     how fast (a row's output does not depend on its batch), so a rerun may change them."""
-    return {"checkpoint": ckpt_hash, "sample": cfg.sample.to_dict(), "seed": cfg.seed, "format": cfg.format,
+    return {"checkpoint": ckpt_hash, "model_kind": cfg.model_kind, "sample": cfg.sample.to_dict(), "seed": cfg.seed, "format": cfg.format,
             "prompt_column": cfg.prompt_column, "messages_column": cfg.messages_column,
             "suffix_column": cfg.suffix_column, "id_column": cfg.id_column, "prepend_eos": cfg.prepend_eos,
             "dtype": cfg.dtype, "device": "gpu" if cfg.gpus_per_actor > 0 else "cpu"}
@@ -188,7 +189,7 @@ def _read_ids(filesystem: Any, files: list[str]) -> list[str]:
 
 def build_dataset(cfg: GenerateConfig, ckpt_hash: str, done: list[str] | None = None) -> ray.data.Dataset:
     """The pipeline for the prompts of ``cfg.input`` less the ids in ``done``."""
-    meta, tokenizer = read_inference_config(cfg.checkpoint)
+    meta, tokenizer = read_inference_config(cfg.checkpoint, kind=cfg.model_kind)
     max_seq_len = ModelConfig.model_validate(meta["model"]).max_seq_len
     source = PromptSource(cfg, ray.put(pa.array(done, pa.string())) if done else None)
     # No automatic split of the read into Ray Data's default 200 blocks: on a resume that split fed
