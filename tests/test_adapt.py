@@ -154,6 +154,16 @@ def test_blocks_of_one_with_the_shift_are_the_causal_model(tiny_cfg):
                                    rtol=1e-5, atol=1e-5)
 
 
+def test_the_block_bound_keeps_no_graph(tiny_cfg):
+    """Held-out scoring of a block model during training: its samples' graphs must not pile up (they
+    did: gigabytes per rank at every evaluation of the tiny model, until the node ran out)."""
+    from dlm_ray.core.likelihood import estimate_nelbo
+
+    block = Denoiser(tiny_cfg.model_copy(update={"attention": "block_causal", "block_size": 4})).train()
+    nats = estimate_nelbo(block, torch.randint(0, 200, (2, 16)), mask_id=256, num_samples=2)
+    assert not nats.requires_grad and nats.grad_fn is None
+
+
 # ------------------------------------------------------------------ Fast-dLLM v2's complementary masks
 
 

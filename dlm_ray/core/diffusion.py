@@ -267,6 +267,7 @@ def _check_samples(num_samples: int) -> None:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
 
 
+@torch.no_grad()
 def block_nelbo(model: ModelFn, input_ids_BL: torch.Tensor, *, block_size: int, mask_id: int, num_samples: int,
                 attention_mask: torch.Tensor | None = None, generator: torch.Generator | None = None,
                 maskable: torch.Tensor | None = None) -> torch.Tensor:

@@ -211,6 +211,7 @@ class Trainer:
         self.loss_sum.zero_()
         return record
 
+    @torch.no_grad()  # a bound's samples must not keep their graphs: they add up to gigabytes per rank
     def evaluate(self) -> float | None:
         """Held-out NELBO in bits/token, averaged over ranks (each sees its own val rows, every one of
         them up to ``eval_batches`` micro-batches: a last short batch counts too); None when no rank
