@@ -65,7 +65,9 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], steps: list[int], out: Any) -> None:
-    """Validity per family (left axis) and held-out bits/token (right) against the step."""
+    """Validity per family (left axis; step 0 is the starting model) and held-out bits/token (right,
+    the trained steps only: an autoregressive start's figure is an exact NLL, not a bound) against
+    the step."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -74,7 +76,7 @@ def plot(rows: list[dict[str, Any]], steps: list[int], out: Any) -> None:
     points = rows[-len(steps):]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for fam in [c for c in points[0] if c not in ("model", "bits")]:
-        ax.plot(steps, [100 * p[fam] for p in points], marker="o", label=fam)
+        ax.plot([0, *steps], [100 * p[fam] for p in [rows[0], *points]], marker="o", label=fam)
     ax.set_xlabel("step")
     ax.set_ylabel("validity %")
     ax.set_ylim(0, 105)
