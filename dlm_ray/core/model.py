@@ -418,11 +418,9 @@ def num_params(cfg: ModelConfig, *, include_embedding: bool = True) -> int:
     q, kv = cfg.n_heads * cfg.head_size, cfg.kv_heads * cfg.head_size
     attention = 2 * D * q + 2 * D * kv + ((q + 2 * kv) if cfg.qkv_bias else 0) + (2 * cfg.head_size if cfg.qk_norm else 0)
     per_block = attention + 3 * D * F_ + 2 * D
-    n = cfg.n_layers * per_block + D  # blocks, final norm
-    # The LM head is a matmul either way; a tied one is the embedding's matrix, counted once.
-    if include_embedding or not cfg.tie_embeddings:
-        n += V * D
-    return n + (V * D if include_embedding and not cfg.tie_embeddings else 0)
+    # Blocks, final norm, an untied LM head; a tied head is the embedding's matrix, counted once.
+    n = cfg.n_layers * per_block + D + (0 if cfg.tie_embeddings else V * D)
+    return n + (V * D if include_embedding else 0)
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
