@@ -149,6 +149,12 @@ class DiffusionConfig(Config):
     # its draw and by the draw's complement (at p(t) and 1 - p(t)), so every maskable token is
     # predicted once per pair; a step then costs twice the compute.
     complementary: bool = False
+    # Confidence-aware parallel training (LLaDA 2.0): the objective adds cap_weight times the entropy
+    # of the prediction at each masked position whose argmax is already the clean token (summed and
+    # divided as the bound is), so confident predictions sharpen and a sampler's threshold fires
+    # more often. 0: the plain bound. The logged loss and NELBO stay the bound; the term is logged
+    # as "cap_entropy".
+    cap_weight: float = Field(0.0, ge=0, le=100.0, allow_inf_nan=False)
 
 
 # ------------------------------------------------------------------------------------------ sampling
@@ -443,6 +449,9 @@ class PretrainConfig(Config):
             raise ValueError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
             )
+        if self.diffusion.cap_weight and self.model.attention == "causal":
+            raise ValueError(f"diffusion.cap_weight={self.diffusion.cap_weight} is for diffusion models; this run's "
+                             "model.attention is 'causal' (an autoregressive model has no masked positions)")
         if self.adapt.from_causal and (self.init_from is None or self.model.attention == "causal"):
             raise ValueError("adapt.from_causal is set by the driver for a diffusion run from an autoregressive "
                              "init_from; this run has " + ("no init_from" if self.init_from is None

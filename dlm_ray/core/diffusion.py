@@ -207,6 +207,35 @@ def diffusion_loss(
     return per_row_B.sum() / num_real_tokens
 
 
+def confident_entropy(logits_BLV: torch.Tensor, x0_BL: torch.Tensor, masked_BL: torch.Tensor,
+                      mask_id: int) -> torch.Tensor:
+    """H(pθ(·|xt)) in nats at the masked positions whose argmax is already x0, 0 elsewhere: [B, L]
+    float32. The entropy is over the same distribution the loss scores (the mask token excluded);
+    which positions count is decided without a gradient, so only their entropies are pushed."""
+    ent_BL = torch.zeros(x0_BL.shape, dtype=torch.float32, device=x0_BL.device)
+    if masked_BL.any():
+        logits_NV = exclude_mask_logit(logits_BLV[masked_BL].float(), mask_id)
+        logp_NV = logits_NV.log_softmax(-1)
+        right_N = logits_NV.detach().argmax(-1) == x0_BL[masked_BL]
+        # exp(-inf) * -inf is nan: the mask's column (probability 0) adds nothing to the entropy.
+        h_N = -(logp_NV.exp() * logp_NV.masked_fill(torch.isinf(logp_NV), 0.0)).sum(-1)
+        ent_BL[masked_BL] = torch.where(right_N, h_N, torch.zeros_like(h_N))
+    return ent_BL
+
+
+def cap_term(logits_BLV: torch.Tensor, x0_BL: torch.Tensor, masked_BL: torch.Tensor,
+             num_real_tokens: torch.Tensor | int, *, mask_id: int,
+             row_weight_B: torch.Tensor | None = None) -> torch.Tensor:
+    """Confidence-aware parallel training's term (LLaDA 2.0): the entropy of the prediction at each
+    masked position the model already gets right, summed and divided as the bound is (over the real
+    tokens, or per row by its answer length and over the rows), with no 1/p(t) weight. The training
+    objective is the bound + ``DiffusionConfig.cap_weight`` times this."""
+    per_row_B = confident_entropy(logits_BLV, x0_BL, masked_BL.bool(), mask_id).sum(-1)
+    if row_weight_B is not None:
+        per_row_B = per_row_B * row_weight_B.float()
+    return per_row_B.sum() / num_real_tokens
+
+
 # ---------------------------------------------------------------------------------- NELBO estimate
 
 

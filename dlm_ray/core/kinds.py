@@ -53,14 +53,25 @@ class ModelKind:
 
     # ------------------------------------------------------------------------------- training
 
-    def loss(self, model: Any, batch: Batch, *, mask_id: int) -> torch.Tensor:
+    def loss(self, model: Any, batch: Batch, *, mask_id: int, cap_weight: float = 0.0,
+             figures: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """The step's loss on a batch of the pipeline: the 1/t-weighted masked cross-entropy over the
-        real tokens. Fine-tuning rows (LLaDA) score their answer only, each over its length."""
+        real tokens. Fine-tuning rows (LLaDA) score their answer only, each over its length. With
+        ``cap_weight`` > 0 the objective adds that times ``diffusion.cap_term`` (confidence-aware
+        training); ``figures``, if given, receives the bound alone ("loss") and the term ("cap_entropy")."""
         x0, am = batch["input_ids"].long(), batch["attention_mask"].long()
         logits = model(batch["noisy_ids"].long(), am, **self._clean(x0))
         weight, n = _row_weights(batch, denominator=am.sum().clamp_min(1))
-        return diffusion.diffusion_loss(logits, x0, batch["loss_mask"], batch["p_mask"], n, mask_id=mask_id,
-                                        row_weight_B=weight)
+        bound = diffusion.diffusion_loss(logits, x0, batch["loss_mask"], batch["p_mask"], n, mask_id=mask_id,
+                                         row_weight_B=weight)
+        if figures is not None:
+            figures["loss"] = bound
+        if not cap_weight:
+            return bound  # the bound itself: no term computed, the plain objective bit for bit
+        cap = diffusion.cap_term(logits, x0, batch["loss_mask"], n, mask_id=mask_id, row_weight_B=weight)
+        if figures is not None:
+            figures["cap_entropy"] = cap
+        return bound + cap_weight * cap
 
     def _clean(self, x0_BL: torch.Tensor) -> dict[str, torch.Tensor]:
         return {}
@@ -171,7 +182,11 @@ class Autoregressive(ModelKind):
     can_infill = False
     caches = ("none",)
 
-    def loss(self, model: Any, batch: Batch, *, mask_id: int) -> torch.Tensor:
+    def loss(self, model: Any, batch: Batch, *, mask_id: int, cap_weight: float = 0.0,
+             figures: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        if cap_weight:
+            raise ValueError("diffusion.cap_weight is for diffusion models: an autoregressive model has no masked "
+                             "positions to make confident")
         x0, am = batch["input_ids"].long(), batch["attention_mask"].long()
         answer = None
         if "answer_len" in batch:  # fine-tuning: the answer's tokens only

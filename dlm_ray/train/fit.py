@@ -36,10 +36,16 @@ from dlm_ray.train.trainer import Trainer
 from dlm_ray.runtime import pace_scheduling
 
 
-def _loss(engine: Any, b: dict[str, torch.Tensor], cfg: PretrainConfig, mask_id: int) -> torch.Tensor:
-    """The step's loss: the model kind's (``kinds``): the 1/t-weighted masked cross-entropy, over the
-    noisy and clean rows together for block diffusion, or the next-token loss."""
-    return kind_of(cfg.model).loss(engine, b, mask_id=mask_id)
+def _loss(engine: Any, b: dict[str, torch.Tensor], cfg: PretrainConfig,
+          mask_id: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The step's objective and the figures logged for it: the model kind's loss (``kinds``): the
+    1/t-weighted masked cross-entropy, over the noisy and clean rows together for block diffusion, or
+    the next-token loss; with ``diffusion.cap_weight`` the confidence term is added to the objective
+    and logged on its own ("cap_entropy"), while "loss" stays the bound."""
+    figures: dict[str, torch.Tensor] = {}
+    objective = kind_of(cfg.model).loss(engine, b, mask_id=mask_id, cap_weight=cfg.diffusion.cap_weight,
+                                        figures=figures)
+    return objective, figures
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:

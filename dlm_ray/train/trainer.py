@@ -43,8 +43,10 @@ from dlm_ray.runtime import quiet_third_party
 from dlm_ray.train.engine import peak_flops, start_engine
 from dlm_ray.train.metrics import MetricsLog, console_line
 
-# (engine, batch on the device, run config, mask id) -> the micro-batch's scalar loss
-LossFn = Callable[[Any, dict[str, torch.Tensor], PretrainConfig, int], torch.Tensor]
+# (engine, batch on the device, run config, mask id) -> the micro-batch's scalar objective, or
+# (objective, {name: scalar figure to log}); "loss" is logged as the objective unless given.
+LossOut = torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]
+LossFn = Callable[[Any, dict[str, torch.Tensor], PretrainConfig, int], LossOut]
 
 
 class Trainer:
@@ -71,7 +73,7 @@ class Trainer:
             local_shuffle_seed=self.tc.seed if cfg.data.local_shuffle_buffer else None)
         # The log window: reset at each logged step.
         self.window_t, self.window_tokens, self.micro, self.data_wait = time.perf_counter(), 0, 0, 0.0
-        self.loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
+        self.figure_sums: dict[str, torch.Tensor] = {}  # per logged figure, summed over the window
         self.start_t, self.start_step = time.perf_counter(), self.state["step"]  # the ETA's clock
         self.consumed = self.position  # the stream position past the last row trained on
         self.saved = self.state["step"]  # the step of the latest checkpoint
@@ -132,13 +134,17 @@ class Trainer:
         b = with_complements(_to_device(batch, self.device))  # complementary pairs: both views, 2B rows
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr_at(self.state["step"], self.tc)
-        loss = self.loss_fn(self.scheduled_model(), b, self.cfg, self.mask_id)
+        out = self.loss_fn(self.scheduled_model(), b, self.cfg, self.mask_id)
+        loss, figures = out if isinstance(out, tuple) else (out, {})
         self.engine.backward(loss)
         self.engine.step()
         self.micro += 1
         # Logged per maskable token (the bound's own unit): the objective divides by every real token,
         # and a conditional row's prompt is real but never masked. Host counts: no device sync.
-        self.loss_sum += loss.detach() * _per_maskable(batch)
+        per_maskable = _per_maskable(batch)
+        for name, value in {"loss": loss, **figures}.items():
+            total = value.detach().float() * per_maskable
+            self.figure_sums[name] = self.figure_sums[name] + total if name in self.figure_sums else total
         self.window_tokens += int(batch["attention_mask"].sum()) * self.world  # the host copy: no device sync
         if self.micro % self.tc.grad_accum:
             return False
@@ -202,13 +208,14 @@ class Trainer:
         step, tc = self.state["step"], self.tc
         dt = time.perf_counter() - self.window_t
         tps = self.window_tokens / dt
-        record = {"step": step, "loss": float(self.loss_sum) / max(1, self.micro), "lr": lr_at(step - 1, tc),
+        means = {name: float(total) / max(1, self.micro) for name, total in self.figure_sums.items()}
+        record = {"step": step, "loss": means.pop("loss", 0.0), **means, "lr": lr_at(step - 1, tc),
                   "grad_norm": float(self.engine.get_global_grad_norm() or 0.0), "tokens_per_s": tps,
                   "mfu": tps * self.flops_per_token / (self.peak * self.world) if self.peak else None,
                   "tokens_seen": self.state["tokens_seen"], "epoch": self.consumed.epoch,
                   "data_wait_frac": self.data_wait / dt}
         self.window_t, self.window_tokens, self.micro, self.data_wait = time.perf_counter(), 0, 0, 0.0
-        self.loss_sum.zero_()
+        self.figure_sums = {}
         return record
 
     @torch.no_grad()  # a bound's samples must not keep their graphs: they add up to gigabytes per rank
