@@ -58,7 +58,8 @@ def test_padded_batches_equal_rows_alone(block_model):
 
 
 RULES = [{}, {"threshold": 0.2}, {"factor": 1.0}, {"temperature": 1.0}, {"remasking": "random", "temperature": 0.5},
-         {"stop_at_eos": True, "temperature": 1.0}]
+         {"stop_at_eos": True, "temperature": 1.0}, {"entropy_bound": 1.0}, {"sub_block_length": 2, "threshold": 0.2},
+         {"sub_block_length": 2, "entropy_bound": 0.5, "temperature": 1.0}]
 
 
 @pytest.mark.parametrize("rule", RULES, ids=lambda r: ",".join(f"{k}={v}" for k, v in r.items()) or "reference")

@@ -1,4 +1,5 @@
-"""Fast decoding: the block KV cache, threshold and factor rules, early stop; exact where defined."""
+"""Fast decoding: the block KV cache, threshold, factor, entropy-bound and sub-block rules, early stop; exact
+where defined."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 
 from dlm_ray.config.schema import SampleConfig
 from dlm_ray.core.batching import left_pad
-from dlm_ray.core.denoise import _num_commits
+from dlm_ray.core.commit_rules import num_commits
 from dlm_ray.core.sampling import generate
 from tests.conftest import FAMILIES, family_model
 
@@ -52,7 +53,8 @@ def test_threshold_above_one_without_cache_is_the_reference(model, steps):
 
 
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
-@pytest.mark.parametrize("rule", [{}, {"threshold": 0.05}, {"factor": 2.0}])
+@pytest.mark.parametrize("rule", [{}, {"threshold": 0.05}, {"factor": 2.0}, {"entropy_bound": 2.0},
+                                  {"sub_block_length": 4, "threshold": 0.05}])
 def test_cache_refreshed_every_step_equals_no_cache(model, cache, rule):
     ids, am = padded_batch()
     base = SampleConfig(gen_length=32, steps=16, block_length=8, **rule)
@@ -62,7 +64,8 @@ def test_cache_refreshed_every_step_equals_no_cache(model, cache, rule):
 
 
 @pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
-@pytest.mark.parametrize("rule", [{}, {"threshold": 0.9}, {"factor": 1.0}])
+@pytest.mark.parametrize("rule", [{}, {"threshold": 0.9}, {"factor": 1.0}, {"entropy_bound": 1.0},
+                                  {"sub_block_length": 4, "threshold": 0.9}, {"sub_block_length": 2}])
 def test_every_mask_filled_calls_within_steps_batched_equals_unbatched(model, cache, rule):
     ids, am = padded_batch()
     cfg = SampleConfig(gen_length=24, steps=12, block_length=8, cache=cache, **rule)
@@ -90,10 +93,10 @@ def test_factor_and_threshold_counts():
                         dtype=torch.float64)
     zero = torch.tensor([0, 0])
     # Factor 1: the k-th most confident needs >= 1 - 1/(k+1): 0.5, 0.67, 0.75, 0.8 -> rows take 3 and 1.
-    assert _num_commits(conf, zero, SampleConfig(factor=1.0)).tolist() == [3, 1]
-    assert _num_commits(conf, zero, SampleConfig(threshold=0.85)).tolist() == [2, 1]
+    assert num_commits(conf, zero, SampleConfig(factor=1.0)).tolist() == [3, 1]
+    assert num_commits(conf, zero, SampleConfig(threshold=0.85)).tolist() == [2, 1]
     # Never below the reference schedule, never above the masks left.
-    assert _num_commits(conf, torch.tensor([1, 9]), SampleConfig(threshold=0.95)).tolist() == [1, 3]
+    assert num_commits(conf, torch.tensor([1, 9]), SampleConfig(threshold=0.95)).tolist() == [1, 3]
 
 
 def test_early_stop_drops_finished_rows_from_the_calls():

@@ -180,6 +180,14 @@ class SampleConfig(Config):
     # it has no mask left, so calls adapt to the model's certainty (never more than ``steps``).
     threshold: float | None = Field(None, gt=0, le=2.0, allow_inf_nan=False)  # > 1: the reference schedule
     factor: float | None = Field(None, gt=0, le=100.0, allow_inf_nan=False)
+    # Entropy-bounded decoding (the EB-sampler), instead of a threshold or factor: the longest run
+    # of most-confident masked positions whose summed entropy (nats, of each position's predictive
+    # distribution) stays <= entropy_bound. 0: the reference schedule; large: whole blocks at once.
+    entropy_bound: float | None = Field(None, ge=0, allow_inf_nan=False)
+    # Sub-blocks (Fast-dLLM v2): within a block only the first sub-block that still has masks may
+    # commit; the block's steps are shared out among its sub-blocks (the reference schedule of each
+    # over its share), and the threshold, factor or entropy rule applies inside it.
+    sub_block_length: int | None = Field(None, gt=0)
     # Block KV cache: "prefix" recomputes the current block and everything after it each step, with
     # the keys/values before it from the block's first call; "dual" recomputes only the block.
     # "blocks": a block-causal model's exact cache (finished blocks' keys/values, computed once).
@@ -206,8 +214,12 @@ class SampleConfig(Config):
                              "commits at least one token per step, so more steps than tokens cannot be used")
         if self.steps % num_blocks:
             raise ValueError(f"steps={self.steps} is not divisible by the number of blocks ({num_blocks})")
-        if self.threshold is not None and self.factor is not None:
-            raise ValueError("set at most one of threshold and factor")
+        rules = [name for name in ("threshold", "factor", "entropy_bound") if getattr(self, name) is not None]
+        if len(rules) > 1:
+            raise ValueError(f"set at most one of threshold, factor and entropy_bound (got {' and '.join(rules)})")
+        problem = sub_block_problem(self.block_length, self.steps // num_blocks, self.sub_block_length)
+        if problem:
+            raise ValueError(problem)
         # Only the approximate caches go stale: without one (or with the exact block cache) a
         # refresh would do nothing, and a setting that does nothing is refused, not ignored.
         if self.refresh_every is not None and self.cache not in ("prefix", "dual"):
@@ -218,6 +230,19 @@ class SampleConfig(Config):
     @property
     def num_blocks(self) -> int:
         return self.gen_length // self.block_length
+
+
+def sub_block_problem(block_length: int, steps_per_block: int, sub_block_length: int | None) -> str | None:
+    """What is wrong with a sub-block length for these blocks (None when it fits): it must divide
+    the block, and each sub-block needs at least one of the block's steps."""
+    if sub_block_length is None:
+        return None
+    if block_length % sub_block_length:
+        return f"sub_block_length={sub_block_length} does not divide block_length={block_length}"
+    if steps_per_block < block_length // sub_block_length:
+        return (f"sub_block_length={sub_block_length} makes {block_length // sub_block_length} sub-blocks per block, "
+                f"more than the {steps_per_block} steps per block: each sub-block needs a step")
+    return None
 
 
 # ------------------------------------------------------------------------------------- training job

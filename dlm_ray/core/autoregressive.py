@@ -80,9 +80,11 @@ def check_settings(cfg: SampleConfig) -> None:
     if cfg.cache != "none":
         raise ValueError(f"cache={cfg.cache!r} is for diffusion models; an autoregressive model always keeps "
                          "its exact KV cache")
-    if cfg.threshold is not None or cfg.factor is not None:
-        raise ValueError("threshold and factor choose how many tokens a diffusion step commits; an "
+    if cfg.threshold is not None or cfg.factor is not None or cfg.entropy_bound is not None:
+        raise ValueError("threshold, factor and entropy_bound choose how many tokens a diffusion step commits; an "
                          "autoregressive model commits one per call")
+    if cfg.sub_block_length is not None:
+        raise ValueError("sub_block_length splits a diffusion block; an autoregressive model writes one token per call")
 
 
 @torch.inference_mode()

@@ -34,7 +34,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from dlm_ray.config.schema import SampleConfig
+from dlm_ray.config.schema import SampleConfig, sub_block_problem
+from dlm_ray.core.commit_rules import (entropy, num_commits, num_transfer_tokens, sub_block_schedule, sub_block_step,
+                                       top_n)
 from dlm_ray.core.diffusion import exclude_mask_logit
 
 LAST = -1.0  # a confidence below any probability, yet finite: the position is still a mask to fill
@@ -46,14 +48,6 @@ Generators = torch.Generator | Sequence[torch.Generator] | None
 # return a bool [B] of rows to stop now (a client that went away): their remaining masks become EOS
 # and they leave the following model calls.
 StepCallback = Callable[[int, torch.Tensor], "torch.Tensor | None"]
-
-
-def num_transfer_tokens(num_masked_B: torch.Tensor, steps: int) -> torch.Tensor:
-    """Tokens to commit per step [B, steps]: as even as possible, earlier steps take the remainder."""
-    base_B1 = (num_masked_B // steps)[:, None]
-    rem_B1 = (num_masked_B % steps)[:, None]
-    step_idx = torch.arange(steps, device=num_masked_B.device)[None, :]
-    return base_B1 + (step_idx < rem_B1).long()
 
 
 def uniform(shape: tuple[int, ...], generator: Generators, device: torch.device) -> torch.Tensor:
@@ -106,6 +100,9 @@ def _validate(
         raise ValueError(f"steps={cfg.steps} is not divisible by the number of blocks ({cfg.num_blocks})")
     if cfg.refresh_every is not None and cfg.cache not in ("prefix", "dual"):
         raise ValueError(f"refresh_every={cfg.refresh_every} needs cache 'prefix' or 'dual', got cache={cfg.cache!r}")
+    problem = sub_block_problem(cfg.block_length, cfg.steps // cfg.num_blocks, cfg.sub_block_length)
+    if problem:  # a config adapted to a model's own blocks skips the schema's check
+        raise ValueError(problem)
     total = prompt_ids_BP.shape[1] + cfg.gen_length
     if max_length is not None and total > max_length:
         raise ValueError(
@@ -239,7 +236,8 @@ def infill(model: ModelFn, canvas_BT: torch.Tensor, cfg: SampleConfig, *, mask_i
         return x_BT
     a, b = int(cols[0]), int(cols[-1]) + 1
     run = cfg.model_copy(update={"gen_length": b - a, "block_length": b - a, "steps": min(cfg.steps, b - a),
-                                 "cache": "none", "refresh_every": None, "stop_at_eos": False})
+                                 "cache": "none", "refresh_every": None, "stop_at_eos": False,
+                                 "sub_block_length": None})
     am = None if attention_mask is None or bool(attention_mask.bool().all()) else attention_mask.long()
     given_BT = ~masked_BT if attention_mask is None else attention_mask.bool() & ~masked_BT
     ends = torch.zeros(0, dtype=torch.long, device=x_BT.device)
@@ -279,7 +277,11 @@ def _denoise(model: ModelFn, x_BT: torch.Tensor, am_BT: torch.Tensor | None, pro
     blocks_cache = None  # cache="blocks": keys/values of the prompt and every finished block
     for blk in range(cfg.num_blocks):
         start, end = P + blk * cfg.block_length, P + (blk + 1) * cfg.block_length
-        counts_BS = num_transfer_tokens((x_BT[:, start:end] == mask_id).sum(-1), steps_per_block)
+        if cfg.sub_block_length is None:
+            counts_BS = num_transfer_tokens((x_BT[:, start:end] == mask_id).sum(-1), steps_per_block)
+        else:  # each sub-block's schedule over its share of the steps
+            counts_BNK, first_N = sub_block_schedule(x_BT[:, start:end] == mask_id, steps_per_block,
+                                                     cfg.sub_block_length)
         cache, cache_rows = None, None
         if cfg.cache == "blocks" and blocks_cache is None:  # the prompt's keys/values, computed once
             _, blocks_cache = model.prefill(x_BT[:, :P], None if am_BT is None else am_BT[:, :P],  # type: ignore
@@ -325,7 +327,14 @@ def _denoise(model: ModelFn, x_BT: torch.Tensor, am_BT: torch.Tensor | None, pro
             if cfg.confidence_eos_eot_inf:
                 conf_AL = conf_AL.masked_fill(torch.isin(x0_AL, ends), LAST)
             conf_AL = conf_AL.masked_fill(block_AL != mask_id, float("-inf"))  # only masks compete
-            commit_AL = _top_n(conf_AL, _num_commits(conf_AL, counts_BS[rows_A, i], cfg))
+            if cfg.sub_block_length is None:
+                schedule_A = counts_BS[rows_A, i]
+            else:  # only the row's first sub-block with masks competes
+                schedule_A, current_AL = sub_block_step(counts_BNK[rows_A], first_N, block_AL == mask_id, i,
+                                                        cfg.sub_block_length)
+                conf_AL = conf_AL.masked_fill(~current_AL, float("-inf"))
+            entropy_AL = entropy(logits_ALV) if cfg.entropy_bound is not None else None
+            commit_AL = top_n(conf_AL, num_commits(conf_AL, schedule_A, cfg, entropy_AL))
             x_BT[rows_A, start:end] = torch.where(commit_AL, x0_AL, block_AL)
             if cfg.stop_at_eos:
                 # A row with an EOS and no mask before it is finished: its remaining masks become
@@ -363,34 +372,6 @@ def _check_cache(model: ModelFn, cfg: SampleConfig, P: int) -> None:
             raise ValueError("cache is not supported with cfg_scale > 0")
         if cfg.cache == "blocks" and P == 0:
             raise ValueError("cache='blocks' needs a prompt of at least one token")
-
-
-def _num_commits(conf_AL: torch.Tensor, schedule_A: torch.Tensor, cfg: SampleConfig) -> torch.Tensor:
-    """How many positions each row commits this step: the reference schedule's count, raised by the
-    threshold or factor rule (and to at least one), never above the number of masks left."""
-    num_masked_A = torch.isfinite(conf_AL).sum(-1)
-    if cfg.threshold is not None:
-        fast_A = (conf_AL >= cfg.threshold).sum(-1)
-    elif cfg.factor is not None:
-        sorted_AL = conf_AL.sort(-1, descending=True).values
-        k_L = torch.arange(1, conf_AL.shape[1] + 1, device=conf_AL.device, dtype=conf_AL.dtype)
-        ok_AL = sorted_AL >= 1 - cfg.factor / (k_L + 1)
-        fast_A = ok_AL.long().cumprod(-1).sum(-1)  # the longest run from the most confident
-    else:
-        return torch.minimum(schedule_A, num_masked_A)
-    return torch.minimum(torch.maximum(schedule_A, fast_A.clamp(min=1)), num_masked_A)
-
-
-def _top_n(conf_BT: torch.Tensor, n_B: torch.Tensor) -> torch.Tensor:
-    """Boolean [B, T]: the n_B[b] highest-confidence positions of each row."""
-    k = int(n_B.max())
-    commit_BT = torch.zeros_like(conf_BT, dtype=torch.bool)
-    if k == 0:
-        return commit_BT
-    idx_Bk = conf_BT.topk(k, dim=-1).indices
-    keep_Bk = torch.arange(k, device=conf_BT.device)[None, :] < n_B[:, None]
-    commit_BT.scatter_(1, idx_Bk, keep_Bk)
-    return commit_BT
 
 
 def _finished_rows(gen_BL: torch.Tensor, ends: torch.Tensor, mask_id: int) -> torch.Tensor:
