@@ -147,3 +147,15 @@ def test_settings_refused_by_name(tiny_cfg):
     for rule in ({"entropy_bound": 1.0}, {"sub_block_length": 8}):
         with pytest.raises(ValueError, match="autoregressive model"):
             ar.check(SampleConfig(gen_length=16, steps=16, block_length=16, **rule))
+
+
+def test_a_request_or_row_may_choose_the_new_rules():
+    from dlm_ray.config.inference import check_overrides, resolve_overrides
+
+    defaults = SampleConfig(gen_length=16, steps=16, block_length=8, threshold=0.9)
+    cfg = resolve_overrides(defaults, check_overrides({"entropy_bound": 1.0, "sub_block_length": 4}).model_dump())
+    assert cfg.entropy_bound == 1.0 and cfg.threshold is None and cfg.sub_block_length == 4
+    with pytest.raises(ValueError, match="at most one of threshold, factor and entropy_bound"):
+        resolve_overrides(defaults, {"entropy_bound": 1.0, "factor": 1.0})
+    with pytest.raises(ValueError, match="sub_block_length=3 does not divide block_length=8"):
+        resolve_overrides(defaults, {"sub_block_length": 3})

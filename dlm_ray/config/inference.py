@@ -35,6 +35,8 @@ class SampleOverrides(BaseModel):
     cfg_scale: float | None = Field(None, ge=0, le=MAX_CFG_SCALE, allow_inf_nan=False)
     threshold: float | None = Field(None, gt=0, le=2, allow_inf_nan=False)
     factor: float | None = Field(None, gt=0, le=100, allow_inf_nan=False)
+    entropy_bound: float | None = Field(None, ge=0, le=1e6, allow_inf_nan=False)
+    sub_block_length: int | None = Field(None, gt=0, le=MAX_INT)
     # "blocks" is not asked for: a block-causal model always samples with it, no other model can.
     cache: Literal["none", "prefix", "dual"] | None = None
     refresh_every: int | None = Field(None, gt=0, le=MAX_INT)
@@ -74,10 +76,9 @@ def resolve_overrides(defaults: SampleConfig, update: Mapping[str, Any]) -> Samp
     does not fit together. A fast-decoding rule given replaces the default's other rule, and a cache
     given without ``refresh_every`` drops a refresh the new cache cannot use."""
     new = {k: v for k, v in update.items() if v is not None and k != "seed"}
-    if "factor" in new and "threshold" not in new:
-        new["threshold"] = None
-    if "threshold" in new and "factor" not in new:
-        new["factor"] = None
+    rules = ("threshold", "factor", "entropy_bound")
+    if any(rule in new for rule in rules):
+        new = {**{rule: None for rule in rules}, **new}
     if new.get("cache") not in (None, "prefix", "dual") and "refresh_every" not in new:
         new["refresh_every"] = None
     try:
