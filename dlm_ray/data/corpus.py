@@ -8,7 +8,10 @@ quality is a number. Families, by difficulty:
 - ``sort``: ``s931420=012349``: the digits sorted (needs the whole multiset, still learnable on a CPU);
 - ``sudoku``: ``q1...32....23.3..=1432...``: a 4x4 Sudoku (2x2 boxes) with blanks as ``.``, answered
   by the full solved grid. Every cell constrains others across the grid: correctness needs global
-  context, the kind of task where diffusion models are reported to beat autoregressive ones.
+  context, the kind of task where diffusion models are reported to beat autoregressive ones;
+- ``translate``: ``tdaf ri suv mok ... mo=mi zisopi ...``: word-level translation between two
+  made-up languages with reordering and agreement (``dlm_ray.data.translate``): answers of 40-80
+  characters, each determined by the prompt, long enough for parallel decoding to matter.
 
 The held-out split is defined by content (a hash of the document), so train and held-out never
 share a document however many are drawn.
@@ -22,6 +25,7 @@ from typing import Callable, Iterator
 
 from dlm_ray.config.schema import CORPUS_FAMILIES
 from dlm_ray.data.hashing import hash64
+from dlm_ray.data.translate import ANSWER_CHARS, make_pair, translate_sentence
 
 NUM_DIGITS = (6, 6)  # inclusive range of list lengths for reverse/sort
 SUDOKU_GIVENS = 6
@@ -74,12 +78,21 @@ def make_sudoku(rng: random.Random) -> Example:
     return Example("sudoku", f"q{puzzle}=", "".join(map(str, cells)))
 
 
+def make_translate(rng: random.Random) -> Example:
+    source, target = make_pair(rng)
+    return Example("translate", f"t{source}=", target)
+
+
 FAMILIES: dict[str, Callable[[random.Random], Example]] = {
     "reverse": make_reverse,
     "sort": make_sort,
     "sudoku": make_sudoku,
+    "translate": make_translate,
 }
-PREFIX_TO_FAMILY = {"r": "reverse", "s": "sort", "q": "sudoku"}
+PREFIX_TO_FAMILY = {"r": "reverse", "s": "sort", "q": "sudoku", "t": "translate"}
+# The longest answer of each family, in characters (one token each with the byte tokenizer):
+# what a sampler's gen_length must hold, with the EOS after it, to be able to answer.
+MAX_ANSWER_CHARS = {"reverse": NUM_DIGITS[1], "sort": NUM_DIGITS[1], "sudoku": 16, "translate": ANSWER_CHARS[1]}
 assert tuple(FAMILIES) == CORPUS_FAMILIES, "the config's list of families is this module's"
 
 
@@ -101,6 +114,9 @@ def check_answer(prompt: str, answer: str) -> bool:
     if family is None or not prompt.endswith("="):
         return False
     body = prompt[1:-1]
+    if family == "translate":
+        target = translate_sentence(body)
+        return target is not None and answer == target
     if family in ("reverse", "sort"):
         if not (NUM_DIGITS[0] <= len(body) <= NUM_DIGITS[1]) or not body.isdigit():
             return False

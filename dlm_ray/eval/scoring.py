@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from dlm_ray.config.schema import EvalConfig, SampleConfig
-from dlm_ray.data.corpus import HELDOUT_SEED, check_answer, check_document, take_examples
+from dlm_ray.data.corpus import HELDOUT_SEED, MAX_ANSWER_CHARS, check_answer, check_document, take_examples
 from dlm_ray.data.packing import Packer
 from dlm_ray.core.diffusion import nats_to_bits
 from dlm_ray.core.likelihood import estimate_nelbo
@@ -53,6 +53,19 @@ def heldout_bits_per_token(model: ModelFn, tok: Tok, families: dict[str, float],
     return float(nats_to_bits((nelbo_R.double() * n_R).sum() / n_R.sum()))
 
 
+def sample_for_family(cfg: SampleConfig, family: str) -> SampleConfig:
+    """``cfg`` lengthened, if needed, to hold ``family``'s longest answer and its EOS: gen_length,
+    steps and block_length times the smallest whole factor that does, so the number of blocks and
+    the tokens committed per step stay as configured. A setting too short for a family would score
+    every answer it cuts off as wrong, measuring the setting instead of the model."""
+    need = MAX_ANSWER_CHARS[family] + 1
+    if cfg.gen_length >= need:
+        return cfg
+    k = -(-need // cfg.gen_length)
+    return cfg.model_copy(update={"gen_length": cfg.gen_length * k, "steps": cfg.steps * k,
+                                  "block_length": cfg.block_length * k})
+
+
 @dataclass
 class ValidityReport:
     rates: dict[str, float]
@@ -70,7 +83,7 @@ def validity(model: ModelFn, tok: Tok, families: list[str], cfg: SampleConfig, *
     """
     rates: dict[str, float] = {}
     samples: dict[str, list[tuple[str, str, bool]]] = {}
-    cfg = kind_of_model(model).resolve(cfg)
+    kind = kind_of_model(model)
 
     def complete(prompts: list[str], cfg: SampleConfig) -> list[str]:
         seeds = [seed + i for i in range(len(prompts))]
@@ -78,12 +91,13 @@ def validity(model: ModelFn, tok: Tok, families: list[str], cfg: SampleConfig, *
 
     for fam in families:
         exs = take_examples({fam: 1.0}, num_prompts, seed=seed, split="heldout", family=fam)
-        comps = complete([e.prompt for e in exs], cfg)
+        comps = complete([e.prompt for e in exs], kind.resolve(sample_for_family(cfg, fam)))
         oks = [check_answer(e.prompt, c) for e, c in zip(exs, comps)]
         rates[fam] = sum(oks) / len(oks)
         samples[fam] = [(e.prompt, c, ok) for e, c, ok in zip(exs[:3], comps[:3], oks[:3])]
     if num_unconditional:
         # Greedy decoding from one shared context would give one document num_unconditional times.
+        cfg = kind.resolve(cfg)
         docs = complete([""] * num_unconditional, cfg.model_copy(update={"temperature": max(cfg.temperature, 1.0)}))
         oks = [check_document(d)[1] for d in docs]
         rates["unconditional"] = sum(oks) / len(oks)
