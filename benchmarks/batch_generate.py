@@ -116,7 +116,7 @@ def main() -> None:
     tokens = args.prompts * args.gen_length
     print(f"\n{args.prompts} prompts, gen_length {args.gen_length}, {args.gen_length} steps, batch {args.batch_size}, "
           f"{args.threads} torch thread(s) per worker, {os.cpu_count()} cores\n")
-    print("| path | seconds | prompts/s | gen tokens/s | vs direct |")
+    print("| path | seconds | prompts/s | canvas tokens/s | vs direct |")
     print("| --- | --- | --- | --- | --- |")
     print(f"| direct generate() loop, 1 process | {direct_s:.1f} | {args.prompts / direct_s:.1f} | "
           f"{tokens / direct_s:.0f} | 1.00x |")

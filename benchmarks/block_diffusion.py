@@ -5,8 +5,8 @@
 Each model is the tiny preset trained by ``fit`` on the built-in corpus with the default job's
 settings (``jobs/configs/tiny.yaml``) for the same steps and tokens; only ``model.attention`` and
 ``model.block_size`` differ. Then, per model: held-out NELBO (bits/token, each model's own bound)
-and, at the longest generation the context allows and at 64 tokens, validity per family, generated
-tokens/s (positions decided per second, early stop at EOS on) and model calls per answer, for the
+and, at the longest generation the context allows and at 64 tokens, validity per family, answers/s,
+answer tokens/s (up to and including each answer's EOS; early stop at EOS on) and model calls, for the
 reference sampler and the threshold rule, with the dual cache for full attention and the exact
 block cache for block models. Prints a table and writes JSON. Asserts nothing.
 """
@@ -25,6 +25,7 @@ from dlm_ray.config.io import load_config
 from dlm_ray.data.corpus import HELDOUT_SEED, check_answer, take_examples
 from dlm_ray.eval.scoring import heldout_bits_per_token
 from dlm_ray.core.inference import complete_texts
+from dlm_ray.eval.compare import answer_tokens
 from dlm_ray.core.text import encode_prompt
 from dlm_ray.train.metrics import read_metrics
 from dlm_ray.runtime import init_ray
@@ -71,7 +72,9 @@ def generation(model, tok, block: int | None, gen: int, prompts_per_family: int)
         seconds = time.perf_counter() - t
         ok = [check_answer(e.prompt, c.text) for e, c in zip(exs, comps)]
         per_family = {f: sum(o for e, o in zip(exs, ok) if e.family == f) / prompts_per_family for f in FAMILIES}
-        rows.append({"sampler": name, "gen_length": gen, "tokens_per_s": len(prompts) * gen / seconds,
+        tokens = sum(answer_tokens(c) for c in comps)
+        rows.append({"sampler": name, "gen_length": gen, "answers_per_s": len(prompts) / seconds,
+                     "answer_tokens_per_s": tokens / seconds,
                      "model_calls": comps[0].num_model_calls, "seconds": seconds, "validity": per_family})
     return rows
 
@@ -103,11 +106,12 @@ def main() -> None:
     print("| --- | --- | --- |")
     for r in results:
         print(f"| {r['model']} | {r['nelbo_bits']:.3f} | {r['train_tokens_per_s']:,.0f} |")
-    print("\n| model | sampler | gen length | tokens/s | model calls | " + " | ".join(FAMILIES) + " |")
-    print("| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in FAMILIES) + " |")
+    print("\n| model | sampler | gen length | answers/s | answer tokens/s | model calls | " + " | ".join(FAMILIES) + " |")
+    print("| --- | --- | --- | --- | --- | --- | " + " | ".join("---" for _ in FAMILIES) + " |")
     for r in results:
         for g in r["generation"]:
-            print(f"| {r['model']} | {g['sampler']} | {g['gen_length']} | {g['tokens_per_s']:,.0f} | "
+            print(f"| {r['model']} | {g['sampler']} | {g['gen_length']} | {g['answers_per_s']:,.0f} | "
+                  f"{g['answer_tokens_per_s']:,.0f} | "
                   f"{g['model_calls']} | " + " | ".join(f"{g['validity'][f]:.0%}" for f in FAMILIES) + " |")
 
 

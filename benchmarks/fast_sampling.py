@@ -7,8 +7,9 @@ generation length, the same held-out prompts of every corpus family go through: 
 (one token per step), the threshold rule (τ = 0.9 unless ``--threshold``), threshold + prefix cache,
 threshold + dual cache, and each of these again with early stop at EOS. Greedy (T = 0), blocks of
 32, the same batches.
-Prints model calls, generated tokens/s (gen_length per prompt; prompts not counted), the wall-clock
-speed-up over the reference and the validity rate per configuration. Asserts nothing.
+Prints model calls, answers/s, answer tokens/s (each answer's tokens up to and including its EOS:
+the EOS filling the canvas after it is not counted, so early stopping is not flattered), the
+wall-clock speed-up over the reference and the validity rate per configuration. Asserts nothing.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from dlm_ray.io.checkpoint import load_inference
 from dlm_ray.config.schema import CorpusConfig, SampleConfig
 from dlm_ray.data.corpus import HELDOUT_SEED, check_answer, take_examples
 from dlm_ray.core.inference import complete_texts
+from dlm_ray.eval.compare import answer_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = 32
@@ -45,14 +47,14 @@ def variants(tau: float) -> dict[str, dict]:
     }
 
 
-def run_variant(model, tok, prompts: list[str], cfg: SampleConfig, batch_size: int) -> tuple[float, int, list[str]]:
+def run_variant(model, tok, prompts: list[str], cfg: SampleConfig, batch_size: int) -> tuple[float, int, list]:
     calls, comps = 0, []
     t0 = time.perf_counter()
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]  # one generate() call each
         out = complete_texts(model, tok, chunk, cfg, list(range(i, i + len(chunk))), batch_size=len(chunk))
         calls += out[0].num_model_calls
-        comps += [c.text for c in out]
+        comps += out
     return time.perf_counter() - t0, calls, comps
 
 
@@ -81,16 +83,17 @@ def main() -> None:
                                                              family=fam)]
         prompts = [e.prompt for e in exs]
         print(f"\ngen_length {gen_length}, {len(prompts)} prompts ({n} per family: {', '.join(families)})\n")
-        print("| sampler | model calls | seconds | gen tokens/s | speed-up | validity | per family |")
-        print("| --- | --- | --- | --- | --- | --- | --- |")
+        print("| sampler | model calls | seconds | answers/s | answer tokens/s | speed-up | validity | per family |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
         ref_s = None
         for name, fields in variants(args.threshold).items():
             cfg = SampleConfig(gen_length=gen_length, steps=gen_length, block_length=BLOCK, **fields)
             seconds, calls, comps = run_variant(model, tok, prompts, cfg, args.batch_size)
             ref_s = ref_s or seconds
-            oks = [check_answer(e.prompt, c) for e, c in zip(exs, comps)]
+            oks = [check_answer(e.prompt, c.text) for e, c in zip(exs, comps)]
+            tokens = sum(answer_tokens(c) for c in comps)
             fam_rates = " ".join(f"{f[:4]} {sum(o for e, o in zip(exs, oks) if e.family == f) / n:.0%}" for f in families)
-            print(f"| {name} | {calls} | {seconds:.1f} | {len(prompts) * gen_length / seconds:.0f} | "
+            print(f"| {name} | {calls} | {seconds:.1f} | {len(prompts) / seconds:.0f} | {tokens / seconds:.0f} | "
                   f"{ref_s / seconds:.2f}x | {sum(oks) / len(oks):.1%} | {fam_rates} |", flush=True)
 
 

@@ -30,7 +30,19 @@ def _args(ap) -> None:  # type: ignore[no-untyped-def]
     ap.add_argument("--block_size", type=int, default=4, help="the block objective's block size")
     ap.add_argument("--fast_threshold", type=float, default=0.9,
                     help="diffusion models are also measured committing every position this confident")
-    ap.add_argument("--gen_batch", type=int, default=64, help="prompts per generate() call when measuring")
+    ap.add_argument("--gen_batches", default="1,64",
+                    help="comma-separated prompts per generate() call: each sampler is timed at each (a user's "
+                         "single request is batch 1; a batch job's throughput is a full batch)")
+
+
+def _batches(text: str) -> list[int]:
+    try:
+        batches = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise SystemExit(f"--gen_batches must be comma-separated integers, got {text!r}") from None
+    if not batches or min(batches) < 1:
+        raise SystemExit(f"--gen_batches needs at least one batch size, each >= 1, got {text!r}")
+    return batches
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -38,6 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.init_from:
         raise SystemExit("compare trains every objective from scratch; init_from is not supported here")
     objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
+    batches = _batches(args.gen_batches)
     configs = [objective_config(cfg, o, block_size=args.block_size) for o in objectives]  # names bad ones first
     t0 = time.time()
     init_ray()
@@ -57,17 +70,19 @@ def main(argv: list[str] | None = None) -> dict:
         model, tok, _ = load_inference(out)
         families = sorted(cfg.data.corpus.families) if builtin else None
         for name, sc in samplers(objective, cfg.eval.sample, args.fast_threshold).items():
-            validity, gen_tps, calls = measure_generation(model, tok, sc, families=families,
-                                                          num_prompts=cfg.eval.num_prompts_per_family,
-                                                          batch_size=args.gen_batch)
-            rows.append(Row(objective, name, bits, train_tokens_per_s(history), gen_tps, calls, validity))
-            print(f"[compare] {objective} / {name}: validity {validity}, {gen_tps:.0f} generated tok/s, "
-                  f"{calls:.1f} calls per answer", flush=True)
+            for batch in batches:
+                measured = measure_generation(model, tok, sc, families=families,
+                                              num_prompts=cfg.eval.num_prompts_per_family, batch_size=batch)
+                row = Row.of(objective, name, batch, bits, train_tokens_per_s(history), measured)
+                rows.append(row)
+                print(f"[compare] {objective} / {name} / batch {batch}: validity {row.validity}, "
+                      f"{row.answers_per_s:.0f} answers/s, {row.answer_tokens_per_s:.0f} answer tok/s, "
+                      f"{row.calls_per_answer:.1f} calls per answer", flush=True)
     text = table(rows)
     print(text)
     where = f"{cfg.storage_path.rstrip('/')}/{cfg.run_name}-compare"
     summary = {"objectives": objectives, "config": cfg.to_dict(), "block_size": args.block_size,
-               "fast_threshold": args.fast_threshold, "rows": rows_as_json(rows), "table": text,
+               "fast_threshold": args.fast_threshold, "gen_batches": batches, "rows": rows_as_json(rows), "table": text,
                "wall_seconds": round(time.time() - t0, 1)}
     write_json_and_chart(where, "compare.json", summary, "compare.png", lambda out: plot(rows, out))
     print(f"[compare] done in {summary['wall_seconds']:.0f} s; {where}/compare.json and compare.png", flush=True)

@@ -26,19 +26,30 @@ def test_compare_trains_every_objective_alike_and_writes_the_table(ray_cluster, 
         "--data.conditional_fraction=0.5", "--train.batch_size=16", "--train.max_steps=20", "--train.lr=3e-3",
         "--train.warmup_steps=2", "--train.log_every=5", "--train.eval_every=20", "--train.eval_batches=2",
         "--train.checkpoint_every=20", "--train.max_failures=0", "--eval.nelbo_samples=2",
-        "--eval.num_prompts_per_family=6", "--block_size=4", "--gen_batch=16",
+        "--eval.num_prompts_per_family=6", "--block_size=4", "--gen_batches=1,16",
     ])
-    rows = {(r["objective"], r["sampler"]): r for r in summary["rows"]}
-    assert set(rows) == {("diffusion", "reference"), ("diffusion", "threshold 0.9"), ("block", "reference"),
-                         ("block", "threshold 0.9"), ("autoregressive", "greedy")}
-    for r in rows.values():
+    every = {(r["objective"], r["sampler"], r["batch"]): r for r in summary["rows"]}
+    names = {k[:2] for k in every}
+    assert names == {("diffusion", "reference"), ("diffusion", "threshold 0.9"), ("diffusion", "threshold 0.9, dual"),
+                     ("block", "reference"), ("block", "threshold 0.9"), ("autoregressive", "greedy")}
+    assert set(every) == {n + (b,) for n in names for b in (1, 16)}
+    for (objective, sampler, _), r in every.items():
         # Held-out bits below a uniform guess over the byte vocabulary: each objective learned something.
-        assert 0 < r["heldout_bits"] < np.log2(258) and r["train_tokens_per_s"] > 0 and r["gen_tokens_per_s"] > 0
-        assert set(r["validity"]) == {"reverse", "sort", "sudoku"}
+        assert 0 < r["heldout_bits"] < np.log2(258) and r["train_tokens_per_s"] > 0
+        assert r["answers_per_s"] > 0 and r["answer_tokens_per_s"] > 0
+        assert r["seconds_per_answer"] == pytest.approx(1 / r["answers_per_s"])
+        assert set(r["validity"]) == set(r["tokens_per_call"]) == {"reverse", "sort", "sudoku"}
         assert all(0 <= v <= 1 for v in r["validity"].values())
+        # A row's answer does not depend on the rows batched with it: the same validity at every batch.
+        assert r["validity"] == every[(objective, sampler, 1)]["validity"]
+    rows = {k[:2]: r for k, r in every.items() if k[2] == 16}
     # The answer is at most 24 tokens (the eval length): one call per token at most for the reference
-    # and the autoregressive model, no more than the reference with the threshold.
+    # and the autoregressive model (which commits one token per call, EOS included, on each row still
+    # at work), no more than the reference with the threshold.
     assert rows[("autoregressive", "greedy")]["calls_per_answer"] <= 24
+    assert all(v <= 1 for v in rows[("autoregressive", "greedy")]["tokens_per_call"].values())
+    alone = every[("autoregressive", "greedy", 1)]["tokens_per_call"]
+    assert all(v == pytest.approx(1.0) for v in alone.values())
     assert rows[("diffusion", "threshold 0.9")]["calls_per_answer"] <= rows[("diffusion", "reference")]["calls_per_answer"]
     # Equal terms: every objective's run saw the same steps and tokens.
     seen = set()
@@ -65,3 +76,38 @@ def test_an_objective_changes_the_model_kind_and_nothing_else():
             cfg.model.model_dump(exclude={"attention", "block_size", "preset"})
     with pytest.raises(ValueError, match="unknown objective 'gpt'"):
         objective_config(cfg, "gpt", block_size=4)
+
+
+def test_answer_tokens_count_the_eos_once_and_never_the_canvas_after_it():
+    from dlm_ray.core.inference import Completion
+    from dlm_ray.eval.compare import Speed, answer_tokens
+
+    ended = Completion("abc", [1, 2, 3], num_generated=24, num_model_calls=4)  # 3 tokens, an EOS, 20 EOS fill
+    cut = Completion("abcd", [1, 2, 3, 4], num_generated=4, num_model_calls=4)  # the length ran out: no EOS
+    assert (answer_tokens(ended), answer_tokens(cut)) == (4, 4)
+    s = Speed(answers=2, seconds=0.5, answer_tokens=8, calls=8)
+    assert (s.answers_per_s, s.seconds_per_answer, s.answer_tokens_per_s, s.tokens_per_call) == (4, 0.25, 16, 1)
+
+
+def test_measured_speed_adds_up_per_family_and_a_long_family_gets_room():
+    """Every held-out prompt is answered and counted once, per family, and the translate family's
+    long answers get a generation length that holds them."""
+    from dlm_ray.config.schema import ModelConfig, SampleConfig
+    from dlm_ray.core.model import Denoiser
+    from dlm_ray.core.tokenizer import ByteTokenizer
+    from dlm_ray.eval.compare import Row, measure_generation, table
+
+    # A context that holds a translation; one small layer keeps the 96 steps of its answer quick.
+    model = Denoiser(ModelConfig(preset="tiny", d_model=32, n_layers=1, n_heads=2, d_mlp=64)).eval()
+    cfg = SampleConfig(gen_length=24, steps=24, block_length=24, threshold=0.9, stop_at_eos=True)
+    m = measure_generation(model, ByteTokenizer(), cfg, families=["sort", "translate"], num_prompts=2, batch_size=2)
+    assert set(m.speed) == set(m.validity) == {"sort", "translate"}
+    assert all(s.answers == 2 and s.seconds > 0 for s in m.speed.values())
+    # Random weights rarely end an answer: the long family's answers run past the 24 positions given.
+    assert m.speed["translate"].answer_tokens > 2 * 24 >= m.speed["sort"].answer_tokens
+    total = m.total
+    assert total.answers == 4 and total.calls == sum(s.calls for s in m.speed.values())
+    row = Row.of("diffusion", "threshold 0.9", 2, None, None, m)
+    assert row.tokens_per_call == {f: s.answer_tokens / s.calls for f, s in m.speed.items()}
+    assert row.answers_per_s == pytest.approx(4 / total.seconds)
+    assert "answers/s" in table([row]) and "answer tokens per model call" in table([row])
