@@ -11,8 +11,8 @@ restrict where a step may commit:
 - sub-blocks (Fast-dLLM v2): a block is decoded sub-block after sub-block; a step may commit only in
   the first sub-block of its row that still has masks. The block's steps are shared out among its
   sub-blocks (earlier ones take the remainder) and each sub-block follows the reference schedule
-  over its share, starting on its share's first step or as soon as the previous one is done,
-  whichever comes first, so every block still finishes within its steps.
+  over its share; it starts as soon as the one before it is done (at the latest on its share's
+  first step), so every block still finishes within its steps.
 
 Shape legend:  B batch, A rows at work, L block length, V vocab, N sub-blocks, K steps of one.
 """
@@ -34,10 +34,11 @@ def num_transfer_tokens(num_masked_B: torch.Tensor, steps: int) -> torch.Tensor:
 
 def entropy(logits_ALV: torch.Tensor) -> torch.Tensor:
     """Entropy in nats of softmax(logits) per position, float64 [A, L]; -inf logits (excluded
-    tokens) contribute nothing."""
-    logp_ALV = logits_ALV.double().log_softmax(-1)
+    tokens) contribute nothing. Computed in float32 at least (not float64: at a vocabulary of
+    126k a block's [A, L, V] in float64 is gigabytes)."""
+    logp_ALV = logits_ALV.float().log_softmax(-1) if logits_ALV.dtype != torch.float64 else logits_ALV.log_softmax(-1)
     plogp_ALV = logp_ALV.exp() * logp_ALV.masked_fill(torch.isinf(logp_ALV), 0.0)
-    return (-plogp_ALV.sum(-1)).clamp_min(0.0)  # never below 0: the running sums only grow
+    return (-plogp_ALV.sum(-1)).clamp_min(0.0).double()  # never below 0: the running sums only grow
 
 
 def entropy_bounded_count(conf_AL: torch.Tensor, entropy_AL: torch.Tensor, bound: float) -> torch.Tensor:
