@@ -101,6 +101,27 @@ def test_cached_sampling_equals_recomputing_and_batches_equal_rows_alone(ar_mode
 
 
 @torch.no_grad()
+def test_the_cache_is_allocated_once_and_written_in_place(ar_model):
+    """Each token's call writes its keys/values into the slots allocated with the prompt's pass (no
+    copy of the cache per token), and the tokens still equal recomputing everything."""
+    prompts = [[EOS, 5, 6, 7, 8], [EOS, 9]]
+    ids, am = left_pad(prompts, PAD)
+    seen = []
+    forward_block = ar_model.forward_block
+
+    def spy(ids_BW, cache, **kw):
+        seen.append((cache.layers[-1][1].data_ptr(), cache.length, cache.capacity))
+        return forward_block(ids_BW, cache, **kw)
+    ar_model.forward_block = spy
+    out = generate(ar_model, ids, SampleConfig(gen_length=6, steps=6, block_length=6), mask_id=MASK, attention_mask=am)
+    P = ids.shape[1]
+    assert {ptr for ptr, _, _ in seen} == {seen[0][0]} and [n for _, n, _ in seen] == list(range(P, P + 5))
+    assert all(c == P + 6 for _, _, c in seen)
+    for k, p in enumerate(prompts):
+        assert out[k, P:].tolist() == naive_greedy(ar_model, p, 6)
+
+
+@torch.no_grad()
 def test_stop_at_eos_ends_a_row_and_the_batch(ar_model):
     cfg = SampleConfig(gen_length=8, steps=8, block_length=8, stop_at_eos=True)
     prompts = [[EOS, 5, 6], [EOS, 70, 71, 72]]

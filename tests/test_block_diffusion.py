@@ -68,33 +68,64 @@ def test_cached_sampling_equals_recomputing_everything(block_model, rule, length
     """The property that makes the cache worth having: exact, for every rule, batched or not."""
     prompts = [torch.randint(0, 250, (n,)).tolist() for n in lengths]
     ids, am = left_pad(prompts, PAD)
-    out, calls = {}, {}
+    out, calls, steps = {}, {}, {}
     for cache in ("none", "blocks"):
         cfg = SampleConfig(gen_length=16, steps=16, block_length=B, cache=cache, **rule)
         gens = [torch.Generator().manual_seed(10 + k) for k in range(len(prompts))]
         stats: dict[str, int] = {}
+        seen: list[int] = []
         out[cache] = generate(block_model, ids, cfg, mask_id=MASK, attention_mask=am, generator=gens, eos_id=EOS,
-                              stats=stats)
-        calls[cache] = stats["model_calls"]
+                              stats=stats, on_step=lambda i, x, seen=seen: seen.append(i))
+        calls[cache], steps[cache] = stats["model_calls"], len(seen)
     assert torch.equal(out["none"], out["blocks"])
     assert not (out["blocks"] == MASK).any()
-    # The cache costs one pass for the prompt and one per finished block, beyond the steps.
-    assert calls["blocks"] <= calls["none"] + 1 + 16 // B - 1
+    # A block costs its decoding steps and nothing more: the prompt's pass is the first block's
+    # first step, and each finished block joins the cache in the pass that starts the next.
+    assert calls["blocks"] == steps["blocks"] == calls["none"]
 
 
 def test_the_cached_step_sees_only_the_block_and_the_cache(block_model):
-    seen = []
-    forward_block = block_model.forward_block
+    seen, buffers = [], set()
+    forward_block, prefill = block_model.forward_block, block_model.prefill
 
     def spy(ids, cache, **kw):
-        seen.append((ids.shape[1], cache.pos_BL.shape[1], kw.get("extend", False)))
+        seen.append((ids.shape[1], cache.length, kw.get("finished", 0)))
+        buffers.add(cache.layers[0][0].data_ptr())
         return forward_block(ids, cache, **kw)
     block_model.forward_block = spy
+    block_model.prefill = lambda ids, am, **kw: seen.append(("prefill", ids.shape[1], kw["cached"])) or prefill(
+        ids, am, **kw)
     generate(block_model, torch.randint(0, 250, (1, 6)), SampleConfig(gen_length=12, steps=12, block_length=B,
                                                                         cache="blocks"), mask_id=MASK)
-    steps = [(w, s) for w, s, ext in seen if not ext]
-    assert all(w == B for w, _ in steps)  # a step's forward is the block alone: its cost does not grow
-    assert [s for _, s in steps] == [6] * 4 + [10] * 4 + [14] * 4  # against the prompt, then each finished block
+    # The prompt and the first block in one pass (the prompt is cached); each later block starts
+    # with a pass over the finished block (cached) and itself; every other step is the block alone
+    # against the cache, whose cost does not grow with the steps.
+    assert seen == [("prefill", 6 + B, 6)] + [(B, 6, 0)] * 3 + [(2 * B, 6, B)] + [(B, 10, 0)] * 3 \
+        + [(2 * B, 10, B)] + [(B, 14, 0)] * 3
+    assert len(buffers) == 1  # one cache, allocated once and written in place
+
+
+@torch.no_grad()
+def test_the_folded_pass_equals_writing_the_block_then_predicting_the_next(block_model):
+    """One pass over [finished block k, block k+1] caches block k and gives block k+1's logits as
+    the full forward does; a padded batch and a cache made without room (it grows) included."""
+    x = torch.randint(0, 250, (2, 18))
+    am = torch.ones_like(x)
+    am[1, :2] = 0
+    P = 6
+    full = block_model(x, am, block_start=P)
+    for capacity in (18, None):
+        _, cache = block_model.prefill(x[:, :P], am[:, :P], block_start=P, capacity=capacity)
+        logits, same = block_model.forward_block(x[:, P:P + 2 * B], cache, finished=B)
+        assert same is cache and cache.length == P + B
+        torch.testing.assert_close(logits, full[:, P + B:P + 2 * B], atol=1e-10, rtol=1e-10)
+        logits, _ = block_model.forward_block(x[:, P + B:P + 2 * B], cache)  # against the cache alone
+        torch.testing.assert_close(logits, full[:, P + B:P + 2 * B], atol=1e-10, rtol=1e-10)
+        row = cache.rows(torch.tensor([1]), room=B)  # one row leaves: the other's cache is its own
+        logits, _ = block_model.forward_block(x[1:, P + B:P + 2 * B], row)
+        torch.testing.assert_close(logits, full[1:, P + B:P + 2 * B], atol=1e-10, rtol=1e-10)
+    with pytest.raises(ValueError, match="finished=4 must leave at least one"):
+        block_model.forward_block(x[:, :B], cache, finished=B)
 
 
 @pytest.mark.parametrize("settings, message", [

@@ -94,8 +94,10 @@ def generate_ar(model: Any, prompt_ids_BP: torch.Tensor, cfg: SampleConfig, *, m
     """``cfg.gen_length`` tokens after each (left-padded) prompt, one per model call: greedy at
     temperature 0, else a draw from softmax(logits / T) (Gumbel-max, per-row generators as in
     diffusion sampling). The prompt is run once; each later call feeds the last token against the
-    cache. ``stop_at_eos`` ends a row at its first end token (the rest become EOS); the batch stops
-    when every row has. Returns LongTensor[B, P + gen_length], like ``sampling.generate``."""
+    cache, allocated once for the whole canvas and written in place (a token costs its own keys and
+    values, never a copy of the cache's). ``stop_at_eos`` ends a row at its first end token (the
+    rest become EOS); the batch stops when every row has. Returns LongTensor[B, P + gen_length],
+    like ``sampling.generate``."""
     check_settings(cfg)
     B, P = prompt_ids_BP.shape
     device = prompt_ids_BP.device
@@ -103,7 +105,8 @@ def generate_ar(model: Any, prompt_ids_BP: torch.Tensor, cfg: SampleConfig, *, m
         raise ValueError("an autoregressive model needs a prompt of at least one token")
     x_BT = torch.cat([prompt_ids_BP, torch.full((B, cfg.gen_length), mask_id, dtype=torch.long, device=device)], 1)
     am = None if attention_mask is None or bool(attention_mask.bool().all()) else attention_mask.long()
-    logits_BV, cache = model.prefill(prompt_ids_BP, am, logits_span=(P - 1, P))
+    logits_BV, cache = model.prefill(prompt_ids_BP, am, logits_span=(P - 1, P), capacity=P + cfg.gen_length)
+    eos_1 = None if eos_id is None else torch.tensor([eos_id], device=device)  # made once, not per token
     calls, done_B = 1, torch.zeros(B, dtype=torch.bool, device=device)
     for i in range(cfg.gen_length):
         logits_BV = logits_BV[:, -1:]
@@ -111,7 +114,7 @@ def generate_ar(model: Any, prompt_ids_BP: torch.Tensor, cfg: SampleConfig, *, m
             logits_BV = logits_BV[..., :vocab_size]
         logits_BV = exclude_mask_logit(logits_BV, mask_id)
         if cfg.logits_eos_inf and eos_id is not None:
-            logits_BV = logits_BV.index_fill(-1, torch.tensor([eos_id], device=device), float("-inf"))
+            logits_BV = logits_BV.index_fill(-1, eos_1, float("-inf"))
         next_B = propose(logits_BV, cfg.temperature, generator)[:, 0]
         if eos_id is not None:  # a finished (or stopped) row writes EOS from here on
             next_B = torch.where(done_B, torch.full_like(next_B, eos_id), next_B)

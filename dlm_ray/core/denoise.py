@@ -38,6 +38,7 @@ from dlm_ray.config.schema import SampleConfig, sub_block_problem
 from dlm_ray.core.commit_rules import (entropy, num_commits, num_transfer_tokens, sub_block_schedule, sub_block_step,
                                        top_n)
 from dlm_ray.core.diffusion import exclude_mask_logit
+from dlm_ray.core.kv_cache import block_step
 
 LAST = -1.0  # a confidence below any probability, yet finite: the position is still a mask to fill
 ModelFn = Callable[..., torch.Tensor]
@@ -274,7 +275,10 @@ def _denoise(model: ModelFn, x_BT: torch.Tensor, am_BT: torch.Tensor | None, pro
     gen_end = P + cfg.gen_length
     steps_per_block = cfg.steps // cfg.num_blocks
     num_calls = step = 0
-    blocks_cache = None  # cache="blocks": keys/values of the prompt and every finished block
+    # cache="blocks": keys/values of the prompt and every finished block (of the rows cache_rows_H,
+    # on the host), written in place; the pass that starts a block also writes the finished one.
+    blocks_cache, cache_rows_H = None, None
+    eos_only = ends[ends == eos_id]  # cut once: a boolean index waits for the device
     for blk in range(cfg.num_blocks):
         start, end = P + blk * cfg.block_length, P + (blk + 1) * cfg.block_length
         if cfg.sub_block_length is None:
@@ -283,15 +287,14 @@ def _denoise(model: ModelFn, x_BT: torch.Tensor, am_BT: torch.Tensor | None, pro
             counts_BNK, first_N = sub_block_schedule(x_BT[:, start:end] == mask_id, steps_per_block,
                                                      cfg.sub_block_length)
         cache, cache_rows = None, None
-        if cfg.cache == "blocks" and blocks_cache is None:  # the prompt's keys/values, computed once
-            _, blocks_cache = model.prefill(x_BT[:, :P], None if am_BT is None else am_BT[:, :P],  # type: ignore
-                                            block_start=P, logits_span=(P - 1, P))
-            num_calls += 1
         for i in range(steps_per_block):
-            rows_A = (x_BT[:, start:end] == mask_id).any(-1).nonzero().squeeze(-1)
-            if rows_A.numel() == 0:
+            # The step's one wait for the device: which rows still have masks in the block (none: it
+            # is done). The row list stays on the host for the generators and the cache's rows.
+            rows_H = (x_BT[:, start:end] == mask_id).any(-1).cpu().nonzero().squeeze(-1)
+            if rows_H.numel() == 0:
                 break  # the block is done in every row
-            every = rows_A.numel() == B  # no gather when all rows are still at work
+            rows_A = rows_H.to(device, non_blocking=True)
+            every = rows_H.numel() == B  # no gather when all rows are still at work
             xa_AT = x_BT if every else x_BT[rows_A]
             ama_AT = am_BT if every or am_BT is None else am_BT[rows_A]
             refresh = i == 0 or (cfg.refresh_every is not None and i % cfg.refresh_every == 0)
@@ -299,8 +302,8 @@ def _denoise(model: ModelFn, x_BT: torch.Tensor, am_BT: torch.Tensor | None, pro
                 pr_AT = prompt_real_BT if every else prompt_real_BT[rows_A]
                 logits_ALV = _logits(model, xa_AT, ama_AT, pr_AT, cfg.cfg_scale, mask_id, (start, end), P)
             elif cfg.cache == "blocks":
-                cache_A = blocks_cache if every else blocks_cache.rows(rows_A)  # type: ignore[union-attr]
-                logits_ALV, _ = model.forward_block(xa_AT[:, start:end], cache_A)  # type: ignore[attr-defined]
+                logits_ALV, blocks_cache, cache_rows_H = block_step(  # type: ignore[arg-type]
+                    model, xa_AT, ama_AT, blocks_cache, cache_rows_H, rows_H, P, start, end, gen_end, first=i == 0)
             elif refresh:
                 logits_ALV, cache = model.prefill(xa_AT, ama_AT, logits_span=(start, end))  # type: ignore[attr-defined]
                 cache_rows = rows_A
@@ -315,9 +318,9 @@ def _denoise(model: ModelFn, x_BT: torch.Tensor, am_BT: torch.Tensor | None, pro
                 logits_ALV = logits_ALV[..., :vocab_size]  # softmax and argmax over real tokens only
             logits_ALV = exclude_mask_logit(logits_ALV, mask_id)
             if cfg.logits_eos_inf:
-                logits_ALV = logits_ALV.index_fill(-1, ends[ends == eos_id], float("-inf"))
+                logits_ALV = logits_ALV.index_fill(-1, eos_only, float("-inf"))
             gen = generator if generator is None or isinstance(generator, torch.Generator) \
-                else [generator[r] for r in rows_A.tolist()]
+                else [generator[r] for r in rows_H.tolist()]
             x0_AL = propose(logits_ALV, cfg.temperature, gen)
             if cfg.remasking == "low_confidence":
                 conf_AL = logits_ALV.softmax(-1).gather(-1, x0_AL[..., None]).squeeze(-1).double()
@@ -339,9 +342,9 @@ def _denoise(model: ModelFn, x_BT: torch.Tensor, am_BT: torch.Tensor | None, pro
             if cfg.stop_at_eos:
                 # A row with an EOS and no mask before it is finished: its remaining masks become
                 # EOS at once, so it costs no more model calls (mid-block too).
-                gen_BG = x_BT[:, P:gen_end]
+                gen_BG = x_BT[:, P:gen_end]  # a view: filled in place, without a boolean index's wait
                 done_B = _finished_rows(gen_BG, ends, mask_id)
-                gen_BG[done_B] = gen_BG[done_B].masked_fill(gen_BG[done_B] == mask_id, eos_id)  # type: ignore
+                gen_BG.masked_fill_(done_B[:, None] & (gen_BG == mask_id), eos_id)  # type: ignore[arg-type]
             if on_step is not None:
                 stop_B = on_step(step, x_BT)
                 if stop_B is not None and bool(stop_B.any()):
@@ -350,11 +353,6 @@ def _denoise(model: ModelFn, x_BT: torch.Tensor, am_BT: torch.Tensor | None, pro
                     rows_SB = x_BT[stop_B]
                     x_BT[stop_B] = rows_SB.masked_fill(rows_SB == mask_id, eos_id)  # a suffix holds no mask
             step += 1
-        if cfg.cache == "blocks" and end < gen_end and (x_BT[:, end:gen_end] == mask_id).any():
-            # The finished block joins the cache: one pass over its final tokens, exact from here on.
-            _, blocks_cache = model.forward_block(x_BT[:, start:end], blocks_cache, extend=True,  # type: ignore
-                                                  logits_len=0)
-            num_calls += 1
     if stats is not None:
         stats["model_calls"] = num_calls
     return x_BT

@@ -15,12 +15,14 @@ V vocab, F MLP.
     logits_BLV = model(input_ids_BL, attention_mask_BL)
 
 For fast sampling the model can also return its keys/values (``prefill``) and then recompute only
-a window of the canvas against them (``forward_window``): the bidirectional analogue of a KV cache.
+a window of the canvas against them (``forward_window``): the bidirectional analogue of a KV cache
+(``dlm_ray.core.kv_cache``, which holds the cache and the passes against it).
 With ``attention: block_causal`` (block diffusion) a position sees every position of its own block
 and of the blocks before it, never a later block; blocks are counted from ``block_start`` (0 in
 training; the generation start when sampling, the prompt's blocks counted back from it). A
 finished block's keys/values then never change, so ``forward_block`` denoises the next block
-against a cache of everything before it, exactly, and ``extend`` appends the finished block. With
+against a cache of everything before it, exactly, written in place; the pass that starts a block
+also feeds the finished block before it, which joins the cache (``finished``). With
 ``attention: causal`` the same network is an autoregressive model (blocks of one position, logits
 at i predicting token i + 1): the baseline the diffusion objectives are compared against.
 Every entry point can return logits for a span of positions only (``logits_span``): a sampler
@@ -33,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import torch
@@ -42,6 +43,8 @@ import torch.utils.checkpoint
 from torch import nn
 
 from dlm_ray.config.schema import ModelConfig, RopeScaling
+from dlm_ray.core import kv_cache
+from dlm_ray.core.kv_cache import KVCache, LayerKV  # also imported from here by older code
 
 
 class RMSNorm(nn.Module):
@@ -100,11 +103,13 @@ class Attention(nn.Module):
 
     def forward(
         self, x_BLD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keep_B11S: torch.Tensor | None,
-        kv: LayerKV | None = None, start: int = 0,
+        kv: LayerKV | None = None, start: int = 0, write: bool = False,
     ) -> tuple[torch.Tensor, LayerKV]:
         """Attention of L positions. Without ``kv`` they attend to each other (S = L). With ``kv``
         (keys/values of a whole canvas of S positions) the L positions are the window
-        [start, start + L) of it: its keys/values are computed afresh, the rest come from ``kv``."""
+        [start, start + L) of it: its keys/values are computed afresh, the rest come from ``kv``.
+        With ``write`` the fresh keys/values are written into ``kv``'s slots [start, start + L)
+        and the L positions attend to its slots up to there (S = start + L), nothing copied."""
         B, L, _ = x_BLD.shape
         q_BLHK = self.q_proj(x_BLD).view(B, L, self.n_heads, self.head_dim)
         k_BLGK = self.k_proj(x_BLD).view(B, L, self.n_kv, self.head_dim)
@@ -115,7 +120,11 @@ class Attention(nn.Module):
         k_BGLK = apply_rope(k_BLGK.transpose(1, 2), cos, sin)
         v_BGLK = self.v_proj(x_BLD).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)
         k_BGSK, v_BGSK = k_BGLK, v_BGLK
-        if kv is not None:
+        if kv is not None and write:
+            kv[0][:, :, start:start + L] = k_BGLK
+            kv[1][:, :, start:start + L] = v_BGLK
+            k_BGSK, v_BGSK = kv[0][:, :, :start + L], kv[1][:, :, :start + L]
+        elif kv is not None:
             k_BGSK = torch.cat([kv[0][:, :, :start], k_BGLK, kv[0][:, :, start + L:]], dim=2)
             v_BGSK = torch.cat([kv[1][:, :, :start], v_BGLK, kv[1][:, :, start + L:]], dim=2)
         # Each group of n_heads / n_kv query heads reads one key/value head, never a repeated copy.
@@ -143,8 +152,8 @@ class Block(nn.Module):
         self.ff_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x_BLD, cos, sin, keep_B11S, kv=None, start=0):  # type: ignore[no-untyped-def]
-        a_BLD, fresh = self.attn(self.attn_norm(x_BLD), cos, sin, keep_B11S, kv, start)
+    def forward(self, x_BLD, cos, sin, keep_B11S, kv=None, start=0, write=False):  # type: ignore[no-untyped-def]
+        a_BLD, fresh = self.attn(self.attn_norm(x_BLD), cos, sin, keep_B11S, kv, start, write)
         x_BLD = x_BLD + a_BLD
         return x_BLD + self.mlp(self.ff_norm(x_BLD)), fresh
 
@@ -219,9 +228,12 @@ class Denoiser(nn.Module):
     def prefill(
         self, input_ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor | None = None, *, keep_cache: bool = True,
         logits_span: tuple[int, int] | None = None, block_start: int = 0, visible_LL: torch.Tensor | None = None,
+        capacity: int | None = None, cached: int | None = None,
     ) -> tuple[torch.Tensor, KVCache | None]:
         """The plain forward, also returning every layer's keys/values for ``forward_window`` (full
-        attention) or ``forward_block`` (block-causal)."""
+        attention) or ``forward_block`` (block-causal). With ``capacity`` (or ``cached``) the cache
+        is allocated for that many slots (default L) and keeps the first ``cached`` positions
+        (default all): a sampler's prompt, with the first block's logits from the same pass."""
         B, L = input_ids_BL.shape
         if L > self.max_seq_len:
             raise ValueError(f"sequence length {L} exceeds the model's context of {self.max_seq_len}")
@@ -240,15 +252,21 @@ class Denoiser(nn.Module):
         if visible_LL is not None:
             eye_LL = torch.eye(L, dtype=torch.bool, device=input_ids_BL.device)
             attend = (visible_LL if keep_B11L is None else visible_LL & keep_B11L) | eye_LL
-        cos, sin = rope_tables(pos_BL, self.config.head_size, self.config.rope_theta,
-                               self.config.rope_scaling)
+        cos, sin = self._rope(pos_BL)
         x_BLD, layers = self._layers(self.wte(input_ids_BL), cos, sin, attend, keep_cache)
         h_BLD = self.ln_f(x_BLD)
         a, b = logits_span or (0, L)
         logits_BLV = self.lm_head(self._head_input(h_BLD, a, b)).float()  # the head (L x V) only where read
         if not keep_cache:
             return logits_BLV, None
-        return logits_BLV, KVCache(layers, pos_BL, keep_B11L, h_BLD if self.config.shift_logits else None)
+        hidden_BLD = h_BLD if self.config.shift_logits else None
+        if capacity is None and cached is None:
+            return logits_BLV, KVCache(layers, pos_BL, keep_B11L, hidden_BLD)
+        return logits_BLV, KVCache.allocate(layers, pos_BL, keep_B11L, hidden_BLD, length=L if cached is None else cached,
+                                            capacity=L if capacity is None else capacity)
+
+    def _rope(self, pos_BL: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return rope_tables(pos_BL, self.config.head_size, self.config.rope_theta, self.config.rope_scaling)
 
     def _head_input(self, h_BLD: torch.Tensor, a: int, b: int, before_BD: torch.Tensor | None = None) -> torch.Tensor:
         """The final hidden states whose logits are those of positions [a, b) of ``h_BLD``: the same
@@ -293,8 +311,7 @@ class Denoiser(nn.Module):
                      | (q_clean & k_clean & (k_blk <= q_blk)))
         attend = (attend_QK[None, None] & real_BL.repeat(1, 2)[:, None, None, :]) | torch.eye(2 * L, dtype=torch.bool,
                                                                                              device=device)
-        cos, sin = rope_tables(pos_BL.repeat(1, 2), self.config.head_size, self.config.rope_theta,
-                               self.config.rope_scaling)
+        cos, sin = self._rope(pos_BL.repeat(1, 2))
         x_BSD, _ = self._layers(self.wte(torch.cat([noisy_BL, clean_BL], 1)), cos, sin, attend, False)
         if not self.config.shift_logits:
             return self.lm_head(self.ln_f(x_BSD[:, :L])).float()
@@ -320,51 +337,19 @@ class Denoiser(nn.Module):
         return attend_LL | torch.eye(L, dtype=torch.bool, device=device)
 
     def forward_block(self, block_ids_BW: torch.Tensor, cache: KVCache, *, extend: bool = False,
-                      logits_len: int | None = None) -> tuple[torch.Tensor, KVCache | None]:
+                      logits_len: int | None = None, finished: int = 0) -> tuple[torch.Tensor, KVCache | None]:
         """Logits of a block that follows everything in ``cache`` (block-causal models; for a causal
-        model, the next token: a block of one): its positions see every cached key and each other.
-        With ``extend``, also the cache with this block's keys/values appended (for a finished
-        block). Exact: nothing before a block depends on it."""
-        B, W = block_ids_BW.shape
-        S = cache.pos_BL.shape[1]
-        if S + W > self.max_seq_len:
-            raise ValueError(f"sequence length {S + W} exceeds the model's context of {self.max_seq_len}")
-        pos_BW = cache.pos_BL[:, -1:] + 1 + torch.arange(W, device=block_ids_BW.device)
-        keep_B11S = cache.keep_B11L
-        if keep_B11S is not None:
-            keep_B11S = torch.cat([keep_B11S, keep_B11S.new_ones(B, 1, 1, W)], -1)
-        cos, sin = rope_tables(pos_BW, self.config.head_size, self.config.rope_theta,
-                               self.config.rope_scaling)
-        x_BWD = self.wte(block_ids_BW)
-        layers = []
-        for block, kv in zip(self.blocks, cache.layers):
-            x_BWD, (k_new, v_new) = block(x_BWD, cos, sin, keep_B11S, kv, S)
-            if extend:
-                layers.append((torch.cat([kv[0], k_new], 2), torch.cat([kv[1], v_new], 2)))
-        h_BWD = self.ln_f(x_BWD)
-        before = None if cache.hidden_BLD is None else cache.hidden_BLD[:, -1]
-        logits = self.lm_head(self._head_input(h_BWD, 0, logits_len or W, before)).float()
-        if not extend:
-            return logits, None
-        hidden = None if cache.hidden_BLD is None else torch.cat([cache.hidden_BLD, h_BWD], 1)
-        return logits, KVCache(layers, torch.cat([cache.pos_BL, pos_BW], 1), keep_B11S, hidden)
+        model, the next token: a block of one), written in place into the cache's room. With
+        ``extend`` the block joins the cache; with ``finished`` the pass first feeds the finished
+        block before it, which joins the cache (``kv_cache.forward_block``)."""
+        return kv_cache.forward_block(self, block_ids_BW, cache, extend=extend, logits_len=logits_len,
+                                      finished=finished)
 
     def forward_window(self, window_ids_BW: torch.Tensor, start: int, cache: KVCache, *,
                        logits_len: int | None = None) -> torch.Tensor:
-        """Logits of the window [start, start + W) of the canvas ``cache`` was made from, with the
-        window's tokens replaced by ``window_ids_BW``; every other position's keys/values come from
-        the cache (approximate: they are not updated for the window's new tokens). With
-        ``logits_len`` only the window's first ``logits_len`` positions get logits."""
-        W = window_ids_BW.shape[1]
-        pos_BW = cache.pos_BL[:, start:start + W]
-        cos, sin = rope_tables(pos_BW, self.config.head_size, self.config.rope_theta,
-                               self.config.rope_scaling)
-        x_BWD = self.wte(window_ids_BW)
-        for block, kv in zip(self.blocks, cache.layers):
-            x_BWD, _ = block(x_BWD, cos, sin, cache.keep_B11L, kv, start)
-        # Shifted, the window's first logits read the cached state before it (as stale as its keys).
-        before = None if cache.hidden_BLD is None or start == 0 else cache.hidden_BLD[:, start - 1]
-        return self.lm_head(self._head_input(self.ln_f(x_BWD), 0, logits_len or W, before)).float()
+        """Logits of the window [start, start + W) of the canvas ``cache`` was made from, against
+        its (approximate) cached keys/values (``kv_cache.forward_window``)."""
+        return kv_cache.forward_window(self, window_ids_BW, start, cache, logits_len=logits_len)
 
 
 @contextlib.contextmanager
@@ -389,27 +374,6 @@ def compile_blocks(model: Denoiser) -> Denoiser:
     for block in model.blocks:
         block.compile()
     return model
-
-
-LayerKV = tuple[torch.Tensor, torch.Tensor]  # keys (after RoPE) and values [B, G, L, K]
-
-
-@dataclass
-class KVCache:
-    """Keys/values of every layer for a whole canvas, with its positions and padding mask; for a
-    model with ``shift_logits``, also the final hidden states (a position's logits read the one
-    before it)."""
-
-    layers: list[LayerKV]
-    pos_BL: torch.Tensor
-    keep_B11L: torch.Tensor | None
-    hidden_BLD: torch.Tensor | None = None
-
-    def rows(self, idx_A: torch.Tensor) -> KVCache:
-        """The cache of a subset of the batch (rows that still have work)."""
-        pick = lambda t: None if t is None else t[idx_A]  # noqa: E731
-        return KVCache([(k[idx_A], v[idx_A]) for k, v in self.layers], self.pos_BL[idx_A],
-                       pick(self.keep_B11L), pick(self.hidden_BLD))
 
 
 def num_params(cfg: ModelConfig, *, include_embedding: bool = True) -> int:
