@@ -100,12 +100,8 @@ def num_commits(conf_AL: torch.Tensor, schedule_A: torch.Tensor, cfg: SampleConf
 
 
 def top_n(conf_BT: torch.Tensor, n_B: torch.Tensor) -> torch.Tensor:
-    """Boolean [B, T]: the n_B[b] highest-confidence positions of each row."""
-    k = int(n_B.max())
-    commit_BT = torch.zeros_like(conf_BT, dtype=torch.bool)
-    if k == 0:
-        return commit_BT
-    idx_Bk = conf_BT.topk(k, dim=-1).indices
-    keep_Bk = torch.arange(k, device=conf_BT.device)[None, :] < n_B[:, None]
-    commit_BT.scatter_(1, idx_Bk, keep_Bk)
-    return commit_BT
+    """Boolean [B, T]: the n_B[b] highest-confidence positions of each row (ties: the first).
+    Every position is ranked, so no count has to come back from the device."""
+    order_BT = conf_BT.sort(dim=-1, descending=True, stable=True).indices
+    keep_BT = torch.arange(conf_BT.shape[1], device=conf_BT.device)[None, :] < n_B[:, None]
+    return torch.zeros_like(conf_BT, dtype=torch.bool).scatter_(1, order_BT, keep_BT)
