@@ -18,6 +18,10 @@ a bare GPU machine and run it. It measures
   q/k/v biases, tied embeddings, vocabulary 151,936), the shape diffusion models are adapted from:
   its diffusion form (full attention, shifted head) with the same samplers, and its autoregressive
   form through ``generate``'s own KV-cache decoder;
+- block diffusion (blocks of 32, its exact cache, 4 tokens per call) and the autoregressive
+  sampler (``generate``'s KV-cache decoder) on the ``1b`` shape, batch 1 and 64: each kind's
+  per-call cost at fixed commits per call; every sampling row gives the share of its time spent
+  outside the model's forward passes (``benchmarks/sampler_step.py``'s timer);
 - the ``8b`` preset: parameters, and DeepSpeed's per-GPU memory estimate for ZeRO-3 on 8 GPUs.
 
 Figures are printed, never asserted; the JSON (``--out``) holds every number.
@@ -44,6 +48,7 @@ from dlm_ray.core.diffusion import diffusion_loss  # noqa: E402
 from dlm_ray.train.engine import check_memory, checkpointed_blocks, deepspeed_config, make_optimizer, peak_flops  # noqa: E402
 from dlm_ray.core.model import Denoiser, flops_per_token, num_params  # noqa: E402
 from dlm_ray.core.sampling import generate  # noqa: E402
+from sampler_step import ForwardTimer  # noqa: E402  (benchmarks/, this script's own directory)
 
 MASK = 3  # any id works for random weights; 3 keeps clear of the ids the batches draw from
 
@@ -196,6 +201,7 @@ def training(s: dict[str, Any], device: torch.device) -> list[dict[str, Any]]:
 
 def sampling(s: dict[str, Any], device: torch.device) -> list[dict[str, Any]]:
     rows = diffusion_sampling(s, device, ModelConfig(preset=s["preset"]), s["preset"], stand_in_ar=True)
+    rows += kind_sampling(s, device, ModelConfig(preset=s["preset"]), s["preset"])
     qwen = ModelConfig(**s["qwen"], shift_logits=True)
     rows += diffusion_sampling(s, device, qwen, "qwen2.5-0.5b shape", stand_in_ar=False)
     ar = Denoiser(qwen.model_copy(update={"shift_logits": False, "attention": "causal"}))
@@ -212,14 +218,39 @@ def timed_generate(model: Denoiser, prompt: torch.Tensor, sc: SampleConfig, name
     generate(model, prompt, sc, mask_id=MASK)  # warm-up
     reset_peak(device)
     stats: dict[str, int] = {}
+    timer = ForwardTimer(model, lambda: sync(device))  # the share of the time outside the model's passes
     sync(device)
     t = time.perf_counter()
     generate(model, prompt, sc, mask_id=MASK, stats=stats)
     sync(device)
     seconds = time.perf_counter() - t
+    timer.remove(model)
     B = prompt.shape[0]
     return {"model": label, "sampler": name, "batch": B, "tokens_per_s": B * sc.gen_length / seconds,
-            "model_calls": stats["model_calls"], "seconds": seconds, "peak_gib": peak_gib(device)}
+            "model_calls": stats["model_calls"], "seconds": seconds, "peak_gib": peak_gib(device),
+            "outside_model": 1 - timer.seconds / seconds}
+
+
+def kind_sampling(s: dict[str, Any], device: torch.device, cfg: ModelConfig, label: str) -> list[dict[str, Any]]:
+    """Block diffusion against its exact cache at the same 4 tokens per call, and the
+    autoregressive sampler (``generate``'s own KV-cache decoder) on the same shape: the per-call
+    cost of each kind with the commits per call fixed (random weights never stop early)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    gen, block = s["gen"], s["block"]
+    rows = []
+    for attention, name, sc in (
+            ("block_causal", "block diffusion (exact cache, 4 tokens/call)",
+             SampleConfig(gen_length=gen, steps=gen // 4, block_length=block, cache="blocks")),
+            ("causal", "autoregressive (generate, KV cache)", SampleConfig(gen_length=gen, steps=gen, block_length=gen))):
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = Denoiser(cfg.model_copy(update={"attention": attention, "block_size": block})).to(dtype).eval()
+        for bsz in s["batches"]:
+            prompt = torch.randint(10, 200, (bsz, s["prompt"]), device=device)
+            rows.append(timed_generate(model, prompt, sc, name, label, device))
+        del model
+        gc.collect()
+    return rows
 
 
 def diffusion_sampling(s: dict[str, Any], device: torch.device, cfg: ModelConfig, label: str, *,
@@ -315,11 +346,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"| {r['engine']} | {fmt(r.get('micro_batch'))} | {r['activation_checkpointing']} | "
               f"{fmt(r.get('tokens_per_s'))} | {fmt(r.get('mfu'))} | {fmt(r.get('peak_gib'))} | "
               f"{fmt(r.get('host_syncs_per_step'))} | {fmt(r.get('deepspeed_overhead'))} |")
-    print("\n| model | sampling | batch | tokens/s | model calls | seconds | peak GiB |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| model | sampling | batch | tokens/s | model calls | seconds | peak GiB | outside the model |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in result["sampling"]:
+        outside = f"{r['outside_model']:.0%}" if r.get("outside_model") is not None else "-"
         print(f"| {r['model']} | {r['sampler']} | {r['batch']} | {fmt(r['tokens_per_s'])} | {r['model_calls']} | "
-              f"{fmt(r['seconds'])} | {fmt(r['peak_gib'])} |")
+              f"{fmt(r['seconds'])} | {fmt(r['peak_gib'])} | {outside} |")
     print(f"\n8b preset: {result['8b']['params'] / 1e9:.2f}B parameters; {result['8b']['zero3_8gpu']}")
     print(f"done in {result['seconds']} s; {args.out}")
     Path(args.out).write_text(json.dumps(result, indent=2))

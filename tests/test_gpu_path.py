@@ -203,6 +203,11 @@ def test_the_gpu_check_runs_on_cpu_in_smoke_mode(tmp_path):
         assert calls[(model, "reference", 1)] == calls[(model, "dual cache", 4)] == 32 // 4  # same commits per call
     assert calls[("tiny", "autoregressive (1 token/call, KV cache)", 1)] == 32 + 1
     assert calls[("qwen2.5-0.5b shape", "autoregressive (generate, KV cache)", 4)] == 32  # prefill + 31 steps
+    # Block diffusion at 4 tokens per call costs its decoding steps and nothing more (the prompt's and
+    # each finished block's keys/values are written by the next block's steps).
+    assert calls[("tiny", "block diffusion (exact cache, 4 tokens/call)", 4)] == 32 // 4
+    assert calls[("tiny", "autoregressive (generate, KV cache)", 1)] == 32
+    assert all(0 <= r["outside_model"] < 1 for r in result["sampling"] if "outside_model" in r)
     assert result["8b"]["params"] == num_params(ModelConfig(preset="8b")) and "ZeRO-3" in result["8b"]["zero3_8gpu"]
     assert "| training |" in proc.stdout and "| sampling |" in proc.stdout
 
@@ -226,3 +231,25 @@ def test_fused_adamw_updates_the_weights_as_the_unfused_one_does(tiny_cfg):
         weights.append([p.detach().clone() for p in m.parameters()])
     for a, b in zip(*weights):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attention,cache", [("full", "dual"), ("block_causal", "blocks"), ("causal", "none")])
+def test_the_step_profile_times_every_model_call_once_and_restores_the_model(attention, cache, monkeypatch):
+    """benchmarks/sampler_step.py's timer sees each of the sampler's model calls once (prefill may
+    run forward inside it) and leaves the model as it found it."""
+    import importlib
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    bench = importlib.import_module("sampler_step")
+    model = Denoiser(ModelConfig(preset="tiny", d_model=32, n_layers=1, n_heads=2, d_mlp=64, attention=attention,
+                                 block_size=4)).eval()
+    cfg = SampleConfig(gen_length=8, steps=8 if attention == "causal" else 4, block_length=8 if attention == "causal" else 4,
+                       cache=cache, threshold=None if attention == "causal" else 0.9)
+    prompts = torch.randint(4, 200, (3, 5))
+    stats: dict[str, int] = {}
+    generate(model, prompts, cfg, mask_id=3, eos_id=1, stats=stats)
+    p = bench.profile(model, prompts, cfg, mask_id=3, eos_id=1, repeats=1)
+    assert p.calls == stats["model_calls"] > 0
+    assert 0 < p.forward_seconds <= p.seconds and 0 <= p.outside_share < 1
+    assert not set(bench.ENTRY_POINTS) & set(vars(model))  # the class's own methods again
