@@ -30,6 +30,9 @@ def _args(ap) -> None:  # type: ignore[no-untyped-def]
     ap.add_argument("--block_size", type=int, default=4, help="the block objective's block size")
     ap.add_argument("--fast_threshold", type=float, default=0.9,
                     help="diffusion models are also measured committing every position this confident")
+    ap.add_argument("--entropy_bound", type=float, default=0.5,
+                    help="and committing the most confident positions while their summed entropy (nats) stays "
+                         "within this bound (the EB-sampler)")
     ap.add_argument("--gen_batches", default="1,64",
                     help="comma-separated prompts per generate() call: each sampler is timed at each (a user's "
                          "single request is batch 1; a batch job's throughput is a full batch)")
@@ -69,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
         bits = next((h["val_nelbo_bits"] for h in reversed(history) if h.get("val_nelbo_bits") is not None), None)
         model, tok, _ = load_inference(out)
         families = sorted(cfg.data.corpus.families) if builtin else None
-        for name, sc in samplers(objective, cfg.eval.sample, args.fast_threshold).items():
+        for name, sc in samplers(objective, cfg.eval.sample, args.fast_threshold, args.entropy_bound).items():
             for batch in batches:
                 measured = measure_generation(model, tok, sc, families=families,
                                               num_prompts=cfg.eval.num_prompts_per_family, batch_size=batch)
@@ -82,8 +85,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(text)
     where = f"{cfg.storage_path.rstrip('/')}/{cfg.run_name}-compare"
     summary = {"objectives": objectives, "config": cfg.to_dict(), "block_size": args.block_size,
-               "fast_threshold": args.fast_threshold, "gen_batches": batches, "rows": rows_as_json(rows), "table": text,
-               "wall_seconds": round(time.time() - t0, 1)}
+               "fast_threshold": args.fast_threshold, "entropy_bound": args.entropy_bound, "gen_batches": batches,
+               "rows": rows_as_json(rows), "table": text, "wall_seconds": round(time.time() - t0, 1)}
     write_json_and_chart(where, "compare.json", summary, "compare.png", lambda out: plot(rows, out))
     print(f"[compare] done in {summary['wall_seconds']:.0f} s; {where}/compare.json and compare.png", flush=True)
     return summary

@@ -31,7 +31,8 @@ def test_compare_trains_every_objective_alike_and_writes_the_table(ray_cluster, 
     every = {(r["objective"], r["sampler"], r["batch"]): r for r in summary["rows"]}
     names = {k[:2] for k in every}
     assert names == {("diffusion", "reference"), ("diffusion", "threshold 0.9"), ("diffusion", "threshold 0.9, dual"),
-                     ("block", "reference"), ("block", "threshold 0.9"), ("autoregressive", "greedy")}
+                     ("diffusion", "entropy 0.5, dual"), ("block", "reference"), ("block", "threshold 0.9"),
+                     ("block", "entropy 0.5"), ("autoregressive", "greedy")}
     assert set(every) == {n + (b,) for n in names for b in (1, 16)}
     for (objective, sampler, _), r in every.items():
         # Held-out bits below a uniform guess over the byte vocabulary: each objective learned something.

@@ -51,21 +51,31 @@ def objective_config(cfg: PretrainConfig, objective: str, *, block_size: int) ->
 DUAL_REFRESH: int | None = None
 
 
-def samplers(objective: str, base: SampleConfig, fast_threshold: float | None) -> dict[str, SampleConfig]:
+def samplers(objective: str, base: SampleConfig, fast_threshold: float | None,
+             entropy_bound: float | None = None) -> dict[str, SampleConfig]:
     """The samplers an objective is measured with. Every one stops a row at its EOS, so no
     objective pays for positions after the answer. Diffusion models also run the fast settings:
-    commit every position above the confidence threshold (at least one per call), and for full
-    attention the same with the dual cache (a block's steps recompute the block alone; block
-    diffusion always runs its exact cache). An autoregressive model writes one token per call
-    against its KV cache whatever the setting."""
+    commit every position above the confidence threshold (at least one per call), or the most
+    confident positions while their summed entropy stays within the bound (the EB-sampler); for
+    full attention these run with the dual cache too (a block's steps recompute the block alone;
+    block diffusion always runs its exact cache). An autoregressive model writes one token per
+    call against its KV cache whatever the setting."""
     plain = base.model_copy(update={"stop_at_eos": True})
     out = {"reference" if objective != "autoregressive" else "greedy": plain}
-    if objective != "autoregressive" and fast_threshold is not None:
-        fast = plain.model_copy(update={"threshold": fast_threshold})
-        out[f"threshold {fast_threshold:g}"] = fast
+    if objective == "autoregressive":
+        return out
+    fast = {}
+    if fast_threshold is not None:
+        fast[f"threshold {fast_threshold:g}"] = plain.model_copy(update={"threshold": fast_threshold})
+    if entropy_bound is not None:
+        fast[f"entropy {entropy_bound:g}"] = plain.model_copy(update={"entropy_bound": entropy_bound})
+    for name, sc in fast.items():
+        if objective == "diffusion" and name.startswith("threshold"):
+            out[name] = sc  # the threshold without a cache too: what the cache costs in validity
         if objective == "diffusion":
-            out[f"threshold {fast_threshold:g}, dual"] = fast.model_copy(
-                update={"cache": "dual", "refresh_every": DUAL_REFRESH})
+            out[f"{name}, dual"] = sc.model_copy(update={"cache": "dual", "refresh_every": DUAL_REFRESH})
+        else:
+            out[name] = sc
     return out
 
 
