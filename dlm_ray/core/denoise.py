@@ -306,10 +306,10 @@ def _denoise(model: ModelFn, x_BT: torch.Tensor, am_BT: torch.Tensor | None, pro
                     model, xa_AT, ama_AT, blocks_cache, cache_rows_H, rows_H, P, start, end, gen_end, first=i == 0)
             elif refresh:
                 logits_ALV, cache = model.prefill(xa_AT, ama_AT, logits_span=(start, end))  # type: ignore[attr-defined]
-                cache_rows = rows_A
+                cache_rows = rows_H
             else:
-                if not torch.equal(cache_rows, rows_A):  # some rows finished the block: drop them
-                    cache, cache_rows = cache.rows(torch.searchsorted(cache_rows, rows_A)), rows_A
+                if not torch.equal(cache_rows, rows_H):  # some rows finished the block: drop them (host lists)
+                    cache, cache_rows = cache.rows(torch.searchsorted(cache_rows, rows_H).to(device)), rows_H
                 stop = x_BT.shape[1] if cfg.cache == "prefix" else end
                 logits_ALV = model.forward_window(xa_AT[:, start:stop], start, cache,  # type: ignore[attr-defined]
                                                   logits_len=end - start)
