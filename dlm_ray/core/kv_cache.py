@@ -21,12 +21,12 @@ Shape legend:  B batch, G key/value heads, C capacity (slots), K head dim, W new
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from dlm_ray.core.model import Denoiser
+# A dlm_ray.core.model.Denoiser: not imported, since the model imports this module.
+Denoiser = Any
 
 LayerKV = tuple[torch.Tensor, torch.Tensor]  # keys (after RoPE) and values [B, G, C, K]
 
@@ -150,7 +150,7 @@ def forward_block(model: Denoiser, block_ids_BW: torch.Tensor, cache: KVCache, *
 def _new_block_mask(model: Denoiser, cache: KVCache, W: int) -> torch.Tensor | None:
     """Which of the S + W keys each new position sees: [B or 1, 1, W, S + W], or None for all.
     Every real cached key; of the new ones, those of its own block and the blocks before it."""
-    S, size = cache.length, 1 if model.causal else model.config.block_size
+    S, size = cache.length, model.attention_block
     keep_B11S = None if cache.keep_B11L is None else cache.keep_B11L[..., :S + W]
     if W <= size:  # one block: the new positions see each other
         return keep_B11S

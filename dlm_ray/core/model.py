@@ -225,6 +225,12 @@ class Denoiser(nn.Module):
         """An autoregressive model: position i sees positions <= i, and its logits predict i + 1."""
         return self.config.attention == "causal"
 
+    @property
+    def attention_block(self) -> int:
+        """Positions per attention block of a block-causal or causal model (one for causal): a
+        position sees its own block and the blocks before it."""
+        return 1 if self.causal else self.config.block_size
+
     def prefill(
         self, input_ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor | None = None, *, keep_cache: bool = True,
         logits_span: tuple[int, int] | None = None, block_start: int = 0, visible_LL: torch.Tensor | None = None,
