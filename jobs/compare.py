@@ -30,22 +30,23 @@ def _args(ap) -> None:  # type: ignore[no-untyped-def]
     ap.add_argument("--block_size", type=int, default=4, help="the block objective's block size")
     ap.add_argument("--fast_threshold", type=float, default=0.9,
                     help="diffusion models are also measured committing every position this confident")
-    ap.add_argument("--entropy_bound", type=float, default=0.5,
-                    help="and committing the most confident positions while their summed entropy (nats) stays "
-                         "within this bound (the EB-sampler)")
+    ap.add_argument("--entropy_bounds", default="0.5,1",
+                    help="and, for each of these comma-separated bounds, committing the most confident positions "
+                         "while their summed entropy (nats) stays within it (the EB-sampler); '' for none")
     ap.add_argument("--gen_batches", default="1,64",
                     help="comma-separated prompts per generate() call: each sampler is timed at each (a user's "
                          "single request is batch 1; a batch job's throughput is a full batch)")
 
 
-def _batches(text: str) -> list[int]:
+def _numbers(text: str, flag: str, kind: type) -> list:
+    """Comma-separated positive numbers (batch sizes, entropy bounds), or a clear exit."""
     try:
-        batches = [int(b) for b in text.split(",") if b.strip()]
+        values = [kind(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise SystemExit(f"--gen_batches must be comma-separated integers, got {text!r}") from None
-    if not batches or min(batches) < 1:
-        raise SystemExit(f"--gen_batches needs at least one batch size, each >= 1, got {text!r}")
-    return batches
+        raise SystemExit(f"{flag} must be comma-separated {kind.__name__} values, got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise SystemExit(f"{flag} needs at least one value, each > 0, got {text!r}")
+    return values
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -53,7 +54,8 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.init_from:
         raise SystemExit("compare trains every objective from scratch; init_from is not supported here")
     objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
-    batches = _batches(args.gen_batches)
+    batches = _numbers(args.gen_batches, "--gen_batches", int)
+    bounds = tuple(_numbers(args.entropy_bounds, "--entropy_bounds", float)) if args.entropy_bounds.strip() else ()
     configs = [objective_config(cfg, o, block_size=args.block_size) for o in objectives]  # names bad ones first
     t0 = time.time()
     init_ray()
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
         bits = next((h["val_nelbo_bits"] for h in reversed(history) if h.get("val_nelbo_bits") is not None), None)
         model, tok, _ = load_inference(out)
         families = sorted(cfg.data.corpus.families) if builtin else None
-        for name, sc in samplers(objective, cfg.eval.sample, args.fast_threshold, args.entropy_bound).items():
+        for name, sc in samplers(objective, cfg.eval.sample, args.fast_threshold, bounds).items():
             for batch in batches:
                 measured = measure_generation(model, tok, sc, families=families,
                                               num_prompts=cfg.eval.num_prompts_per_family, batch_size=batch)
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(text)
     where = f"{cfg.storage_path.rstrip('/')}/{cfg.run_name}-compare"
     summary = {"objectives": objectives, "config": cfg.to_dict(), "block_size": args.block_size,
-               "fast_threshold": args.fast_threshold, "entropy_bound": args.entropy_bound, "gen_batches": batches,
+               "fast_threshold": args.fast_threshold, "entropy_bounds": list(bounds), "gen_batches": batches,
                "rows": rows_as_json(rows), "table": text, "wall_seconds": round(time.time() - t0, 1)}
     write_json_and_chart(where, "compare.json", summary, "compare.png", lambda out: plot(rows, out))
     print(f"[compare] done in {summary['wall_seconds']:.0f} s; {where}/compare.json and compare.png", flush=True)

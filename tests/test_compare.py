@@ -31,8 +31,9 @@ def test_compare_trains_every_objective_alike_and_writes_the_table(ray_cluster, 
     every = {(r["objective"], r["sampler"], r["batch"]): r for r in summary["rows"]}
     names = {k[:2] for k in every}
     assert names == {("diffusion", "reference"), ("diffusion", "threshold 0.9"), ("diffusion", "threshold 0.9, dual"),
-                     ("diffusion", "entropy 0.5, dual"), ("block", "reference"), ("block", "threshold 0.9"),
-                     ("block", "entropy 0.5"), ("autoregressive", "greedy")}
+                     ("diffusion", "entropy 0.5, dual"), ("diffusion", "entropy 1, dual"), ("block", "reference"),
+                     ("block", "threshold 0.9"), ("block", "entropy 0.5"), ("block", "entropy 1"),
+                     ("autoregressive", "greedy")}
     assert set(every) == {n + (b,) for n in names for b in (1, 16)}
     for (objective, sampler, _), r in every.items():
         # Held-out bits below a uniform guess over the byte vocabulary: each objective learned something.
@@ -112,3 +113,13 @@ def test_measured_speed_adds_up_per_family_and_a_long_family_gets_room():
     assert row.tokens_per_call == {f: s.answer_tokens / s.calls for f, s in m.speed.items()}
     assert row.answers_per_s == pytest.approx(4 / total.seconds)
     assert "answers/s" in table([row]) and "answer tokens per model call" in table([row])
+
+
+@pytest.mark.parametrize("flag,message", [("--gen_batches=64,x", "comma-separated int"),
+                                          ("--gen_batches=0", "each > 0"),
+                                          ("--entropy_bounds=-1", "each > 0")])
+def test_bad_measurement_flags_are_refused_before_any_training(flag, message, tmp_path):
+    main = runpy.run_path(str(ROOT / "jobs" / "compare.py"))["main"]
+    with pytest.raises(SystemExit, match=message):
+        main([flag, f"--storage_path={tmp_path}"])
+    assert not any(tmp_path.iterdir())  # nothing trained, nothing written

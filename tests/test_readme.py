@@ -66,7 +66,7 @@ def _job_args(ap) -> None:
     ap.add_argument("--output")
     ap.add_argument("--overwrite", action="store_true")
     ap.add_argument("--export-dir")
-    for flag in ("--objectives", "--block_size", "--fast_threshold", "--entropy_bound", "--gen_batches"):  # jobs/compare.py
+    for flag in ("--objectives", "--block_size", "--fast_threshold", "--entropy_bounds", "--gen_batches"):  # jobs/compare.py
         ap.add_argument(flag)
 
 

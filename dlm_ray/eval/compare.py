@@ -52,11 +52,11 @@ DUAL_REFRESH: int | None = None
 
 
 def samplers(objective: str, base: SampleConfig, fast_threshold: float | None,
-             entropy_bound: float | None = None) -> dict[str, SampleConfig]:
+             entropy_bounds: tuple[float, ...] = ()) -> dict[str, SampleConfig]:
     """The samplers an objective is measured with. Every one stops a row at its EOS, so no
     objective pays for positions after the answer. Diffusion models also run the fast settings:
     commit every position above the confidence threshold (at least one per call), or the most
-    confident positions while their summed entropy stays within the bound (the EB-sampler); for
+    confident positions while their summed entropy stays within each bound (the EB-sampler); for
     full attention these run with the dual cache too (a block's steps recompute the block alone;
     block diffusion always runs its exact cache). An autoregressive model writes one token per
     call against its KV cache whatever the setting."""
@@ -67,8 +67,8 @@ def samplers(objective: str, base: SampleConfig, fast_threshold: float | None,
     fast = {}
     if fast_threshold is not None:
         fast[f"threshold {fast_threshold:g}"] = plain.model_copy(update={"threshold": fast_threshold})
-    if entropy_bound is not None:
-        fast[f"entropy {entropy_bound:g}"] = plain.model_copy(update={"entropy_bound": entropy_bound})
+    for bound in entropy_bounds:
+        fast[f"entropy {bound:g}"] = plain.model_copy(update={"entropy_bound": bound})
     for name, sc in fast.items():
         if objective == "diffusion" and name.startswith("threshold"):
             out[name] = sc  # the threshold without a cache too: what the cache costs in validity
