@@ -18,16 +18,17 @@ MASK, EOS, V = 258, 257, 264
 
 
 def _eb_by_hand(logits_LV: torch.Tensor, candidate_L: list[bool], schedule: int, bound: float) -> int:
-    """The rule as written: candidates sorted by confidence (softmax of the chosen token), most
-    confident first; take them while the running sum of their entropies stays <= bound; at least
-    one, at least the schedule, at most the candidates."""
+    """The EB-sampler's rule as its paper states it: candidates sorted by confidence (softmax of the
+    chosen token), most confident first; take the longest run whose summed entropy less its
+    largest entropy stays <= bound; at least one, at least the schedule, at most the candidates."""
     probs = [[math.exp(z) for z in row] for row in logits_LV.double().tolist()]
     probs = [[p / sum(row) for p in row] for row in probs]
     picked = sorted((i for i in range(len(probs)) if candidate_L[i]), key=lambda i: -max(probs[i]))
-    total, n = 0.0, 0
+    total, largest, n = 0.0, 0.0, 0
     for i in picked:
-        total += -sum(p * math.log(p) for p in probs[i] if p > 0)
-        if total > bound:
+        h = -sum(p * math.log(p) for p in probs[i] if p > 0)
+        total, largest = total + h, max(largest, h)
+        if total - largest > bound:
             break
         n += 1
     return min(max(schedule, n, 1), len(picked))

@@ -181,8 +181,9 @@ class SampleConfig(Config):
     threshold: float | None = Field(None, gt=0, le=2.0, allow_inf_nan=False)  # > 1: the reference schedule
     factor: float | None = Field(None, gt=0, le=100.0, allow_inf_nan=False)
     # Entropy-bounded decoding (the EB-sampler), instead of a threshold or factor: the longest run
-    # of most-confident masked positions whose summed entropy (nats, of each position's predictive
-    # distribution) stays <= entropy_bound. 0: the reference schedule; large: whole blocks at once.
+    # of most-confident masked positions whose summed entropy less its largest (nats, of each
+    # position's predictive distribution) stays <= entropy_bound. 0: the reference schedule; large:
+    # whole blocks at once.
     entropy_bound: float | None = Field(None, ge=0, allow_inf_nan=False)
     # Sub-blocks (Fast-dLLM v2): within a block only the first sub-block that still has masks may
     # commit; the block's steps are shared out among its sub-blocks (the reference schedule of each

@@ -43,10 +43,16 @@ def entropy(logits_ALV: torch.Tensor) -> torch.Tensor:
 
 def entropy_bounded_count(conf_AL: torch.Tensor, entropy_AL: torch.Tensor, bound: float) -> torch.Tensor:
     """Per row, the length of the longest run of most-confident candidates (finite confidence) whose
-    summed entropy is <= ``bound``: LongTensor [A] (0 when even the first exceeds it)."""
-    conf_sorted_AL, order_AL = conf_AL.sort(-1, descending=True)
-    ent_sorted_AL = entropy_AL.gather(-1, order_AL).masked_fill(~torch.isfinite(conf_sorted_AL), float("inf"))
-    return (ent_sorted_AL.cumsum(-1) <= bound).sum(-1)  # entropies are >= 0: the sums only grow
+    summed entropy less the largest of them is <= ``bound`` (the EB-sampler's error proxy: the
+    most uncertain position of a step is paid for by the step itself, so one position always
+    fits): LongTensor [A]. The sort is stable, as ``top_n``'s, so tied confidences are counted in
+    the order they are committed."""
+    conf_sorted_AL, order_AL = conf_AL.sort(dim=-1, descending=True, stable=True)
+    ent_sorted_AL = entropy_AL.gather(-1, order_AL)
+    # Entropies are >= 0, so the sum less the running maximum never falls as the run grows.
+    spent_AL = ent_sorted_AL.cumsum(-1) - ent_sorted_AL.cummax(-1).values
+    ok_AL = (spent_AL <= bound) & torch.isfinite(conf_sorted_AL)
+    return ok_AL.long().cumprod(-1).sum(-1)
 
 
 def sub_block_schedule(masked_BL: torch.Tensor, steps: int,
