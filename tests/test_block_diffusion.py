@@ -295,3 +295,19 @@ def test_the_main_job_runs_on_the_block_config(ray_cluster, tmp_path):
     assert summary["steps"] == 10 and 0 < summary["nelbo_bits_after"] < summary["nelbo_bits_before"]
     model, _, meta = load_inference(summary["export"])
     assert model.block_causal and meta["model"]["block_size"] == 8
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_a_cache_write_asks_for_no_logits_and_too_many_are_refused(shift):
+    """``forward_block(extend=True, logits_len=0)`` writes a block's keys/values and returns no
+    logits, shifted head or not; asking for more logits than the pass predicts is an error."""
+    from dlm_ray.config.schema import ModelConfig
+    from dlm_ray.core.model import Denoiser
+
+    m = Denoiser(ModelConfig(preset="tiny", d_model=32, n_layers=1, n_heads=2, d_mlp=64, attention="block_causal",
+                             block_size=4, shift_logits=shift)).eval()
+    _, cache = m.prefill(torch.randint(4, 200, (2, 8)), None, block_start=8, logits_span=(7, 8), capacity=16)
+    logits, grown = m.forward_block(torch.randint(4, 200, (2, 4)), cache, extend=True, logits_len=0)
+    assert logits.shape == (2, 0, m.config.vocab_size) and grown is not None and grown.length == 12
+    with pytest.raises(ValueError, match="logits_len=5"):
+        m.forward_block(torch.randint(4, 200, (2, 4)), grown, logits_len=5)

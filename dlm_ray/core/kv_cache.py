@@ -138,7 +138,10 @@ def forward_block(model: Denoiser, block_ids_BW: torch.Tensor, cache: KVCache, *
     a = 0 if extend else finished
     before = None if cache.hidden_BLD is None or S == 0 else cache.hidden_BLD[:, S - 1]
     n = W - a if logits_len is None else logits_len
-    logits = model.lm_head(model._head_input(h_BWD, a, a + n, before)).float()
+    if not 0 <= n <= W - a:
+        raise ValueError(f"logits_len={logits_len} must be within the {W - a} positions this pass predicts")
+    logits = model.lm_head(model._head_input(h_BWD, a, a + n, before)).float() if n \
+        else h_BWD.new_zeros(B, 0, model.config.vocab_size)
     if not keep:
         return logits, None
     if cache.hidden_BLD is not None:
