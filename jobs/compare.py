@@ -38,14 +38,14 @@ def _args(ap) -> None:  # type: ignore[no-untyped-def]
                          "single request is batch 1; a batch job's throughput is a full batch)")
 
 
-def _numbers(text: str, flag: str, kind: type) -> list:
-    """Comma-separated positive numbers (batch sizes, entropy bounds), or a clear exit."""
+def _numbers(text: str, flag: str, kind: type, *, least: float) -> list:
+    """Comma-separated numbers of at least ``least`` (batch sizes, entropy bounds), or a clear exit."""
     try:
         values = [kind(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise SystemExit(f"{flag} must be comma-separated {kind.__name__} values, got {text!r}") from None
-    if not values or min(values) <= 0:
-        raise SystemExit(f"{flag} needs at least one value, each > 0, got {text!r}")
+    if not values or min(values) < least:
+        raise SystemExit(f"{flag} needs at least one value, each >= {least:g}, got {text!r}")
     return values
 
 
@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.init_from:
         raise SystemExit("compare trains every objective from scratch; init_from is not supported here")
     objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
-    batches = _numbers(args.gen_batches, "--gen_batches", int)
-    bounds = tuple(_numbers(args.entropy_bounds, "--entropy_bounds", float)) if args.entropy_bounds.strip() else ()
+    batches = _numbers(args.gen_batches, "--gen_batches", int, least=1)
+    bounds = tuple(_numbers(args.entropy_bounds, "--entropy_bounds", float, least=0)) if args.entropy_bounds.strip() else ()
     configs = [objective_config(cfg, o, block_size=args.block_size) for o in objectives]  # names bad ones first
     t0 = time.time()
     init_ray()

@@ -116,8 +116,8 @@ def test_measured_speed_adds_up_per_family_and_a_long_family_gets_room():
 
 
 @pytest.mark.parametrize("flag,message", [("--gen_batches=64,x", "comma-separated int"),
-                                          ("--gen_batches=0", "each > 0"),
-                                          ("--entropy_bounds=-1", "each > 0")])
+                                          ("--gen_batches=0", "each >= 1"),
+                                          ("--entropy_bounds=-1", "each >= 0")])
 def test_bad_measurement_flags_are_refused_before_any_training(flag, message, tmp_path):
     main = runpy.run_path(str(ROOT / "jobs" / "compare.py"))["main"]
     with pytest.raises(SystemExit, match=message):

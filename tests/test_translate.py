@@ -3,6 +3,8 @@ each kind of mistake (a wrong word, a wrong order, a wrong agreement marker, a c
 
 from __future__ import annotations
 
+import hashlib
+
 import random
 
 import pytest
@@ -121,9 +123,11 @@ def test_split_is_disjoint_and_generation_deterministic_per_seed():
     assert all(is_heldout(e.text) for e in held) and not any(is_heldout(e.text) for e in train)
     assert examples(50, seed=3) == train[:50]
     assert examples(50, seed=4) != train[:50]
-    # Adding the family to the set changes nothing of the default mix's stream.
+    # Adding the family to the set changes nothing of the default mix's stream: its first 500
+    # documents hash as they did before the family existed (runs trained on it stay reproducible).
     mix = {"reverse": 0.3, "sort": 0.4, "sudoku": 0.3}
-    assert {e.family for e in take_examples(mix, 500, seed=0)} == set(mix)
+    stream = "\n".join(e.text for e in take_examples(mix, 500, seed=0))
+    assert hashlib.sha256(stream.encode()).hexdigest()[:16] == "8365f0be82ad691e"
 
 
 @pytest.mark.parametrize("cfg", [SampleConfig(gen_length=24, steps=24, block_length=24),
