@@ -31,6 +31,16 @@ Denoiser = Any
 LayerKV = tuple[torch.Tensor, torch.Tensor]  # keys (after RoPE) and values [B, G, C, K]
 
 
+def _resized(t: torch.Tensor, dim: int, length: int, capacity: int) -> torch.Tensor:
+    """A new buffer of ``capacity`` along ``dim`` holding ``t``'s first ``length`` entries (the rest
+    is room, left unwritten)."""
+    shape = list(t.shape)
+    shape[dim] = capacity
+    out = t.new_empty(shape)
+    out.narrow(dim, 0, length).copy_(t.narrow(dim, 0, length))
+    return out
+
+
 @dataclass
 class KVCache:
     """Every layer's keys/values, with each slot's position and padding mask; ``length`` slots are
@@ -58,15 +68,9 @@ class KVCache:
         L = pos_BL.shape[1]
         if not 0 < length <= min(L, capacity):
             raise ValueError(f"cannot keep {length} of {L} positions in a cache of {capacity} slots")
-        def buffer(t: torch.Tensor, dim: int) -> torch.Tensor:
-            shape = list(t.shape)
-            shape[dim] = capacity
-            out = t.new_empty(shape)
-            out.narrow(dim, 0, length).copy_(t.narrow(dim, 0, length))
-            return out
-        cache = cls([(buffer(k, 2), buffer(v, 2)) for k, v in layers], pos_BL[:, :length],
-                    None if keep_B11L is None else keep_B11L[..., :length],
-                    None if hidden_BLD is None else buffer(hidden_BLD, 1), length)
+        cache = cls([(_resized(k, 2, length, capacity), _resized(v, 2, length, capacity)) for k, v in layers],
+                    pos_BL[:, :length], None if keep_B11L is None else keep_B11L[..., :length],
+                    None if hidden_BLD is None else _resized(hidden_BLD, 1, length, capacity), length)
         cache._extend_slots(capacity)
         return cache
 
@@ -85,16 +89,10 @@ class KVCache:
         when a cache was made without room for them."""
         if self.length + n <= self.capacity:
             return
-        capacity = max(self.length + n, 2 * self.capacity)
-        def grow(t: torch.Tensor, dim: int) -> torch.Tensor:
-            shape = list(t.shape)
-            shape[dim] = capacity
-            out = t.new_empty(shape)
-            out.narrow(dim, 0, self.length).copy_(t.narrow(dim, 0, self.length))
-            return out
-        self.layers = [(grow(k, 2), grow(v, 2)) for k, v in self.layers]
+        capacity, L = max(self.length + n, 2 * self.capacity), self.length
+        self.layers = [(_resized(k, 2, L, capacity), _resized(v, 2, L, capacity)) for k, v in self.layers]
         if self.hidden_BLD is not None:
-            self.hidden_BLD = grow(self.hidden_BLD, 1)
+            self.hidden_BLD = _resized(self.hidden_BLD, 1, L, capacity)
         self.pos_BL = self.pos_BL[:, :self.length]
         if self.keep_B11L is not None:
             self.keep_B11L = self.keep_B11L[..., :self.length]
