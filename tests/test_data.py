@@ -318,5 +318,11 @@ def test_conditional_pretraining_keeps_the_drawn_share_of_prompts(ray_cluster):
     by_id = {r["row_id"]: r["loss_mask"] for r in again}  # the stream's order is not fixed; its rows are
     assert len(by_id) == len(train) and all(np.array_equal(r["loss_mask"], by_id[r["row_id"]]) for r in train)
     assert "given" not in train[0]
+    # A loss that noises the rows itself (embedding diffusion) gets the given prompts as a column:
+    # the same documents' prompts, drawn the same way.
+    flagged = packed_dataset(cfg, "byte", "train", given=True, document_ids=True).take_all()
+    assert "given" not in packed_dataset(cfg, "byte", "train").take(1)[0]
+    whole = [{**r, "loss_mask": r["attention_mask"].astype(bool) & (r["given"] == 0)} for r in flagged]
+    assert 0.4 < _whole_prompts_unmasked(whole) < 0.6
     with pytest.raises(ValueError, match="conditional_fraction needs"):
         DataConfig(source="corpus/*.jsonl", conditional_fraction=0.5)

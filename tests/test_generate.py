@@ -307,6 +307,30 @@ def test_an_autoregressive_checkpoint_runs_in_the_same_job(ray_cluster, tmp_path
         assert row["completion"] == local.text and row["num_model_calls"] <= 16
 
 
+def test_an_embedding_diffusion_checkpoint_runs_in_the_same_job(ray_cluster, tmp_path, tiny_cfg):
+    from dlm_ray.io.checkpoint import load_inference
+    from dlm_ray.core.inference import complete_ids
+    from dlm_ray.core.kinds import EmbeddingDiffusion, kind_of
+    from dlm_ray.core.text import encode_prompt
+
+    torch.manual_seed(0)
+    emb = save_inference(Denoiser(tiny_cfg.model_copy(update={"noise": "gaussian"})).eval(), {"kind": "byte"},
+                         tmp_path / "emb")
+    cfg = make_cfg(str(emb), Path("unused"), tmp_path / "out", input="builtin:30", actors=(1, 1),
+                   sample=SampleConfig(gen_length=16, steps=4, block_length=8, stop_at_eos=True))
+    summary = run(cfg)
+    out = read_output(tmp_path / "out").to_pylist()
+    assert summary["rows"] == 30 and summary["rows_errored"] == 0
+    model, tok, _ = load_inference(str(emb))
+    assert isinstance(kind_of(model.config), EmbeddingDiffusion)
+    ran = kind_of(model.config).resolve(cfg.sample)
+    for row in out[:5]:
+        # The recorded settings are the ones it ran with: the whole answer as one block, 4 calls.
+        assert SampleConfig.model_validate_json(row["sample"]) == ran and ran.block_length == 16
+        local = complete_ids(model, tok, [encode_prompt(tok, row["prompt"])], ran, [row["seed"]])[0]
+        assert row["completion"] == local.text and row["num_model_calls"] == 4
+
+
 def test_resume_with_other_settings_or_foreign_output_is_refused(checkpoint, prompts, tmp_path):
     cfg = make_cfg(checkpoint, prompts, tmp_path / "out")
     check_output(cfg, {"checkpoint": "aaa", "seed": 0})

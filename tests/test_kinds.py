@@ -19,7 +19,11 @@ MASK = 250
 def test_every_attention_a_config_accepts_has_one_kind():
     accepted = set(typing.get_args(ModelConfig.model_fields["attention"].annotation))
     assert accepted == set(KINDS)
-    assert len(MODEL_TYPES) == len(KINDS) and MODEL_TYPES["llada"] == "full"
+    # Every kind has its own model_type; embedding diffusion is the one kind not told by the attention.
+    assert len(MODEL_TYPES) == len(KINDS) + 1 and MODEL_TYPES["llada"] == "full"
+    assert set(typing.get_args(ModelConfig.model_fields["noise"].annotation)) == {"mask", "gaussian"}
+    embedding = kind_of(ModelConfig(preset="tiny", noise="gaussian"))
+    assert MODEL_TYPES[embedding.model_type] == "full" and embedding.model_type != kind_of(None).model_type
     assert kind_of(None).attention == "full" and kind_of_model(lambda x, am=None: x).attention == "full"
 
 

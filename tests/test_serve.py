@@ -71,6 +71,11 @@ def server(ray_cluster, tmp_path_factory, tiny_cfg, chat_ckpt):
     ar_ckpt = save_inference(Denoiser(ar_cfg).eval(), {"kind": "byte"}, tmp_path_factory.mktemp("ar_ckpt"))
     serve.run(build_app({**args, "checkpoint": str(ar_ckpt), "num_cpus": 0.25, "torch_threads": 1}), name="ar",
               route_prefix="/ar")
+    # Embedding diffusion: an ODE over the whole answer, a step event per call.
+    emb_cfg = tiny_cfg.model_copy(update={"noise": "gaussian"})
+    emb_ckpt = save_inference(Denoiser(emb_cfg).eval(), {"kind": "byte"}, tmp_path_factory.mktemp("emb_ckpt"))
+    serve.run(build_app({**args, "checkpoint": str(emb_ckpt), "num_cpus": 0.25, "torch_threads": 1}), name="emb",
+              route_prefix="/emb")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
 
@@ -312,9 +317,23 @@ def test_an_autoregressive_model_is_served_one_token_per_call_and_refuses_a_suff
     assert plain["choices"][0]["model_calls"] == 12
     texts = stream_texts(f"{server}/ar/v1/completions", body)
     assert len(texts) == 12 + 1 and texts[-1] == plain["choices"][0]["text"]  # a step event per token, then the answer
-    for bad, fragment in [({"suffix": "9"}, "suffix needs a full-attention model"), ({"cache": "dual"}, "KV cache"),
+    for bad, fragment in [({"suffix": "9"}, "infilling needs a full-attention model"), ({"cache": "dual"}, "KV cache"),
                           ({"cfg_scale": 1.0}, "guidance")]:
         r = httpx.post(f"{server}/ar/v1/completions", json={**body, **bad}, timeout=60)
+        assert r.status_code == 400 and fragment in r.json()["error"]["message"], r.text
+
+
+def test_an_embedding_diffusion_model_is_served_by_its_ode_plain_and_streamed(server, tmp_path):
+    body = {"model": MODEL, "prompt": "s3142=", "max_tokens": 12, "seed": 3, "steps": 4}
+    plain = httpx.post(f"{server}/emb/v1/completions", json=body, timeout=60).json()
+    assert plain["choices"][0]["model_calls"] == 4
+    texts = stream_texts(f"{server}/emb/v1/completions", body)
+    assert len(texts) == 4 + 1 and texts[-1] == plain["choices"][0]["text"]  # a step event per call, then the answer
+    again = httpx.post(f"{server}/emb/v1/completions", json=body, timeout=60).json()
+    assert again["choices"][0]["text"] == plain["choices"][0]["text"]  # deterministic for a seed
+    for bad, fragment in [({"suffix": "9"}, "infilling is not built"), ({"cache": "dual"}, "cache='dual'"),
+                          ({"threshold": 0.9}, "threshold")]:
+        r = httpx.post(f"{server}/emb/v1/completions", json={**body, **bad}, timeout=60)
         assert r.status_code == 400 and fragment in r.json()["error"]["message"], r.text
 
 

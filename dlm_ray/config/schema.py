@@ -97,6 +97,16 @@ class ModelConfig(Config):
     # loss, token-by-token sampling with a KV cache), the baseline diffusion is compared against.
     attention: Literal["full", "block_causal", "causal"] = "full"
     block_size: int = Field(16, gt=0)
+    # What the forward process corrupts. "mask": tokens replaced by the mask token (masked and block
+    # diffusion; an autoregressive model trains on clean rows). "gaussian": Gaussian noise on the
+    # normalised token embeddings (embedding diffusion, full attention): z_t = (1 - t)·ε + t·e, the
+    # noise level and the model's previous estimate (self-conditioning) as further inputs.
+    noise: Literal["mask", "gaussian"] = "mask"
+    # Embedding diffusion: training draws noise levels, and sampling visits them, as
+    # t = u / (u + s(1 - u)) for u uniform in [0, 1]; s > 1 spends more of both at high noise, where
+    # the tokens are still being told apart. None: sqrt(d_model / 16) (a wider embedding takes more
+    # noise to hide a token).
+    time_shift: float | None = Field(None, gt=0, le=1000, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -121,7 +131,15 @@ class ModelConfig(Config):
         if self.shift_logits and self.attention == "causal":
             raise ValueError("shift_logits is for diffusion models adapted from an autoregressive one; "
                              "a causal model already predicts the next token")
+        if self.noise == "gaussian" and (self.attention != "full" or self.shift_logits):
+            raise ValueError("noise: gaussian (embedding diffusion) needs attention: full and no shift_logits, got "
+                             f"attention: {self.attention}" + (", shift_logits" if self.shift_logits else ""))
         return self
+
+    @property
+    def gaussian_time_shift(self) -> float:
+        """Embedding diffusion's time shift s (``time_shift``, or its default for this width)."""
+        return self.time_shift if self.time_shift is not None else math.sqrt(self.d_model / 16)
 
     @property
     def kv_heads(self) -> int:
@@ -479,6 +497,12 @@ class PretrainConfig(Config):
         if self.diffusion.cap_weight and self.model.attention == "causal":
             raise ValueError(f"diffusion.cap_weight={self.diffusion.cap_weight} is for diffusion models; this run's "
                              "model.attention is 'causal' (an autoregressive model has no masked positions)")
+        if self.model.noise == "gaussian" and (self.diffusion.cap_weight or self.diffusion.complementary):
+            raise ValueError("diffusion.cap_weight and diffusion.complementary are for masked diffusion; this run's "
+                             "model.noise is 'gaussian' (embedding diffusion has no masked positions)")
+        if self.adapt.from_causal and self.model.noise == "gaussian":
+            raise ValueError("adapting an autoregressive init_from into embedding diffusion (model.noise: gaussian) "
+                             "is not supported: adapt into model.noise: mask, or train embedding diffusion from scratch")
         if self.adapt.from_causal and (self.init_from is None or self.model.attention == "causal"):
             raise ValueError("adapt.from_causal is set by the driver for a diffusion run from an autoregressive "
                              "init_from; this run has " + ("no init_from" if self.init_from is None

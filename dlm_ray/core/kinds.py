@@ -6,6 +6,9 @@ A model's kind follows from its attention (``ModelConfig.attention``):
     block_causal  block diffusion (BD3-LM): a position sees its own block and the blocks before it
     causal        the autoregressive baseline: position i sees positions <= i and predicts i + 1
 
+and, with ``ModelConfig.noise: gaussian`` (full attention), embedding diffusion: Gaussian noise
+on the token embeddings, an ODE to sample (``embedding_diffusion``).
+
 A ``ModelKind`` holds everything that differs between them: the training loss on a batch of the
 data pipeline, the likelihood bound, how a sampling request resolves (``resolve``) and runs
 (``generate``), what a request may ask of it (infilling, caches, guidance), what the data pipeline
@@ -24,7 +27,7 @@ from typing import Any, Sequence
 import torch
 
 from dlm_ray.config.schema import ModelConfig, SampleConfig
-from dlm_ray.core import autoregressive, denoise, diffusion
+from dlm_ray.core import autoregressive, denoise, diffusion, embedding_diffusion
 from dlm_ray.core.model import flops_per_token
 
 Batch = dict[str, torch.Tensor]
@@ -38,6 +41,7 @@ class ModelKind:
     model_type = "llada"  # config.json of an export: LLaDA's own type, loadable by LLaDA's tools
     masked_training = True  # the data pipeline applies the forward process to training rows
     can_infill = True  # every position sees what follows it
+    reads_given = False  # the loss reads the pipeline's ``given`` (prompt) positions itself
     caches: tuple[str, ...] = ("none", "prefix", "dual")
 
     def __init__(self, config: ModelConfig | None = None) -> None:
@@ -115,6 +119,23 @@ class ModelKind:
             self.check_infill()
         self.check(cfg)
         return denoise.generate(model, prompt_ids_BP, cfg, **kwargs)
+
+    def _run_own_sampler(self, sampler: Any, model: Any, prompt_ids_BP: torch.Tensor, cfg: SampleConfig, *,
+                         mask_id: int, attention_mask: torch.Tensor | None = None, generator: Any = None,
+                         eos_id: int | None = None, max_length: int | None = None, on_step: Any = None,
+                         stats: dict[str, int] | None = None, vocab_size: int | None = None,
+                         end_ids: Sequence[int] | None = None, suffix_ids: torch.Tensor | None = None,
+                         suffix_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """A kind's own sampler (not the unmasking engine) behind the front door's checks: the
+        request's prompt, settings, end tokens, callback and counters handed on."""
+        if suffix_ids is not None:
+            self.check_infill()
+        self.check(cfg)
+        denoise.check_request(model, prompt_ids_BP, cfg, mask_id=mask_id, attention_mask=attention_mask,
+                              max_length=max_length, eos_id=eos_id)
+        return sampler(model, prompt_ids_BP, cfg, mask_id=mask_id, attention_mask=attention_mask, generator=generator,
+                       ends=denoise.end_tokens(eos_id, end_ids, prompt_ids_BP.device), eos_id=eos_id,
+                       vocab_size=vocab_size, on_step=on_step, stats=stats)
 
 
 class BlockDiffusion(ModelKind):
@@ -209,28 +230,71 @@ class Autoregressive(ModelKind):
     def check(self, cfg: SampleConfig) -> None:
         autoregressive.check_settings(cfg)
 
-    def generate(self, model: Any, prompt_ids_BP: torch.Tensor, cfg: SampleConfig, *, mask_id: int,
-                 attention_mask: torch.Tensor | None = None, generator: Any = None, eos_id: int | None = None,
-                 max_length: int | None = None, on_step: Any = None, stats: dict[str, int] | None = None,
-                 vocab_size: int | None = None, end_ids: Sequence[int] | None = None,
-                 suffix_ids: torch.Tensor | None = None, suffix_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if suffix_ids is not None:
-            self.check_infill()
-        self.check(cfg)
-        denoise.check_request(model, prompt_ids_BP, cfg, mask_id=mask_id, attention_mask=attention_mask,
-                              max_length=max_length, eos_id=eos_id)
-        return autoregressive.generate_ar(model, prompt_ids_BP, cfg, mask_id=mask_id, attention_mask=attention_mask,
-                                          generator=generator, ends=denoise.end_tokens(eos_id, end_ids,
-                                                                                       prompt_ids_BP.device),
-                                          eos_id=eos_id, vocab_size=vocab_size, on_step=on_step, stats=stats)
+    def generate(self, model: Any, prompt_ids_BP: torch.Tensor, cfg: SampleConfig, **kwargs: Any) -> torch.Tensor:
+        return self._run_own_sampler(autoregressive.generate_ar, model, prompt_ids_BP, cfg, **kwargs)
+
+
+class EmbeddingDiffusion(ModelKind):
+    """Embedding diffusion (``noise: gaussian``): the clean tokens' embeddings noised along the flow
+    line, a cross-entropy loss with self-conditioning, VDM's bound, and an ODE sampler over the whole
+    answer (``embedding_diffusion``)."""
+
+    noun = "an embedding-diffusion"
+    model_type = "dlm_ray_embedding_diffusion"
+    masked_training = False  # the noise is drawn in the loss: it needs the model's own embeddings
+    reads_given = True  # a conditional document's prompt stays clean
+    can_infill = False
+    caches = ("none",)
+
+    def loss(self, model: Any, batch: Batch, *, mask_id: int, cap_weight: float = 0.0,
+             figures: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        if cap_weight:
+            raise ValueError("diffusion.cap_weight is for masked diffusion: an embedding-diffusion model has no "
+                             "masked positions to make confident")
+        x0, am = batch["input_ids"].long(), batch["attention_mask"].long()
+        noised = embedding_diffusion.noised_positions(batch)
+        noise = embedding_diffusion.training_inputs(noised, d_model=self.config.d_model,
+                                                    time_shift=self.config.gaussian_time_shift)
+        weight, n = _row_weights(batch, denominator=noised.sum().clamp_min(1))
+        return embedding_diffusion.token_loss(model(x0, am, **noise), x0, noised, n, mask_id=mask_id,
+                                              row_weight_B=weight)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Every step also runs the self-conditioning pass without gradients: one more forward."""
+        return flops_per_token(self.config, seq_len) * 4 / 3
+
+    def nelbo(self, model: Any, input_ids_BL: torch.Tensor, *, mask_id: int, num_samples: int,
+              attention_mask: torch.Tensor | None = None, generator: torch.Generator | None = None,
+              maskable: torch.Tensor | None = None) -> torch.Tensor:
+        return embedding_diffusion.gaussian_nelbo(model, input_ids_BL, mask_id=mask_id, num_samples=num_samples,
+                                                  attention_mask=attention_mask, generator=generator,
+                                                  maskable=maskable)
+
+    def resolve(self, cfg: SampleConfig) -> SampleConfig:
+        """The whole answer as one block; the steps are the ODE's (model calls), as given."""
+        resolved = cfg.model_copy(update={"block_length": cfg.gen_length})
+        embedding_diffusion.check_settings(resolved)
+        return resolved
+
+    def check(self, cfg: SampleConfig) -> None:
+        embedding_diffusion.check_settings(cfg)
+
+    def check_infill(self) -> None:
+        raise ValueError(f"infilling is not built for {self.noun} model: its sampler fills the positions after the "
+                         "prompt")
+
+    def generate(self, model: Any, prompt_ids_BP: torch.Tensor, cfg: SampleConfig, **kwargs: Any) -> torch.Tensor:
+        return self._run_own_sampler(embedding_diffusion.generate_embedding, model, prompt_ids_BP, cfg, **kwargs)
 
 
 KINDS: dict[str, type[ModelKind]] = {k.attention: k for k in (ModelKind, BlockDiffusion, Autoregressive)}
-MODEL_TYPES = {k.model_type: k.attention for k in KINDS.values()}
+MODEL_TYPES = {k.model_type: k.attention for k in (*KINDS.values(), EmbeddingDiffusion)}
 
 
 def kind_of(config: ModelConfig | None) -> ModelKind:
     """The kind of a model of this shape (None: a full-attention model)."""
+    if config is not None and config.noise == "gaussian":
+        return EmbeddingDiffusion(config)
     attention = "full" if config is None else config.attention
     return KINDS[attention](config)
 

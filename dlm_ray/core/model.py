@@ -44,6 +44,8 @@ from torch import nn
 
 from dlm_ray.config.schema import ModelConfig, RopeScaling
 from dlm_ray.core import kv_cache
+from dlm_ray.core.embedding_input import NoiseInput, TokenEmbedding, denoise_embeddings
+from dlm_ray.core.model_size import flops_per_token, num_params  # noqa: F401 - imported from here by callers
 from dlm_ray.core.kv_cache import KVCache, LayerKV  # also imported from here by older code
 
 
@@ -168,7 +170,9 @@ class Denoiser(nn.Module):
         self.config = cfg
         self.max_seq_len = cfg.max_seq_len
         self.checkpointed: frozenset[int] = frozenset()
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.wte = TokenEmbedding(cfg.vocab_size, cfg.d_model)
+        if cfg.noise == "gaussian":  # embedding diffusion: the noise level and self-conditioning come in too
+            self.noise_in = NoiseInput(cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -204,16 +208,46 @@ class Denoiser(nn.Module):
         self, input_ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor | None = None, *,
         logits_span: tuple[int, int] | None = None, block_start: int = 0, clean_ids: torch.Tensor | None = None,
         visible_LL: torch.Tensor | None = None, block_size: int | None = None,
+        noise_level: torch.Tensor | None = None, noise: torch.Tensor | None = None, latent: torch.Tensor | None = None,
+        estimate: torch.Tensor | None = None, self_condition: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, L, V], or [B, b - a, V] for positions [a, b) with ``logits_span=(a, b)``. With
         ``clean_ids`` (block-causal models, training): ``noisy_given_clean(input_ids, clean_ids)``.
         Training an adapted model only: ``visible_LL`` (bool, which keys each query sees besides
         itself) stands in for the attention pattern, ``block_size`` for the blocks of
-        ``noisy_given_clean`` (``dlm_ray.core.adapt``'s schedules)."""
+        ``noisy_given_clean`` (``dlm_ray.core.adapt``'s schedules). With ``noise_level`` (embedding
+        diffusion): ``denoise_embeddings``'s logits."""
         if clean_ids is not None:
             return self.noisy_given_clean(input_ids_BL, clean_ids, attention_mask_BL, block_size=block_size)
+        if noise_level is not None:
+            return self.denoise_embeddings(input_ids_BL, attention_mask_BL, noise_level, noise=noise, latent=latent,
+                                           estimate=estimate, self_condition=self_condition, logits_span=logits_span)
+        if hasattr(self, "noise_in"):
+            raise ValueError("an embedding-diffusion model (model.noise: gaussian) reads noisy embeddings: pass "
+                             "noise_level with noise (training) or latent (sampling)")
         logits_BLV, _ = self.prefill(input_ids_BL, attention_mask_BL, keep_cache=False, logits_span=logits_span,
                                      block_start=block_start, visible_LL=visible_LL)
+        return logits_BLV
+
+    def denoise_embeddings(
+        self, input_ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor | None, noise_level_BL: torch.Tensor, *,
+        noise: torch.Tensor | None = None, latent: torch.Tensor | None = None, estimate: torch.Tensor | None = None,
+        self_condition: torch.Tensor | None = None, logits_span: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        """Embedding diffusion's call: logits of the clean tokens given z_t, each position at its
+        noise level t (1: given, it reads its clean embedding e). z_t is t·e + (1 - t)·``noise``
+        (training: the model mixes its own clean embeddings) or ``latent`` [B, L, D] (sampling).
+        ``estimate`` [B, L, D] is a previous estimate ê (self-conditioning); ``self_condition``
+        (bool [B], training) names the rows whose estimate the model first makes itself, from a pass
+        without one that is not differentiated through."""
+        return denoise_embeddings(self, input_ids_BL, attention_mask_BL, noise_level_BL, noise=noise, latent=latent,
+                                  estimate=estimate, self_condition=self_condition, logits_span=logits_span)
+
+    def run_inputs(self, x_BLD: torch.Tensor, input_ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor | None,
+                   logits_span: tuple[int, int] | None = None) -> torch.Tensor:
+        """Logits of the layers run on ``x_BLD`` (the first layer's input) at the ids' positions."""
+        logits_BLV, _ = self.prefill(input_ids_BL, attention_mask_BL, keep_cache=False, logits_span=logits_span,
+                                     inputs_BLD=x_BLD)
         return logits_BLV
 
     @property
@@ -234,12 +268,13 @@ class Denoiser(nn.Module):
     def prefill(
         self, input_ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor | None = None, *, keep_cache: bool = True,
         logits_span: tuple[int, int] | None = None, block_start: int = 0, visible_LL: torch.Tensor | None = None,
-        capacity: int | None = None, cached: int | None = None,
+        capacity: int | None = None, cached: int | None = None, inputs_BLD: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, KVCache | None]:
         """The plain forward, also returning every layer's keys/values for ``forward_window`` (full
         attention) or ``forward_block`` (block-causal). With ``capacity`` (or ``cached``) the cache
         is allocated for that many slots (default L) and keeps the first ``cached`` positions
-        (default all): a sampler's prompt, with the first block's logits from the same pass."""
+        (default all): a sampler's prompt, with the first block's logits from the same pass.
+        ``inputs_BLD``: the first layer's input in place of the ids' embeddings (embedding diffusion)."""
         B, L = input_ids_BL.shape
         if L > self.max_seq_len:
             raise ValueError(f"sequence length {L} exceeds the model's context of {self.max_seq_len}")
@@ -259,7 +294,8 @@ class Denoiser(nn.Module):
             eye_LL = torch.eye(L, dtype=torch.bool, device=input_ids_BL.device)
             attend = (visible_LL if keep_B11L is None else visible_LL & keep_B11L) | eye_LL
         cos, sin = self._rope(pos_BL)
-        x_BLD, layers = self._layers(self.wte(input_ids_BL), cos, sin, attend, keep_cache)
+        x_BLD, layers = self._layers(self.wte(input_ids_BL) if inputs_BLD is None else inputs_BLD, cos, sin, attend,
+                                     keep_cache)
         h_BLD = self.ln_f(x_BLD)
         a, b = logits_span or (0, L)
         logits_BLV = self.lm_head(self._head_input(h_BLD, a, b)).float()  # the head (L x V) only where read
@@ -380,24 +416,3 @@ def compile_blocks(model: Denoiser) -> Denoiser:
     for block in model.blocks:
         block.compile()
     return model
-
-
-def num_params(cfg: ModelConfig, *, include_embedding: bool = True) -> int:
-    """Exact parameter count of ``Denoiser(cfg)``, computed without building it."""
-    D, F_, V = cfg.d_model, cfg.d_mlp, cfg.vocab_size
-    q, kv = cfg.n_heads * cfg.head_size, cfg.kv_heads * cfg.head_size
-    attention = 2 * D * q + 2 * D * kv + ((q + 2 * kv) if cfg.qkv_bias else 0) + (2 * cfg.head_size if cfg.qk_norm else 0)
-    per_block = attention + 3 * D * F_ + 2 * D
-    # Blocks, final norm, an untied LM head; a tied head is the embedding's matrix, counted once.
-    n = cfg.n_layers * per_block + D + (0 if cfg.tie_embeddings else V * D)
-    return n + (V * D if include_embedding else 0)
-
-
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward): 6N for the matmuls plus full attention.
-
-    N excludes the embedding lookup (no matmul). Attention is bidirectional, so every query attends
-    to all ``seq_len`` keys: 12 * layers * d_model * seq_len (no causal halving).
-    """
-    n = num_params(cfg, include_embedding=False) + (cfg.vocab_size * cfg.d_model if cfg.tie_embeddings else 0)
-    return 6.0 * n + 12.0 * cfg.n_layers * cfg.n_heads * cfg.head_size * seq_len

@@ -95,9 +95,9 @@ class TokenizePack:
 
     def __init__(self, data_cfg: dict[str, Any], tokenizer_cfg: dict[str, Any] | str, stats: Any,
                  diffusion: dict[str, Any] | None = None, strata: int = 1, block_size: int | None = None,
-                 document_ids: bool = False) -> None:
+                 document_ids: bool = False, given: bool = False) -> None:
         self.cfg = DataConfig.model_validate(data_cfg)
-        self.document_ids = document_ids
+        self.document_ids, self.given = document_ids, given
         self.tok = load_tokenizer(tokenizer_cfg)
         self.stats = stats
         self.diffusion = None if diffusion is None else DiffusionConfig.model_validate(diffusion)
@@ -129,7 +129,8 @@ class TokenizePack:
                     rows = self.mask_rows(rows, self.diffusion, seed=self.cfg.seed, mask_id=self.tok.mask_id,
                                           item_id=stable_id(item["key"]), strata=self.strata,
                                           prompt_len_R=rows.get("prompt_len"), block_size=self.block_size)
-                rows.pop("given", None)  # read by the masking only
+                if not self.given:
+                    rows.pop("given", None)  # read by the masking, or by a loss that noises itself
                 yield rows
             self.stats.add.remote({"resume.rows_passed_over": skipped})
 
@@ -310,13 +311,16 @@ def work_items(cfg: DataConfig, split: str, num_epochs: int, start: DataPosition
 
 def packed_dataset(cfg: DataConfig, tokenizer_cfg: dict[str, Any] | str, split: str, *, num_epochs: int = 1,
                    start: DataPosition = DataPosition(), stats: Any = None, diffusion: DiffusionConfig | None = None,
-                   strata: int = 1, block_size: int | None = None, document_ids: bool = False) -> ray.data.Dataset:
+                   strata: int = 1, block_size: int | None = None, document_ids: bool = False,
+                   given: bool = False) -> ray.data.Dataset:
     """Read → tokenize → pack: rows of ``input_ids``, ``attention_mask``, ``row_id`` and the position
     columns ``epoch``, ``item_index``, ``row_index`` (and ``doc_ids``, each position's document number
     within its row, with ``document_ids``: for inspecting packing; training does not read it), from
     ``start`` on.
 
-    With ``diffusion`` the rows are masked too (``mask_rows``, t stratified over ``strata`` rows)."""
+    With ``diffusion`` the rows are masked too (``mask_rows``, t stratified over ``strata`` rows). With
+    ``given`` a conditional document's prompt positions are kept as the column ``given`` (1 where
+    given), for a loss that draws its noise itself (embedding diffusion)."""
     stats = stats if stats is not None else PipelineStats.remote()
     lo, hi = cfg.tokenizer_actors
     ds = ray.data.from_items(work_items(cfg, split, num_epochs, start))
@@ -324,7 +328,7 @@ def packed_dataset(cfg: DataConfig, tokenizer_cfg: dict[str, Any] | str, split: 
         TokenizePack, batch_size=1, compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
         fn_constructor_kwargs={"data_cfg": cfg.to_dict(), "tokenizer_cfg": tokenizer_cfg, "stats": stats,
                                "diffusion": None if diffusion is None else diffusion.to_dict(), "strata": strata,
-                               "block_size": block_size, "document_ids": document_ids},
+                               "block_size": block_size, "document_ids": document_ids, "given": given},
         num_cpus=0.5,
     )
     return ds

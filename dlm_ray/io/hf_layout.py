@@ -241,6 +241,9 @@ def export_type(model: ModelConfig) -> str | None:
         return family
     if inexpressible(model) is None:
         return None
+    if model.noise != "mask":
+        raise LayoutError(f"an embedding-diffusion model is exported in LLaDA's layout only, which cannot hold "
+                          f"{inexpressible(model)}")
     own_width = model.head_size * model.n_heads != model.d_model
     if kind.can_infill and model.shift_logits and not model.qk_norm and not own_width:  # bidirectional
         return "Dream"

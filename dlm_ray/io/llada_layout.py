@@ -111,6 +111,8 @@ def llada_config(model: ModelConfig, *, mask_id: int, eos_id: int, pad_id: int, 
     model_type = kind_of(model).model_type
     if model_type != "llada":  # same keys and tensor names; the kind says what it is
         block = {"model_type": model_type, "attention": model.attention, "block_size": model.block_size}
+        if model.noise != "mask":  # embedding diffusion: its noise and the levels it was trained at
+            block.update(noise=model.noise, time_shift=model.time_shift)
     else:
         block = {"model_type": "llada", "architectures": ["LLaDAModelLM"]}
     return {
@@ -150,7 +152,8 @@ def model_config(cfg: dict[str, Any], where: str) -> ModelConfig:
                            n_layers=cfg["n_layers"], n_heads=cfg["n_heads"], d_mlp=d_mlp,
                            max_seq_len=cfg["max_sequence_length"], rope_theta=cfg.get("rope_theta", 10000.0),
                            norm_eps=cfg.get("rms_norm_eps", 1e-5), attention=attention,
-                           block_size=cfg.get("block_size", 16))
+                           block_size=cfg.get("block_size", 16), noise=cfg.get("noise", "mask"),
+                           time_shift=cfg.get("time_shift"))
     except ValueError as exc:
         raise LayoutError(f"{where}: {exc}") from None
 

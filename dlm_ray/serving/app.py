@@ -131,10 +131,10 @@ class DenoiserServer:
                 raise HTTPException(400, f"prompt {k} is empty")
         suffix: list[int] = []
         if req.suffix:
-            if not self.kind.can_infill:
-                raise HTTPException(400, f"suffix needs a full-attention model; {self.cfg.model_name!r} is "
-                                         f"{self.kind.noun} model, which never sees what comes after the position "
-                                         "it writes")
+            try:
+                self.kind.check_infill()
+            except ValueError as exc:
+                raise HTTPException(400, f"suffix: {self.cfg.model_name!r} cannot take one: {exc}") from None
         try:
             ids = [encode_prompt(self.tok, p) for p in prompts]
             if req.suffix:

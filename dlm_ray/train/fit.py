@@ -69,7 +69,7 @@ def training_flops_per_token(cfg: PretrainConfig) -> float:
 WEIGHT_SETTINGS = {"vocab_size": "vocab_size", "d_model": "d_model", "n_layers": "n_layers", "n_heads": "n_heads",
                    "n_kv_heads": "kv_heads", "head_dim": "head_size", "d_mlp": "d_mlp", "qkv_bias": "qkv_bias",
                    "qk_norm": "qk_norm", "tie_embeddings": "tie_embeddings", "rope_theta": "rope_theta",
-                   "norm_eps": "norm_eps"}
+                   "norm_eps": "norm_eps", "noise": "noise"}  # embedding diffusion has inputs of its own
 
 
 def given_model_settings(model: ModelConfig) -> set[str]:
@@ -209,7 +209,8 @@ def fit(cfg: PretrainConfig) -> ray.train.Result:
     ctx.print_on_execution_start = cfg.data.progress_bars  # the dataset plan lines, with the bars
     datasets = {
         "train": packed_dataset(cfg.data, cfg.tokenizer, "train", num_epochs=tc.max_epochs, start=start,
-                                diffusion=diffusion, strata=tc.micro_batch_size, block_size=block_size),
+                                diffusion=diffusion, strata=tc.micro_batch_size, block_size=block_size,
+                                given=kind.reads_given),
         # Held-out rows are scored by estimate_nelbo, which draws its own masks: no pairs needed.
         "val": packed_dataset(cfg.data, cfg.tokenizer, "val", block_size=block_size, diffusion=diffusion and
                               diffusion.model_copy(update={"complementary": False})),
