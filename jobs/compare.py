@@ -1,10 +1,11 @@
-"""Train diffusion, block diffusion and autoregressive models on equal terms, and compare them.
+"""Train masked, block and embedding diffusion and autoregressive models on equal terms; compare them.
 
-    python jobs/compare.py [--config jobs/configs/tiny.yaml] [--objectives=diffusion,block,autoregressive]
+    python jobs/compare.py [--config jobs/configs/tiny.yaml] [--objectives=diffusion,block,autoregressive,embedding]
     ray job submit --working-dir . -- python jobs/compare.py --config jobs/configs/small.yaml --data.source=...
 
 Each objective is a run of the pretraining job (``<run_name>-<objective>``: rerunning resumes it)
-with the same corpus, model size, batch, steps and seed; only ``model.attention`` differs. Then
+with the same corpus, model size, batch, steps and seed; only the kind (``model.attention``,
+``model.noise``) differs. Then
 each exported model is measured with the same code (``dlm_ray.eval.compare``), and the table is printed
 and written to ``<storage_path>/<run_name>-compare/``: ``compare.json`` and ``compare.png``.
 """
@@ -33,6 +34,9 @@ def _args(ap) -> None:  # type: ignore[no-untyped-def]
     ap.add_argument("--entropy_bounds", default="0.5,1",
                     help="and, for each of these comma-separated bounds, committing the most confident positions "
                          "while their summed entropy (nats) stays within it (the EB-sampler); '' for none")
+    ap.add_argument("--ode_steps", default="3,6,12",
+                    help="an embedding-diffusion model is measured at eval.sample's steps and at each of these "
+                         "comma-separated step counts (the steps-versus-validity curve)")
     ap.add_argument("--gen_batches", default="1,64",
                     help="comma-separated prompts per generate() call: each sampler is timed at each (a user's "
                          "single request is batch 1; a batch job's throughput is a full batch)")
@@ -56,6 +60,10 @@ def main(argv: list[str] | None = None) -> dict:
     objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
     batches = _numbers(args.gen_batches, "--gen_batches", int, least=1)
     bounds = tuple(_numbers(args.entropy_bounds, "--entropy_bounds", float, least=0)) if args.entropy_bounds.strip() else ()
+    ode_steps = tuple(_numbers(args.ode_steps, "--ode_steps", int, least=1)) if args.ode_steps.strip() else ()
+    if ode_steps and max(ode_steps) > cfg.eval.sample.gen_length:
+        raise SystemExit(f"--ode_steps may not exceed eval.sample.gen_length={cfg.eval.sample.gen_length}, "
+                         f"got {args.ode_steps!r}")
     configs = [objective_config(cfg, o, block_size=args.block_size) for o in objectives]  # names bad ones first
     t0 = time.time()
     init_ray()
@@ -65,7 +73,8 @@ def main(argv: list[str] | None = None) -> dict:
           flush=True)
     rows: list[Row] = []
     for objective, ocfg in zip(objectives, configs):
-        print(f"[compare] training {objective} ({ocfg.model.attention} attention) as run {ocfg.run_name}", flush=True)
+        kind = f"{ocfg.model.attention} attention" + (", Gaussian noise" if ocfg.model.noise == "gaussian" else "")
+        print(f"[compare] training {objective} ({kind}) as run {ocfg.run_name}", flush=True)
         result = fit(ocfg)
         out = run_dir(ocfg) + "/export"
         with result.checkpoint.as_directory() as ckpt:
@@ -74,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
         bits = next((h["val_nelbo_bits"] for h in reversed(history) if h.get("val_nelbo_bits") is not None), None)
         model, tok, _ = load_inference(out)
         families = sorted(cfg.data.corpus.families) if builtin else None
-        for name, sc in samplers(objective, cfg.eval.sample, args.fast_threshold, bounds).items():
+        for name, sc in samplers(objective, cfg.eval.sample, args.fast_threshold, bounds, ode_steps).items():
             for batch in batches:
                 measured = measure_generation(model, tok, sc, families=families,
                                               num_prompts=cfg.eval.num_prompts_per_family, batch_size=batch)
@@ -87,7 +96,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(text)
     where = f"{cfg.storage_path.rstrip('/')}/{cfg.run_name}-compare"
     summary = {"objectives": objectives, "config": cfg.to_dict(), "block_size": args.block_size,
-               "fast_threshold": args.fast_threshold, "entropy_bounds": list(bounds), "gen_batches": batches,
+               "fast_threshold": args.fast_threshold, "entropy_bounds": list(bounds), "ode_steps": list(ode_steps),
+               "gen_batches": batches,
                "rows": rows_as_json(rows), "table": text, "wall_seconds": round(time.time() - t0, 1)}
     write_json_and_chart(where, "compare.json", summary, "compare.png", lambda out: plot(rows, out))
     print(f"[compare] done in {summary['wall_seconds']:.0f} s; {where}/compare.json and compare.png", flush=True)

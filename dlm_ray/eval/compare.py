@@ -1,15 +1,19 @@
 """Diffusion against autoregression on equal terms: the objectives, the measurements, the table.
 
-An objective is a model kind (``model.attention``) and nothing else: every objective is trained on
-the same corpus, model size, batch, steps and seed by the same job, and scored by the same code.
+An objective is a model kind (``model.attention``, ``model.noise``) and nothing else: every
+objective is trained on the same corpus, model size, batch, steps and seed by the same job, and
+scored by the same code.
 
 - ``diffusion``: full attention, the masked diffusion ELBO (LLaDA / MDLM);
 - ``block``: block-causal attention, block diffusion (BD3-LM), blocks of ``block_size``;
-- ``autoregressive``: causal attention, the next-token loss.
+- ``autoregressive``: causal attention, the next-token loss;
+- ``embedding``: full attention, Gaussian noise on the token embeddings (embedding diffusion),
+  sampled by an ODE at each of several step counts (the steps-versus-validity curve).
 
 Held-out bits/token is the training job's held-out figure: the NELBO (an upper bound on the NLL)
-for the diffusion objectives, the exact NLL for the autoregressive one (so a gap in the diffusion
-objectives' disfavour is partly the bound's looseness). Generation is measured per sampler on the
+for the diffusion objectives (VDM's continuous-time bound for embedding diffusion), the exact NLL
+for the autoregressive one (so a gap in the diffusion objectives' disfavour is partly the bound's
+looseness). Generation is measured per sampler on the
 built-in corpus's held-out prompts (validity per family by the exact checker), or on any other
 corpus from an empty context, as a user sees it: answers per second and seconds per answer (text
 in, text out, batches of the same prompts for every row), answer tokens per second (up to and
@@ -32,16 +36,17 @@ from dlm_ray.core.inference import Completion, complete_texts
 from dlm_ray.core.kinds import kind_of_model
 from dlm_ray.eval.scoring import sample_for_family
 
-OBJECTIVES = ("diffusion", "block", "autoregressive")
+OBJECTIVES = ("diffusion", "block", "autoregressive", "embedding")
 
 
 def objective_config(cfg: PretrainConfig, objective: str, *, block_size: int) -> PretrainConfig:
     """``cfg`` with the model kind of ``objective`` and a run name of its own; all else equal."""
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose from {', '.join(OBJECTIVES)}")
-    attention = {"diffusion": "full", "block": "block_causal", "autoregressive": "causal"}[objective]
+    attention = {"diffusion": "full", "block": "block_causal", "autoregressive": "causal", "embedding": "full"}[objective]
     model = ModelConfig.model_validate({**cfg.model.model_dump(exclude={"preset"}), "attention": attention,
-                                        "block_size": block_size})
+                                        "block_size": block_size,
+                                        "noise": "gaussian" if objective == "embedding" else "mask"})
     return PretrainConfig.model_validate({**cfg.model_dump(), "model": model.model_dump(),
                                           "run_name": f"{cfg.run_name}-{objective}"})
 
@@ -52,15 +57,20 @@ DUAL_REFRESH: int | None = None
 
 
 def samplers(objective: str, base: SampleConfig, fast_threshold: float | None,
-             entropy_bounds: tuple[float, ...] = ()) -> dict[str, SampleConfig]:
+             entropy_bounds: tuple[float, ...] = (), ode_steps: tuple[int, ...] = ()) -> dict[str, SampleConfig]:
     """The samplers an objective is measured with. Every one stops a row at its EOS, so no
     objective pays for positions after the answer. Diffusion models also run the fast settings:
     commit every position above the confidence threshold (at least one per call), or the most
     confident positions while their summed entropy stays within each bound (the EB-sampler); for
     full attention these run with the dual cache too (a block's steps recompute the block alone;
     block diffusion always runs its exact cache). An autoregressive model writes one token per
-    call against its KV cache whatever the setting."""
+    call against its KV cache whatever the setting. An embedding-diffusion model runs its ODE with
+    ``base``'s steps and with each of ``ode_steps`` (at most ``base.gen_length``)."""
     plain = base.model_copy(update={"stop_at_eos": True})
+    if objective == "embedding":
+        steps = sorted({base.steps, *ode_steps})
+        return {f"ode {n} steps": plain.model_copy(update={"steps": n, "block_length": base.gen_length})
+                for n in steps}
     out = {"reference" if objective != "autoregressive" else "greedy": plain}
     if objective == "autoregressive":
         return out
