@@ -1,8 +1,9 @@
 """What an embedding-diffusion denoiser (``model.noise: gaussian``) reads instead of token ids.
 
 The model's own embedding table, each row normalised to length sqrt(D) (CDCD, Plaid), gives the
-clean embeddings e. A position's input is its noisy embedding z_t (the given positions, a prompt
-or padding, read their clean embedding: noise level t = 1), plus an embedding of its noise level,
+clean embeddings e. A position's input is its noisy embedding z_t, scaled down where it is mostly
+noise (the given positions, a prompt or padding, read their clean embedding: noise level t = 1),
+plus an embedding of its noise level,
 plus a projection of the model's previous estimate of the clean embedding (self-conditioning;
 absent, it adds nothing). The estimate is score interpolation: ê = softmax(logits) · Ē, the
 expected clean embedding under the model's prediction.
@@ -66,9 +67,14 @@ class NoiseInput(nn.Module):
         self.self_cond = nn.Linear(d_model, d_model, bias=False)
 
     def forward(self, z_BLD: torch.Tensor, t_BL: torch.Tensor, estimate_BLD: torch.Tensor | None) -> torch.Tensor:
-        """The transformer's input [B, L, D]. Given positions (t = 1) never read an estimate: they are
-        known, in training as in sampling."""
-        x_BLD = z_BLD + self.time_out(F.silu(self.time_in(time_features(t_BL, self.width).to(z_BLD.dtype))))
+        """The transformer's input [B, L, D]. z_t comes in scaled by its signal's share of its norm,
+        c(t) = t / sqrt(t² + (1 − t)²) (1 at a given position, 0 at pure noise): near t = 0 the
+        noise would otherwise fill the residual stream and scramble attention, and a position must
+        then read its context, as a masked position does. Given positions (t = 1) never read an
+        estimate: they are known, in training as in sampling."""
+        t_BL1 = t_BL[..., None].to(z_BLD.dtype)
+        scale_BL1 = t_BL1 / (t_BL1.pow(2) + (1 - t_BL1).pow(2)).sqrt()
+        x_BLD = scale_BL1 * z_BLD + self.time_out(F.silu(self.time_in(time_features(t_BL, self.width).to(z_BLD.dtype))))
         if estimate_BLD is not None:
             noisy_BL1 = (t_BL < 1)[..., None].to(z_BLD.dtype)
             x_BLD = x_BLD + self.self_cond(estimate_BLD.to(z_BLD.dtype) * noisy_BL1)
