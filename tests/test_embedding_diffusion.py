@@ -296,5 +296,6 @@ def test_configs_refuse_what_embedding_diffusion_cannot_be():
         ModelConfig(preset="tiny", noise="gaussian", attention="block_causal")
     with pytest.raises(ValueError, match="masked diffusion"):
         PretrainConfig(model=ModelConfig(preset="tiny", noise="gaussian"), diffusion=DiffusionConfig(cap_weight=1.0))
-    assert ModelConfig(preset="tiny", noise="gaussian").gaussian_time_shift == pytest.approx(math.sqrt(8))
+    assert ModelConfig(preset="tiny", noise="gaussian").gaussian_time_shift == pytest.approx(10.0)
+    assert ModelConfig(preset="small", noise="gaussian").gaussian_time_shift == pytest.approx(10 * math.sqrt(6))
     assert ModelConfig(preset="tiny", noise="gaussian", time_shift=2.0).gaussian_time_shift == 2.0
