@@ -289,6 +289,8 @@ def test_the_kind_resolves_one_block_and_refuses_what_an_ode_cannot_use(model, c
         infill(model, torch.tensor([[1, MASK, 3]]), SampleConfig(gen_length=8, steps=4, block_length=8), mask_id=MASK)
     with pytest.raises(ValueError, match="reads noisy embeddings"):
         model(torch.tensor([[1, 2]]))
+    # Serve's health check asks the kind for a call the model answers.
+    assert kind.probe(model, torch.tensor([[1, 2]])).shape == (1, 2, cfg.vocab_size)
 
 
 def test_configs_refuse_what_embedding_diffusion_cannot_be():

@@ -323,7 +323,10 @@ def test_an_autoregressive_model_is_served_one_token_per_call_and_refuses_a_suff
         assert r.status_code == 400 and fragment in r.json()["error"]["message"], r.text
 
 
-def test_an_embedding_diffusion_model_is_served_by_its_ode_plain_and_streamed(server, tmp_path):
+def test_an_embedding_diffusion_model_is_served_by_its_ode_plain_and_streamed(server):
+    from ray import serve
+
+    serve.get_app_handle("emb").check_health.remote().result(timeout_s=60)  # its probe is a call it answers
     body = {"model": MODEL, "prompt": "s3142=", "max_tokens": 12, "seed": 3, "steps": 4}
     plain = httpx.post(f"{server}/emb/v1/completions", json=body, timeout=60).json()
     assert plain["choices"][0]["model_calls"] == 4

@@ -102,6 +102,11 @@ class ModelKind:
                              f"{self.noun} model uses {' or '.join(repr(c) for c in self.caches)}")
         return cfg
 
+    def probe(self, model: Any, ids_BL: torch.Tensor) -> torch.Tensor:
+        """Logits of one plain call on ``ids_BL``: whether the model answers at all (Serve's health
+        check)."""
+        return model(ids_BL)
+
     def check_infill(self) -> None:
         if not self.can_infill:
             raise ValueError(f"infilling needs a full-attention model: {self.noun} model never sees what comes "
@@ -278,6 +283,11 @@ class EmbeddingDiffusion(ModelKind):
 
     def check(self, cfg: SampleConfig) -> None:
         embedding_diffusion.check_settings(cfg)
+
+    def probe(self, model: Any, ids_BL: torch.Tensor) -> torch.Tensor:
+        """The first call of a sampler: the given ids as positions at pure noise."""
+        z_BLD = torch.zeros(*ids_BL.shape, self.config.d_model, device=ids_BL.device)
+        return model(ids_BL, None, noise_level=torch.zeros(ids_BL.shape, device=ids_BL.device), latent=z_BLD)
 
     def check_infill(self) -> None:
         raise ValueError(f"infilling is not built for {self.noun} model: its sampler fills the positions after the "

@@ -339,7 +339,7 @@ class DenoiserServer:
             return
         try:
             with torch.no_grad():
-                logits = self.model(torch.tensor([[self.tok.eos_id]], device=self.device))
+                logits = self.kind.probe(self.model, torch.tensor([[self.tok.eos_id]], device=self.device))
         finally:
             self._model_lock.release()
         if not torch.isfinite(logits).all():
