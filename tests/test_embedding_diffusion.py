@@ -301,3 +301,19 @@ def test_configs_refuse_what_embedding_diffusion_cannot_be():
     assert ModelConfig(preset="tiny", noise="gaussian").gaussian_time_shift == pytest.approx(10.0)
     assert ModelConfig(preset="small", noise="gaussian").gaussian_time_shift == pytest.approx(10 * math.sqrt(6))
     assert ModelConfig(preset="tiny", noise="gaussian", time_shift=2.0).gaussian_time_shift == 2.0
+
+
+def test_the_kind_round_trips_through_an_export_in_llada_s_layout_only(model, cfg, tmp_path):
+    from dlm_ray.io.checkpoint import load_inference, save_inference
+    from dlm_ray.io.hf_layout import export_type
+    from dlm_ray.io.llada_layout import LayoutError
+
+    out = save_inference(model, {"kind": "byte"}, tmp_path / "emb")
+    loaded, _, meta = load_inference(str(out))
+    assert isinstance(kind_of(loaded.config), EmbeddingDiffusion) and meta["model"]["noise"] == "gaussian"
+    prompt = torch.tensor([[5, 6, 7]])
+    assert torch.equal(generate(loaded, prompt, SAMPLE, mask_id=MASK, generator=gens([4])),
+                       generate(model, prompt, SAMPLE, mask_id=MASK, generator=gens([4])))
+    assert export_type(cfg) is None  # LLaDA's layout holds it
+    with pytest.raises(LayoutError, match="LLaDA's layout only"):
+        export_type(cfg.model_copy(update={"n_kv_heads": 2}))
