@@ -53,13 +53,22 @@ StepCallback = Callable[[int, torch.Tensor], "torch.Tensor | None"]
 
 def uniform(shape: tuple[int, ...], generator: Generators, device: torch.device) -> torch.Tensor:
     """Float64 U(0, 1) draws of ``shape`` (batch first); with a list, row b comes from generator b."""
+    return _draws(torch.rand, torch.float64, shape, generator, device)
+
+
+def normal(shape: tuple[int, ...], generator: Generators, device: torch.device) -> torch.Tensor:
+    """Float32 N(0, 1) draws of ``shape`` (batch first); with a list, row b comes from generator b."""
+    return _draws(torch.randn, torch.float32, shape, generator, device)
+
+
+def _draws(draw: Callable[..., torch.Tensor], dtype: torch.dtype, shape: tuple[int, ...], generator: Generators,
+           device: torch.device) -> torch.Tensor:
     if generator is None or isinstance(generator, torch.Generator):
         gen_device = device if generator is None else generator.device
-        return torch.rand(shape, dtype=torch.float64, generator=generator, device=gen_device).to(device)
+        return draw(shape, dtype=dtype, generator=generator, device=gen_device).to(device)
     if len(generator) != shape[0]:
         raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
-    return torch.stack([torch.rand(shape[1:], dtype=torch.float64, generator=g, device=g.device)
-                        for g in generator]).to(device)
+    return torch.stack([draw(shape[1:], dtype=dtype, generator=g, device=g.device) for g in generator]).to(device)
 
 
 def propose(logits_BTV: torch.Tensor, temperature: float, generator: Generators) -> torch.Tensor:

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from dlm_ray.config.schema import SampleConfig
-from dlm_ray.core.denoise import Generators, propose
+from dlm_ray.core.denoise import Generators, normal, propose
 from dlm_ray.core.diffusion import exclude_mask_logit
 
 SELF_CONDITION_RATE = 0.5  # the share of training rows that read the model's own first estimate
@@ -150,17 +150,6 @@ def check_settings(cfg: SampleConfig) -> None:
     if cfg.block_length != cfg.gen_length:
         raise ValueError(f"an embedding-diffusion model denoises its whole answer at once: block_length must equal "
                          f"gen_length ({cfg.gen_length}), got {cfg.block_length}")
-
-
-def normal(shape: tuple[int, ...], generator: Generators, device: torch.device) -> torch.Tensor:
-    """Float32 N(0, 1) draws of ``shape`` (batch first); with a list, row b from generator b, so a
-    row's noise does not depend on its batch."""
-    if generator is None or isinstance(generator, torch.Generator):
-        gen_device = device if generator is None else generator.device
-        return torch.randn(shape, generator=generator, device=gen_device).to(device)
-    if len(generator) != shape[0]:
-        raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
-    return torch.stack([torch.randn(shape[1:], generator=g, device=g.device) for g in generator]).to(device)
 
 
 @torch.inference_mode()
