@@ -52,21 +52,13 @@ def check_memory(model_cfg: ModelConfig, tc: TrainConfig, device_bytes: int | No
     optimizer; activations come on top) for this model, ZeRO stage and worker count, as a line to
     print; a configuration that cannot fit in ``device_bytes`` is refused with the numbers. A CPU
     run (``on_gpu`` False) is described as one: host memory per CPU worker."""
-    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
-
     from dlm_ray.core.model import num_params
+    from dlm_ray.train.plan import largest_layer, model_state_bytes
 
     n, workers = num_params(model_cfg), tc.num_workers
-    if tc.zero_stage == 3:
-        largest = model_cfg.vocab_size * model_cfg.d_model  # the embedding (and the head) is the largest layer
-        _, need, _ = estimate_zero3_model_states_mem_needs(n, largest, num_gpus_per_node=workers,
-                                                           cpu_offload=tc.offload_optimizer,
-                                                           cpu_offload_params=tc.offload_param)
-    elif tc.zero_stage in (1, 2):
-        _, need = estimate_zero2_model_states_mem_needs(n, num_gpus_per_node=workers, cpu_offload=tc.offload_optimizer)
-    else:
-        need = 20 * n  # nothing partitioned: bf16 params and grads, fp32 master, two Adam moments
+    need = model_state_bytes(n, largest_layer(model_cfg), zero_stage=tc.zero_stage, gpus=workers,
+                             gpus_per_node=workers, offload_optimizer=tc.offload_optimizer,
+                             offload_param=tc.offload_param)
     gib = 2**30
     size = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
     if not on_gpu:
