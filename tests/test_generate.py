@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from dlm_ray.io.checkpoint import save_inference
-from dlm_ray.config.schema import SampleConfig
+from dlm_ray.config.schema import CorpusConfig, SampleConfig
 from dlm_ray.config.inference import GenerateConfig
 from dlm_ray.config.io import ConfigError, load_config
 from dlm_ray.serving.batch import CHECKPOINT_DIR, OUTPUT_SCHEMA, check_output, run
@@ -66,7 +66,7 @@ def prompts(tmp_path_factory) -> Path:
 
 def make_cfg(checkpoint: str, prompts: Path, output: Path, **kw) -> GenerateConfig:
     base = dict(checkpoint=checkpoint, input=str(prompts), output=str(output), batch_size=16,
-                group_batches=2, actors=(2, 2), progress_bars=False,
+                group_batches=2, actors=(2, 2), progress_bars=False, min_rows_per_file=16,
                 sample=SampleConfig(gen_length=16, steps=8, block_length=16, temperature=1.0))
     return GenerateConfig(**{**base, **kw})
 
@@ -141,7 +141,7 @@ def test_killed_job_rerun_gives_every_id_once(ray_cluster, checkpoint, tmp_path)
                                  "text": [f"prompt {f} {i}" for i in range(40)]}), src / f"p{f:02d}.parquet")
     out = tmp_path / "out"
     args = [f"--checkpoint={checkpoint}", f"--input={src}", f"--output={out}", "--prompt_column=text",
-            "--id_column=key", "--batch_size=8", "--group_batches=1", "--actors=[1, 1]",
+            "--id_column=key", "--batch_size=8", "--group_batches=1", "--actors=[1, 1]", "--min_rows_per_file=8",
             "--progress_bars=false", "--sample.gen_length=64", "--sample.steps=64", "--sample.block_length=64"]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     proc = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "generate.py"), *args], env=env,
@@ -161,6 +161,37 @@ def test_killed_job_rerun_gives_every_id_once(ray_cluster, checkpoint, tmp_path)
     ids = read_output(out)["id"].to_pylist()
     assert 0 < summary["rows_done_before"] < 640 and summary["rows_this_run"] == 640 - summary["rows_done_before"]
     assert len(ids) == len(set(ids)) == 640 and set(ids) == {f"k{f}-{i}" for f in range(16) for i in range(40)}
+
+
+def test_twenty_thousand_prompts_killed_half_way_and_resumed(ray_cluster, checkpoint, tmp_path):
+    """The million-prompt benchmark's check at 20,000 (benchmarks/batch_scale.py): the driver killed
+    once about half way, the same command run again, and every built-in prompt in the output once."""
+    import pyarrow.compute as pc
+
+    n, out = 20_000, tmp_path / "out"
+    args = [f"--checkpoint={checkpoint}", f"--input=builtin:{n}", f"--output={out}", "--batch_size=64",
+            "--actors=[1, 1]", "--progress_bars=false", "--sample.gen_length=4", "--sample.steps=1",
+            "--sample.block_length=4"]
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "generate.py"), *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, committed = time.time() + 300, 0
+    while time.time() < deadline and proc.poll() is None and committed < n // 2:
+        files = [f for f in (out / CHECKPOINT_DIR).glob("*.parquet") if not f.name.endswith(".pending.parquet")] \
+            if (out / CHECKPOINT_DIR).exists() else []
+        committed = sum(pq.read_metadata(f).num_rows for f in files)
+        time.sleep(0.2)
+    assert proc.poll() is None, "the job finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    summary = run(load_config(GenerateConfig, None, args))
+    assert n // 2 <= summary["rows_done_before"] < n and summary["rows_this_run"] == n - summary["rows_done_before"]
+    table = read_output(out).select(["id", "source"])
+    ranks = pc.cast(pc.struct_field(pc.extract_regex(table["source"], r"builtin prompt (?P<k>\d+) "), "k"), "int64")
+    assert table.num_rows == n and pc.count_distinct(table["id"]).as_py() == n  # none duplicated
+    assert sorted(ranks.to_pylist()) == list(range(n))  # none lost
+    assert summary["duplicate_ids"] == 0 and summary["data_files"] < n // 500  # files by blocks, not rows
 
 
 def test_a_resumed_job_feeds_the_model_whole_blocks(ray_cluster, checkpoint, tmp_path):
@@ -370,6 +401,31 @@ def test_prompt_source_ids_and_builtin(prompts, checkpoint, tmp_path):
         PromptSource(cfg.model_copy(update={"input": "builtin:many"}))
     with pytest.raises(FileNotFoundError):
         PromptSource(cfg.model_copy(update={"input": str(tmp_path / "missing")}))
+
+
+def test_builtin_shards_are_read_on_their_own_and_finished_ones_not_at_all(ray_cluster, checkpoint, prompts, tmp_path):
+    from dlm_ray.data.corpus import HELDOUT_SEED, take_examples
+    from dlm_ray.data.prompts import BUILTIN_SHARD, BUILTIN_WINDOW, done_lookup
+
+    cfg = make_cfg(checkpoint, prompts, tmp_path / "out", input="builtin:1200")
+    rows = [r for task in PromptSource(cfg).get_read_tasks(1) for t in task() for r in t.to_pylist()]
+    ranks = [int(r["where"].split()[2]) for r in rows]
+    assert sorted(ranks) == list(range(1200)) and len({r["id"] for r in rows}) == 1200
+    # The first shard is the held-out set evaluation scores; a later one starts at its own window.
+    first = [r["prompt"] for r in rows if int(r["where"].split()[2]) < BUILTIN_SHARD]
+    assert first == [e.prompt for e in take_examples(CorpusConfig().families, BUILTIN_SHARD, seed=HELDOUT_SEED,
+                                                     split="heldout")]
+    draws = [int(r["id"].split(":")[1]) for r in rows]
+    assert all(d // BUILTIN_WINDOW == rank // BUILTIN_SHARD for d, rank in zip(draws, ranks))
+    # Finished shards are not read; a partly finished one is read and filtered.
+    done = [r["id"] for r in rows if int(r["where"].split()[2]) < BUILTIN_SHARD + 10]
+    resumed = PromptSource(cfg, done_lookup(pa.array(done)))
+    assert resumed.num_read_tasks() == 2
+    left = [r["id"] for task in resumed.get_read_tasks(1) for t in task() for r in t.to_pylist()]
+    assert sorted(left) == sorted(set(r["id"] for r in rows) - set(done))
+    everything = PromptSource(cfg, done_lookup(pa.array([r["id"] for r in rows])))
+    assert everything.num_read_tasks() == 1
+    assert [r for task in everything.get_read_tasks(1) for t in task() for r in t.to_pylist()] == []
 
 
 @pytest.mark.parametrize("override,fragment", [

@@ -128,6 +128,10 @@ class GenerateConfig(Config):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     compile: bool = False  # torch.compile the model's blocks (worth it on GPUs, for long jobs)
     rows_per_file: int = Field(100_000, gt=0)
+    # Rows gathered into one output file (and one checkpoint of finished ids) before it is written, so
+    # the files grow with the rows / this, not one per actor call; rows a kill catches unwritten are
+    # generated again on resume (never twice in the output).
+    min_rows_per_file: int = Field(1024, gt=0)
     strict: bool = False  # fail on the first bad row instead of writing an error row
     progress_bars: bool = True
     pacing: Literal["auto", "on", "off"] = "auto"  # see DataConfig.pacing

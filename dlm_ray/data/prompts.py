@@ -1,7 +1,9 @@
 """Prompts for batch generation: reading them with stable ids, and checking each row.
 
 ``PromptSource`` is a Ray Data datasource with one read task per input file (Parquet or JSONL,
-local or ``s3://``/``gs://``) or per shard of the built-in held-out prompts (``builtin:N``). Each
+local or ``s3://``/``gs://``) or per shard of the built-in held-out prompts (``builtin:N``: shard k
+holds the first 500 held-out draws of the stream from draw k × 200,000 on, so any shard is made
+without the draws before it, and shard 0 is the held-out set evaluation scores). Each
 row carries a stable ``id`` from the first operator on: the configured id column, or else
 ``<file>:<row>`` (the file relative to the input root), so a rerun gives every row the same id and
 seed, and the read tasks themselves drop the ids an earlier run finished (``done``).
@@ -17,8 +19,8 @@ import json
 from pathlib import PurePosixPath
 from typing import Any, Iterator
 
+import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
@@ -35,7 +37,8 @@ from dlm_ray.data.sources import BadInputError, file_format, iter_jsonl_records,
 # checked as a Serve request's sampler fields are (config_inference.SampleOverrides).
 OVERRIDE_FIELDS = tuple(RowOverrides.model_fields)
 ROWS_PER_BLOCK = 1024  # read granularity only: build_dataset re-forms blocks for the model
-BUILTIN_SHARD = 500
+BUILTIN_SHARD = 500  # built-in prompts per read task
+BUILTIN_WINDOW = 200_000  # draws of the built-in stream between the starts of two read tasks
 
 READ_SCHEMA = pa.schema([("id", pa.string()), ("where", pa.string()), ("prompt", pa.string()), ("messages", pa.string()),
                          ("suffix", pa.string()), ("overrides", pa.string()), ("error", pa.string())])
@@ -101,14 +104,21 @@ def _read_file(uri: str, name: str, fmt: str, cfg: GenerateConfig) -> Iterator[p
         yield _rows_to_table(rows)
 
 
-def _read_builtin(start: int, stop: int, families: dict[str, float]) -> Iterator[pa.Table]:
-    stream = iter_examples(families, seed=HELDOUT_SEED, split="heldout")
+def _read_builtin(shard: int, count: int, families: dict[str, float]) -> Iterator[pa.Table]:
+    """The ``count`` held-out prompts of shard ``shard``: the first held-out draws from the shard's
+    own window of draws on. Shard 0's window starts at draw 0, so its prompts are the held-out set
+    evaluation scores; a later shard starts at its window without making the draws before it (which
+    made reading N prompts cost N² / 2 draws in all)."""
+    start = shard * BUILTIN_WINDOW
     rows = []
-    for k, (index, ex) in enumerate(stream):
-        if k >= stop:
+    for index, ex in iter_examples(families, seed=HELDOUT_SEED, split="heldout", start=start):
+        if index >= start + BUILTIN_WINDOW:  # ~10 draws per held-out prompt: 40x the draws a shard needs
+            raise RuntimeError(f"built-in shard {shard} found {len(rows)} held-out prompts in its window of "
+                               f"{BUILTIN_WINDOW} draws")
+        k = shard * BUILTIN_SHARD + len(rows)
+        rows.append(_row(f"builtin:{index}", f"builtin prompt {k} ({ex.family})", ex.prompt, {}, None))
+        if len(rows) == count:
             break
-        if k >= start:
-            rows.append(_row(f"builtin:{index}", f"builtin prompt {k} ({ex.family})", ex.prompt, {}, None))
     yield _rows_to_table(rows)
 
 
@@ -128,13 +138,20 @@ def builtin_count(spec: str) -> int | None:
 class PromptSource(Datasource):
     """The prompts of ``cfg.input`` as rows (id, where, prompt, overrides, error)."""
 
-    def __init__(self, cfg: GenerateConfig, done: ray.ObjectRef | None = None) -> None:
-        """``done``: the ids already in the output (a string array in the object store), left out."""
+    def __init__(self, cfg: GenerateConfig, done: np.ndarray | None = None) -> None:
+        """``done``: the ids already in the output (``done_lookup``'s array), left out. A built-in
+        shard whose ids are all done is not read at all: making its prompts only to drop them cost a
+        resumed job a minute per half million finished prompts before its first new row."""
         super().__init__()
         self.cfg = cfg
-        self.done = done
+        self.done = ray.put(done) if done is not None and len(done) else None
         self.num_builtin = builtin_count(cfg.input)
-        if self.num_builtin is None:
+        self.finished: set[int] = set()  # built-in shards with nothing left to generate
+        if self.num_builtin is not None:
+            self.sizes = [min(BUILTIN_SHARD, self.num_builtin - s) for s in range(0, self.num_builtin, BUILTIN_SHARD)]
+            if self.done is not None:
+                self.finished = _finished_shards(done, self.sizes)
+        else:
             found = list_files(cfg.input)
             root = _common_root([p for _, p in found])
             self.files = [(uri, str(PurePosixPath(p).relative_to(root)) if root else PurePosixPath(p).name,
@@ -148,10 +165,11 @@ class PromptSource(Datasource):
         return None
 
     def num_read_tasks(self) -> int:
-        """One read task per file (or built-in shard): pass it as ``override_num_blocks`` so that
-        Ray Data does not split the blocks further to reach its default parallelism."""
+        """One read task per file (or built-in shard not finished; at least one): pass it as
+        ``override_num_blocks`` so that Ray Data does not split the blocks further to reach its
+        default parallelism."""
         if self.num_builtin is not None:
-            return -(-self.num_builtin // BUILTIN_SHARD)
+            return max(1, len(self.sizes) - len(self.finished))
         return len(self.files)
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
@@ -159,9 +177,10 @@ class PromptSource(Datasource):
         cfg = self.cfg
         if self.num_builtin is not None:
             families = CorpusConfig().families
-            reads = [(lambda s=s: _read_builtin(s, min(s + BUILTIN_SHARD, self.num_builtin), families),
-                      _meta(min(BUILTIN_SHARD, self.num_builtin - s), None))
-                     for s in range(0, self.num_builtin, BUILTIN_SHARD)]
+            reads = [(lambda k=k, n=n: _read_builtin(k, n, families), _meta(n, None))
+                     for k, n in enumerate(self.sizes) if k not in self.finished]
+            if not reads:  # every prompt done: one task that reads nothing
+                reads = [(lambda: iter([_rows_to_table([])]), _meta(0, None))]
         else:
             reads = [(lambda u=uri, n=name, f=fmt: _read_file(u, n, f, cfg), _meta(None, uri))
                      for uri, name, fmt in self.files]
@@ -172,12 +191,28 @@ class PromptSource(Datasource):
                          _meta(None, (meta.input_files or [None])[0]), READ_SCHEMA) for read, meta in reads]
 
 
+def _finished_shards(done: np.ndarray, sizes: list[int]) -> set[int]:
+    """The built-in shards all of whose ids (``builtin:<draw>``, the draw in the shard's window) are done."""
+    draws = np.array([int(i[8:]) for i in done if i.startswith("builtin:")], dtype=np.int64)
+    counts = np.bincount(draws // BUILTIN_WINDOW, minlength=len(sizes))
+    return {k for k, n in enumerate(sizes) if counts[k] >= n}
+
+
+def done_lookup(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Finished ids in the form the read tasks look them up in: a sorted array, read from the object
+    store without a copy and searched in O(log n) per row. A hash set would be built again by every
+    read task, which at a million finished ids costs more than the task's own rows."""
+    return np.sort(np.asarray(ids.to_numpy(zero_copy_only=False), dtype=str))
+
+
 def _left_out(tables: Iterator[pa.Table], done_ref: ray.ObjectRef) -> Iterator[pa.Table]:
-    """The rows whose id is not in ``done``. A set lookup in the read task itself: it needs no
-    resources of its own, where a separate filter stage holds a CPU for the whole job."""
+    """The rows whose id is not in ``done`` (``done_lookup``'s array). A lookup in the read task
+    itself: it needs no resources of its own, where a separate filter stage holds a CPU for the whole job."""
     done = ray.get(done_ref)
     for table in tables:
-        yield table.filter(pc.invert(pc.is_in(table["id"], value_set=done)))
+        ids = np.asarray(table["id"].to_numpy(zero_copy_only=False), dtype=str)
+        at = np.minimum(np.searchsorted(done, ids), len(done) - 1)
+        yield table.filter(pa.array(done[at] != ids))
 
 
 def _meta(num_rows: int | None, uri: str | None) -> BlockMetadata:

@@ -9,6 +9,10 @@ the same output first deletes data files whose block never got its committed che
 between the two writes), then the read tasks leave out the committed ids. Ray Data's own filter
 stage is not used: it is an actor pool holding a CPU and 1 GiB for the whole job, which on a small
 node took the place of a generation actor, for a set lookup the read task does at no cost.
+Each output file gathers ``min_rows_per_file`` rows (several actor calls) and is committed with one
+checkpoint file, so file counts grow with blocks of rows, not with calls. Nothing the driver holds
+grows with the rows as Python objects: the finished ids are one Arrow column, handed to the read
+tasks as a sorted array (``prompts.done_lookup``), and the summary reads the output a batch at a time.
 The checkpoint is kept after success, so a rerun of a finished job writes nothing, and a rerun over
 a grown input generates only the new ids. ``<output>/_job.json`` pins the settings an output was
 made with (every setting that changes a row's output); resuming with other settings is refused
@@ -37,6 +41,7 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 import ray
+from pyarrow import fs as pafs
 from ray.data import ActorPoolStrategy, DataContext
 from ray.data.checkpoint import CheckpointConfig, IdColumnCheckpointManager
 
@@ -45,7 +50,7 @@ from dlm_ray.config.schema import ModelConfig, SampleConfig
 from dlm_ray.config.inference import GenerateConfig
 from dlm_ray.data.corpus import check_answer
 from dlm_ray.core.inference import complete_ids
-from dlm_ray.data.prompts import PromptSource, builtin_count, prepare_batch
+from dlm_ray.data.prompts import PromptSource, builtin_count, done_lookup, prepare_batch
 from dlm_ray.runtime import pace_scheduling
 from dlm_ray.io.storage import filesystem_for
 
@@ -123,11 +128,10 @@ def _job_identity(cfg: GenerateConfig, ckpt_hash: str) -> dict[str, Any]:
             "dtype": cfg.dtype, "device": "gpu" if cfg.gpus_per_actor > 0 else "cpu"}
 
 
-def check_output(cfg: GenerateConfig, identity: dict[str, Any]) -> list[str]:
+def check_output(cfg: GenerateConfig, identity: dict[str, Any]) -> pa.ChunkedArray:
     """Refuse an output made with other settings, or one that is not ours; finish what a killed
-    run left half written; return the ids done."""
-    from pyarrow import fs as pafs
-
+    run left half written; return the ids done (an Arrow column: a million ids as Python strings
+    would cost the driver ~100 MB for the whole job)."""
     filesystem, root = filesystem_for(cfg.output)
     job_file = f"{root}/{JOB_FILE}"
     if filesystem.get_file_info(job_file).type == pafs.FileType.File:
@@ -173,25 +177,33 @@ def _drop_uncommitted(output: str) -> None:
 
 
 def _checkpoint_files(filesystem: Any, path: str) -> list[str]:
-    from pyarrow import fs as pafs
-
     found = filesystem.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     return [f.path for f in found if f.type == pafs.FileType.File and f.path.endswith(".parquet")]
 
 
-def _read_ids(filesystem: Any, files: list[str]) -> list[str]:
+def _read_ids(filesystem: Any, files: list[str]) -> pa.ChunkedArray:
     import pyarrow.dataset as pads
 
     if not files:
-        return []
-    return pads.dataset(files, filesystem=filesystem, format="parquet").to_table().column(0).to_pylist()
+        return pa.chunked_array([], pa.string())
+    return pads.dataset(files, filesystem=filesystem, format="parquet").to_table().column(0).cast(pa.string())
 
 
-def build_dataset(cfg: GenerateConfig, ckpt_hash: str, done: list[str] | None = None) -> ray.data.Dataset:
+def _data_files(output: str) -> set[str]:
+    """The output's Parquet data files (its checkpoint and job files start with "_" and are not data)."""
+    import pyarrow.dataset as pads
+
+    filesystem, root = filesystem_for(output)
+    if not filesystem.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+        return set()
+    return set(pads.dataset(root, filesystem=filesystem, format="parquet").files)
+
+
+def build_dataset(cfg: GenerateConfig, ckpt_hash: str, done: pa.ChunkedArray | None = None) -> ray.data.Dataset:
     """The pipeline for the prompts of ``cfg.input`` less the ids in ``done``."""
     meta, tokenizer = read_inference_config(cfg.checkpoint, kind=cfg.model_kind)
     max_seq_len = ModelConfig.model_validate(meta["model"]).max_seq_len
-    source = PromptSource(cfg, ray.put(pa.array(done, pa.string())) if done else None)
+    source = PromptSource(cfg, done_lookup(done) if done is not None and len(done) else None)
     # No automatic split of the read into Ray Data's default 200 blocks: on a resume that split fed
     # the model one-row blocks (4x slower end to end). Instead the rows a resume leaves are re-formed
     # into blocks of one actor call's worth.
@@ -218,11 +230,15 @@ def run(cfg: GenerateConfig) -> dict[str, Any]:
     output = _absolute(cfg.output)
     cfg = cfg.model_copy(update={"output": output, "checkpoint": _absolute(cfg.checkpoint)})
     done_before = check_output(cfg, _job_identity(cfg, ckpt_hash))
+    files_before = _data_files(output)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = cfg.progress_bars
     with checkpointing(cfg.output):
-        build_dataset(cfg, ckpt_hash, done_before).write_parquet(output, max_rows_per_file=cfg.rows_per_file)
-    summary = summarize(cfg, done_before, time.time() - t0)
+        # A file, and its checkpoint, gathers several actor calls' blocks: the output's file count
+        # grows with the rows over min_rows_per_file, not with one file per call.
+        build_dataset(cfg, ckpt_hash, done_before).write_parquet(
+            output, min_rows_per_file=min(cfg.min_rows_per_file, cfg.rows_per_file), max_rows_per_file=cfg.rows_per_file)
+    summary = summarize(cfg, files_before, len(done_before), time.time() - t0)
     filesystem, root = filesystem_for(output)
     with filesystem.open_output_stream(f"{root}/{SUMMARY_FILE}") as f:
         f.write(json.dumps(summary, indent=2).encode())
@@ -241,32 +257,50 @@ def checkpointing(output: str) -> Iterator[None]:
         ctx.checkpoint_config = None
 
 
-def summarize(cfg: GenerateConfig, done_before: list[str], seconds: float) -> dict[str, Any]:
-    """Counts over the whole output (exactly-once shows as duplicate_ids == 0) and this run's rates."""
+def summarize(cfg: GenerateConfig, files_before: set[str], done_before: int, seconds: float) -> dict[str, Any]:
+    """Counts over the whole output (exactly-once shows as duplicate_ids == 0) and this run's rates
+    (its rows are those of the data files it wrote). Read a batch at a time: only the id column is
+    held whole, as Arrow, for the count of distinct ids."""
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
     filesystem, root = filesystem_for(cfg.output)
-    cols = ["id", "error", "num_model_calls", "num_generated_tokens", "prompt", "completion", "source"]
-    table = pads.dataset(root, filesystem=filesystem, format="parquet").to_table(columns=cols)
-    new = pc.invert(pc.is_in(table["id"], pa.array(done_before, pa.string())))
-    fresh = table.filter(new)
-    errored = table.filter(pc.is_valid(table["error"]))
+    dataset = pads.dataset(root, filesystem=filesystem, format="parquet")
+    ids = dataset.to_table(columns=["id"])["id"]
+    totals = {"rows_this_run": 0, "rows_errored": 0, "calls_ok": 0, "rows_ok_this_run": 0, "tokens": 0, "valid": 0}
+    errors: list[str] = []
+    builtin = builtin_count(cfg.input) is not None
+    cols = ["error", "num_model_calls", "num_generated_tokens", "source"] + (["prompt", "completion"] if builtin else [])
+    for fragment in dataset.get_fragments():
+        fresh = fragment.path not in files_before
+        for batch in fragment.to_batches(columns=cols):
+            failed = pc.is_valid(batch["error"])
+            totals["rows_errored"] += pc.sum(failed).as_py() or 0
+            for source, error in zip(batch.filter(failed)["source"].to_pylist(), batch.filter(failed)["error"].to_pylist()):
+                if len(errors) < 5:
+                    errors.append(f"{source}: {error}")
+            ok = batch.filter(pc.invert(failed))
+            if builtin:
+                totals["valid"] += sum(map(check_answer, ok["prompt"].to_pylist(), ok["completion"].to_pylist()))
+            if fresh:
+                totals["rows_this_run"] += batch.num_rows
+                totals["rows_ok_this_run"] += ok.num_rows
+                totals["calls_ok"] += pc.sum(ok["num_model_calls"]).as_py() or 0
+                totals["tokens"] += pc.sum(batch["num_generated_tokens"]).as_py() or 0
+    rows = len(ids)
     summary: dict[str, Any] = {
-        "output": cfg.output, "rows": table.num_rows, "unique_ids": pc.count_distinct(table["id"]).as_py(),
-        "rows_errored": errored.num_rows, "rows_this_run": fresh.num_rows, "rows_done_before": len(done_before),
+        "output": cfg.output, "rows": rows, "unique_ids": pc.count_distinct(ids).as_py(),
+        "rows_errored": totals["rows_errored"], "rows_this_run": totals["rows_this_run"], "rows_done_before": done_before,
         # Calls of the generate() batch each row was in (one call serves the whole batch).
-        "mean_model_calls_per_row": round(pc.mean(fresh.filter(pc.is_null(fresh["error"]))["num_model_calls"])
-                                          .as_py() or 0, 2),
-        "generated_tokens_this_run": int(pc.sum(fresh["num_generated_tokens"]).as_py() or 0),
+        "mean_model_calls_per_row": round(totals["calls_ok"] / max(1, totals["rows_ok_this_run"]), 2),
+        "generated_tokens_this_run": int(totals["tokens"]),
         "seconds": round(seconds, 2),
+        "data_files": len(dataset.files),
     }
     summary["duplicate_ids"] = summary["rows"] - summary["unique_ids"]
-    summary["prompts_per_s"] = round(fresh.num_rows / seconds, 2)
+    summary["prompts_per_s"] = round(totals["rows_this_run"] / seconds, 2)
     summary["generated_tokens_per_s"] = round(summary["generated_tokens_this_run"] / seconds, 1)
-    summary["errors"] = [f"{s}: {e}" for s, e in zip(errored["source"].to_pylist()[:5], errored["error"].to_pylist()[:5])]
-    if builtin_count(cfg.input) is not None:
-        ok = table.filter(pc.is_null(table["error"]))
-        checks = [check_answer(p, c) for p, c in zip(ok["prompt"].to_pylist(), ok["completion"].to_pylist())]
-        summary["builtin_validity"] = round(sum(checks) / max(1, len(checks)), 4)
+    summary["errors"] = errors
+    if builtin:
+        summary["builtin_validity"] = round(totals["valid"] / max(1, rows - totals["rows_errored"]), 4)
     return summary
