@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 
 
+from dlm_ray.eval.checkpoints import evaluate_checkpoint
 from dlm_ray.io.checkpoint import export, load_inference, run_dir
 from dlm_ray.eval.compare import (OBJECTIVES, Row, measure_generation, objective_config, plot, rows_as_json, samplers,
                              table, train_tokens_per_s)
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
     for objective, ocfg in zip(objectives, configs):
         kind = f"{ocfg.model.attention} attention" + (", Gaussian noise" if ocfg.model.noise == "gaussian" else "")
         print(f"[compare] training {objective} ({kind}) as run {ocfg.run_name}", flush=True)
-        result = fit(ocfg)
+        result = fit(ocfg, evaluator=evaluate_checkpoint)
         out = run_dir(ocfg) + "/export"
         with result.checkpoint.as_directory() as ckpt:
             export(ckpt, out)

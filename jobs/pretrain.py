@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from dlm_ray.eval.checkpoints import evaluate_checkpoint
 from dlm_ray.io.checkpoint import export, load_inference, run_dir
 from dlm_ray.config.schema import PretrainConfig
 from dlm_ray.config.io import parse_job_args
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     before = score(start, tok, families, cfg.eval, seq_len=cfg.data.seq_len) if builtin else None
 
     t_train = time.time()
-    result = fit(cfg)
+    result = fit(cfg, evaluator=evaluate_checkpoint)
     train_s = time.time() - t_train
     export_dir = args.export_dir or (run_dir(cfg) + "/export")
     with result.checkpoint.as_directory() as ckpt:

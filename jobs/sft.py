@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from dlm_ray.eval.checkpoints import evaluate_checkpoint
 from dlm_ray.io.checkpoint import export, load_inference, run_dir
 from dlm_ray.config.schema import PretrainConfig
 from dlm_ray.config.io import parse_job_args
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     if builtin:
         model, tok, _ = load_inference(cfg.init_from)
         before = score(model, tok, families, cfg.eval, seq_len=cfg.data.seq_len)
-    result = fit(cfg)
+    result = fit(cfg, evaluator=evaluate_checkpoint)
     export_dir = args.export_dir or (run_dir(cfg) + "/export")
     with result.checkpoint.as_directory() as ckpt:
         export(ckpt, export_dir)

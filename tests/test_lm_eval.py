@@ -327,3 +327,26 @@ def test_likelihoods_take_llada_s_128_monte_carlo_draws_by_default(tmp_path, tin
     spec.loader.exec_module(job)
     default = inspect.signature(DlmRayLM).parameters["mc_samples"].default
     assert job.parser().parse_args(["--checkpoint", "x", "--tasks", "y"]).mc_samples == default == 128
+
+
+def test_a_checkpoints_evaluation_reports_the_harness_figures(tmp_path, tiny_cfg, monkeypatch):
+    """eval.lm_eval_tasks: what a checkpoint's evaluation task (dlm_ray.eval.checkpoints) records is
+    the harness's own figure for the export, stderrs left out."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from dlm_ray.config.schema import PretrainConfig
+    from dlm_ray.eval.checkpoints import lm_eval_figures
+    from dlm_ray.eval.lm_eval_adapter import DlmRayLM
+
+    torch.manual_seed(0)
+    ar = save_inference(Denoiser(ModelConfig.model_validate({**tiny_cfg.model_dump(), "attention": "causal",
+                                                             "init_std": 0.2})).eval(), {"kind": "byte"}, tmp_path / "ar")
+    write_tasks(tmp_path / "tasks", ["x"] * len(PROMPTS))
+    run = PretrainConfig(eval={"lm_eval_tasks": ["tiny_mc"], "lm_eval_include_path": str(tmp_path / "tasks")})
+    figures = lm_eval_figures(str(ar), run, torch.device("cpu"))
+    direct = simple_evaluate(model=DlmRayLM(str(ar), check_greedy=False), tasks=["tiny_mc"], log_samples=False,
+                             task_manager=TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False))
+    assert figures == {"lm_eval/tiny_mc/acc": pytest.approx(direct["results"]["tiny_mc"]["acc,none"])}

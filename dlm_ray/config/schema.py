@@ -409,9 +409,21 @@ class TrainConfig(Config):
     peak_flops: float | None = Field(None, gt=0)
     # TensorBoard event files under <run dir>/tensorboard as well as metrics.jsonl (the [tensorboard] extra).
     tensorboard: bool = False
+    # Checkpoints are written to a local staging directory (default: the system's temporary one) and
+    # uploaded to storage_path by a background thread ("async": the next step does not wait; the
+    # staged copy is deleted once uploaded) or before the step returns ("sync"). An upload is tried
+    # upload_attempts times; one that still fails stops the workers, which restart (max_failures)
+    # from the last committed checkpoint.
+    checkpoint_upload: Literal["async", "sync"] = "async"
+    checkpoint_staging: str | None = None
+    upload_attempts: int = Field(3, gt=0)
     # Fault drill: every worker raises once right after this step (a marker file in the run
     # directory makes it once per run), to exercise restarts and resume.
     fail_once_at_step: int | None = Field(None, gt=0)
+    # Upload drills (tests and benchmarks/checkpoint_upload.py): each upload first sleeps this long, as
+    # a slow object store would; the upload of this step fails every attempt, once per run.
+    upload_delay_s: float = Field(0.0, ge=0)
+    fail_upload_at_step: int | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _check_batch(self) -> TrainConfig:
@@ -440,6 +452,17 @@ class EvalConfig(Config):
     sample: SampleConfig = Field(
         default_factory=lambda: SampleConfig(gen_length=24, steps=24, block_length=24)
     )
+    # Off the training path (dlm_ray.train.validation): each reported checkpoint is evaluated by a Ray
+    # task of its own, on these resources, instead of the trainers every train.eval_every steps.
+    on_checkpoints: bool = False
+    cpus: float = Field(1.0, ge=0)
+    gpus: float = Field(0.0, ge=0)
+    checkpoint_prompts_per_family: int = Field(20, ge=0)  # validity prompts per family (built-in corpus)
+    # lm-evaluation-harness tasks for each checkpoint (the [eval] extra), scored as jobs/evaluate.py scores them.
+    lm_eval_tasks: list[str] = Field(default_factory=list)
+    lm_eval_include_path: str | None = None
+    lm_eval_limit: float | None = None
+    lm_eval_mc_samples: int = Field(32, gt=0)
 
 
 class AdaptConfig(Config):

@@ -53,6 +53,7 @@ from dlm_ray.core.tokenizer import TOKENIZER_CONFIG, ByteTokenizer, HFTokenizer,
 DS_DIR = "ds"
 STATE_FILE = "trainer_state.json"
 RUN_CONFIG_FILE = "run_config.json"
+RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's list of committed checkpoints
 CONFIG_FILE = layout.CONFIG_FILE
 CONTENT_KEY = "content_sha256"  # under config.json's ``dlm_ray``: the hash of everything but config.json
 Kind = str | dict[str, Any] | None  # a model kind named by the caller (hf_layout.parse_kind)
@@ -74,6 +75,7 @@ def run_dir(cfg: PretrainConfig) -> str:
 def latest_checkpoint(cfg: PretrainConfig) -> tuple[str, dict[str, Any]] | None:
     """(path, trainer state) of the newest complete checkpoint of the run, or None for a new run.
 
+    Only what Ray Train committed counts (a folder whose upload did not finish is passed over).
     A run directory with checkpoint folders but no readable state is an error: resuming must never
     quietly become a fresh start over an existing run.
     """
@@ -84,6 +86,9 @@ def latest_checkpoint(cfg: PretrainConfig) -> tuple[str, dict[str, Any]] | None:
         return None
     entries = fs.get_file_info(pafs.FileSelector(path))
     ckpts = sorted(e.path for e in entries if e.type == pafs.FileType.Directory and e.base_name.startswith("checkpoint_"))
+    committed = _committed(fs, path)
+    if committed is not None:  # an upload that never finished is no checkpoint: its folder is passed over
+        ckpts = [ck for ck in ckpts if ck.rsplit("/", 1)[-1] in committed]
     best: tuple[str, dict[str, Any]] | None = None
     for ck in ckpts:
         try:
@@ -95,6 +100,19 @@ def latest_checkpoint(cfg: PretrainConfig) -> tuple[str, dict[str, Any]] | None:
         if best is None or state["step"] > best[1]["step"]:
             best = (ck, state)
     return best
+
+
+def _committed(fs: Any, path: str) -> set[str] | None:
+    """The checkpoint folders Ray Train has committed (every rank's part uploaded), from its
+    checkpoint manager's snapshot in the run directory; None where there is no snapshot."""
+    import pyarrow.fs as pafs
+
+    snapshot = f"{path}/{RAY_SNAPSHOT_FILE}"
+    if fs.get_file_info(snapshot).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(snapshot) as f:
+        state = json.loads(f.read())
+    return {r["checkpoint_dir_name"] for r in state.get("checkpoint_results", [])}
 
 
 def _is_uri(path: str | Path) -> bool:

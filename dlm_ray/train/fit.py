@@ -21,7 +21,7 @@ checkpoint turns on the adaptation recipe (``AdaptConfig``; its schedules are ``
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import ray
 import ray.train
@@ -32,7 +32,9 @@ from dlm_ray.config.schema import MODEL_PRESETS, AdaptConfig, ModelConfig, Pretr
 from dlm_ray.core.adapt import warmup_block_sizes
 from dlm_ray.data.pipeline import DataPosition, packed_dataset
 from dlm_ray.core.kinds import kind_of
+from dlm_ray.train.metrics import MetricsLog
 from dlm_ray.train.trainer import Trainer
+from dlm_ray.io.evaluations import unjoined
 from dlm_ray.runtime import pace_scheduling
 
 
@@ -62,6 +64,19 @@ def training_flops_per_token(cfg: PretrainConfig) -> float:
 
 
 # ------------------------------------------------------------------------------------------ driver
+
+
+def _validation(cfg: PretrainConfig, evaluator: Callable[..., dict[str, Any]] | None) -> Any:
+    """Ray Train's ``ValidationConfig`` for a run that evaluates its checkpoints off the path, else None."""
+    if not cfg.eval.on_checkpoints:
+        return None
+    if evaluator is None:
+        raise ValueError("eval.on_checkpoints needs an evaluator: fit(cfg, evaluator=dlm_ray.eval.checkpoints."
+                         "evaluate_checkpoint), as jobs/pretrain.py passes it")
+    from ray.train import ValidationConfig, ValidationTaskConfig
+
+    return ValidationConfig(fn=evaluator, task_config=ValidationTaskConfig(fn_kwargs={"cfg": cfg.to_dict()}),
+                            ray_remote_kwargs={"num_cpus": cfg.eval.cpus, "num_gpus": cfg.eval.gpus})
 
 
 # The model settings that are its weights' own: given explicitly with init_from, each must equal the
@@ -180,8 +195,10 @@ def adaptation_line(cfg: PretrainConfig) -> str | None:
             f"{schedule}, lr {tc.lr:g} after {tc.warmup_steps} warm-up steps")
 
 
-def fit(cfg: PretrainConfig) -> ray.train.Result:
-    """Train on the configured corpus; resumes the run of the same name if it has a checkpoint."""
+def fit(cfg: PretrainConfig, *, evaluator: Callable[..., dict[str, Any]] | None = None) -> ray.train.Result:
+    """Train on the configured corpus; resumes the run of the same name if it has a checkpoint.
+    With ``eval.on_checkpoints``, ``evaluator`` (``dlm_ray.eval.checkpoints.evaluate_checkpoint``, as
+    the jobs pass it) scores each checkpoint in a Ray task of its own."""
     from ray.data import ExecutionOptions, ExecutionResources
     from ray.train.torch import TorchTrainer
 
@@ -233,10 +250,18 @@ def fit(cfg: PretrainConfig) -> ray.train.Result:
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
         datasets=datasets,
+        validation_config=_validation(cfg, evaluator),  # eval.on_checkpoints: a task per checkpoint
         # Ordered streams: rows arrive in stream order (the resume position is a place in it), and a
         # rerun feeds the same rows in the same order.
         dataset_config=ray.train.DataConfig(execution_options=ExecutionOptions(
             preserve_order=True,
             resource_limits=ExecutionResources.for_limits(object_store_memory=cfg.data.prefetch_mb * 2**20))),
     )
-    return trainer.fit()
+    result = trainer.fit()
+    # Evaluations that finished after the last step joined the log (Ray Train waits for them).
+    if cfg.eval.on_checkpoints:
+        log = MetricsLog(run_dir(cfg), resume_step=result.metrics.get("step", tc.max_steps))
+        for record in unjoined(run_dir(cfg), log.records):
+            log.log(record)
+        log.close()
+    return result

@@ -7,8 +7,9 @@ packed rows. ``train()`` is the whole loop::
     while should_continue(): step(batch); [log_window(), evaluate(), checkpoint(record)]
 
 ``step`` runs one micro-batch; every ``grad_accum`` of them make an optimizer step, after which the
-log window closes (every ``log_every`` steps), the held-out set is scored (every ``eval_every``) and
-a checkpoint is reported (every ``checkpoint_every``), each also at the last step. Training stops
+log window closes (every ``log_every`` steps), the held-out set is scored (every ``eval_every``;
+with ``eval.on_checkpoints`` not here but by a task per checkpoint) and a checkpoint is reported
+(every ``checkpoint_every``, uploaded in the background: ``upload``), each also at the last step. Training stops
 for one of two reasons, ``"max_steps"`` or ``"data_exhausted"``, and the stop is always
 checkpointed with its reason in the final record. The objective is handed in (its kind is not the
 loop's business), so is the FLOPs-per-token figure behind MFU. The loop syncs with the device only
@@ -22,7 +23,6 @@ import functools
 import math
 import os
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -36,12 +36,14 @@ import torch
 from dlm_ray.config.schema import PretrainConfig, TrainConfig
 from dlm_ray.core.adapt import training_attention
 from dlm_ray.core.diffusion import nats_to_bits, with_complements
-from dlm_ray.core.likelihood import estimate_nelbo
+from dlm_ray.core.likelihood import nelbo_totals
 from dlm_ray.data.pipeline import DataPosition
 from dlm_ray.io.checkpoint import run_dir
+from dlm_ray.io.evaluations import unjoined
 from dlm_ray.runtime import quiet_third_party
 from dlm_ray.train.engine import peak_flops, start_engine
 from dlm_ray.train.metrics import MetricsLog, console_line
+from dlm_ray.train.upload import staging_dir, upload_fn
 
 # (engine, batch on the device, run config, mask id) -> the micro-batch's scalar objective, or
 # (objective, {name: scalar figure to log}); "loss" is logged as the objective unless given.
@@ -66,6 +68,8 @@ class Trainer:
         self._restore(ray.train.get_checkpoint())
         self.log = (MetricsLog(run_dir(cfg), resume_step=self.state["step"], tensorboard=self.tc.tensorboard)
                     if self.rank == 0 else None)
+        if self.log is not None and self.state["step"]:  # the history says where each restart picked up
+            self.log.log({"step": self.state["step"], "resumed_from_step": self.state["step"], "time": time.time()})
         self.val_shard = ray.train.get_dataset_shard("val")
         self.train_batches = ray.train.get_dataset_shard("train").iter_torch_batches(
             batch_size=self.tc.micro_batch_size, drop_last=True,
@@ -165,7 +169,7 @@ class Trainer:
         step, tc = self.state["step"], self.tc
         last = step == tc.max_steps
         record = self.log_window() if step % tc.log_every == 0 or last else {}
-        if step % tc.eval_every == 0 or last:
+        if (step % tc.eval_every == 0 or last) and not self.cfg.eval.on_checkpoints:
             record = {**record, "step": step, "val_nelbo_bits": self.evaluate()}
         if step == self.start_step + 1:  # the ETA's clock starts after the first step: start-up is not a step's cost
             self.start_t = time.perf_counter()
@@ -178,8 +182,9 @@ class Trainer:
             if last:
                 record["stop_reason"] = "max_steps"
             self.checkpoint(record)
-        elif record:
-            ray.train.report(record)
+        # A record without a checkpoint goes to metrics.jsonl only, not to ray.train.report: each
+        # report waits its turn in a one-slot queue the controller drains at its poll (seconds per
+        # report), and behind a checkpoint still uploading, which would put storage back on the path.
         if tc.fail_once_at_step == step:
             _fail_once(self.cfg, self.rank)
 
@@ -191,7 +196,8 @@ class Trainer:
             _data_ran_out(step, self.start_step, self.tc, self.rank)
             record: dict[str, Any] = {"step": step, "stop_reason": "data_exhausted"}
             if step not in (self.saved, 0):
-                record["val_nelbo_bits"] = self.evaluate()
+                if not self.cfg.eval.on_checkpoints:
+                    record["val_nelbo_bits"] = self.evaluate()
                 if self.log is not None:
                     self.log.log(record)
                 self.checkpoint(record)
@@ -213,7 +219,7 @@ class Trainer:
                   "grad_norm": float(self.engine.get_global_grad_norm() or 0.0), "tokens_per_s": tps,
                   "mfu": tps * self.flops_per_token / (self.peak * self.world) if self.peak else None,
                   "tokens_seen": self.state["tokens_seen"], "epoch": self.consumed.epoch,
-                  "data_wait_frac": self.data_wait / dt}
+                  "data_wait_frac": self.data_wait / dt, "time": time.time()}
         self.window_t, self.window_tokens, self.micro, self.data_wait = time.perf_counter(), 0, 0, 0.0
         self.figure_sums = {}
         return record
@@ -223,37 +229,39 @@ class Trainer:
         """Held-out NELBO in bits/token, averaged over ranks (each sees its own val rows, every one of
         them up to ``eval_batches`` micro-batches: a last short batch counts too); None when no rank
         had a held-out row, so no figure is made up."""
-        cfg, device, model = self.cfg, self.device, self.engine.module
+        model = self.engine.module
         model.eval()
-        total, count = torch.zeros(2, dtype=torch.float64, device=device), 0
-        gen = torch.Generator(device=device).manual_seed(cfg.train.seed)
-        for batch in self.val_shard.iter_torch_batches(batch_size=cfg.train.micro_batch_size, drop_last=False):
-            b = _to_device(batch, device)
-            real = b["attention_mask"].bool()
-            if "prompt_len" in b:  # fine-tuning: the answer given the prompt
-                real = real & (torch.arange(real.shape[1], device=device)[None, :] >= b["prompt_len"][:, None])
-            nelbo = estimate_nelbo(model, b["input_ids"].long(), mask_id=self.mask_id,
-                                   num_samples=cfg.eval.nelbo_samples, attention_mask=b["attention_mask"].long(),
-                                   generator=gen, maskable=real)
-            total += torch.stack([(nelbo.double() * real.sum(-1)).sum(), real.sum().double()])
-            count += 1
-            if count >= cfg.train.eval_batches:
-                break
+        batches = self.val_shard.iter_torch_batches(batch_size=self.tc.micro_batch_size, drop_last=False)
+        total = nelbo_totals(model, batches, mask_id=self.mask_id, num_samples=self.cfg.eval.nelbo_samples,
+                             max_batches=self.tc.eval_batches, seed=self.tc.seed, device=self.device)
         torch.distributed.all_reduce(total)
         model.train()
         return float(nats_to_bits(total[0] / total[1])) if total[1] > 0 else None
 
     def checkpoint(self, record: dict[str, Any]) -> None:
-        """A checkpoint of this step, reported with the step's record; every rank takes part."""
+        """A checkpoint of this step, reported with the step's record; every rank takes part. Each rank
+        stages its part locally and Ray Train uploads it (in the background unless
+        ``checkpoint_upload: sync``; ``dlm_ray.train.upload``); with ``eval.on_checkpoints`` the
+        checkpoint is evaluated by a task of its own once committed (``dlm_ray.eval.checkpoints``); rank 0
+        adds the evaluations finished so far to the log first."""
+        from ray.train import CheckpointUploadMode
+
         from dlm_ray.io.checkpoint import save_training
 
+        step = self.state["step"]
         self.state["position"] = _global_position(self.consumed, self.device).to_list()
         if self.log is not None:
+            for finished in unjoined(run_dir(self.cfg), self.log.records, up_to=step):
+                self.log.log(finished)
             self.log.flush()
-        with tempfile.TemporaryDirectory() as d:
-            save_training(Path(d), self.engine, rank=self.rank, state=self.state, cfg=self.cfg)
-            ray.train.report({**record, "step": self.state["step"]}, checkpoint=ray.train.Checkpoint.from_directory(d))
-        self.saved = self.state["step"]
+        staged = staging_dir(self.cfg)
+        save_training(staged, self.engine, rank=self.rank, state=self.state, cfg=self.cfg)
+        mode = CheckpointUploadMode.ASYNC if self.tc.checkpoint_upload == "async" else CheckpointUploadMode.SYNC
+        ray.train.report({**record, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(str(staged)),
+                         checkpoint_upload_mode=mode, delete_local_checkpoint_after_upload=True,
+                         checkpoint_upload_fn=upload_fn(self.cfg, step=step, rank=self.rank),
+                         validation=self.cfg.eval.on_checkpoints)
+        self.saved = step
 
 
 # -------------------------------------------------------------------------------------- helpers

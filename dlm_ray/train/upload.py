@@ -1,0 +1,98 @@
+"""Checkpoint uploads off the training path.
+
+Each rank writes its part of a checkpoint to a local staging directory and hands it to
+``ray.train.report`` with ``CheckpointUploadMode.ASYNC``: a background thread of Ray Train copies it
+to the run directory (local disk, ``s3://``, ``gs://``) and deletes the staged copy, while the rank
+goes on to its next step. Ray Train commits the checkpoint (it joins the run's checkpoint list, the
+one a resume reads) only once every rank's part is up.
+
+The copy itself is ``upload_checkpoint`` below, Ray Train's own persist step tried
+``train.upload_attempts`` times with a growing pause between tries. Every failed try is reported on
+the worker's console; when the last one fails the exception goes back to Ray Train, which stops the
+workers and restarts them (``FailureConfig``) from the last committed checkpoint, so a failed upload
+can cost steps but never leaves a run resuming from a checkpoint that is not all there.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from dlm_ray.config.schema import PretrainConfig
+
+BACKOFF_S = 2.0  # the pause before the second try; doubled before each later one
+
+
+class UploadFailed(RuntimeError):
+    """A checkpoint that could not be uploaded after every try."""
+
+
+def staging_dir(cfg: PretrainConfig) -> Path:
+    """A fresh local directory for one rank's part of one checkpoint (deleted once uploaded)."""
+    root = cfg.train.checkpoint_staging
+    if root:
+        Path(root).mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix="dlm-checkpoint-", dir=root))
+
+
+def upload_fn(cfg: PretrainConfig, *, step: int, rank: int) -> Callable[[Any, str], Any]:
+    """The ``checkpoint_upload_fn`` for this rank's checkpoint of ``step``."""
+    return functools.partial(upload_checkpoint, cfg=cfg, step=step, rank=rank)
+
+
+def upload_checkpoint(checkpoint: Any, dir_name: str, *, cfg: PretrainConfig, step: int, rank: int,
+                      persist: Callable[[Any, str], Any] | None = None, backoff_s: float = BACKOFF_S) -> Any:
+    """Copy the staged ``checkpoint`` to ``dir_name`` in the run directory; return the stored one.
+    ``persist`` is Ray Train's copy (its storage context's) unless given."""
+    tc = cfg.train
+    if persist is None:
+        import ray.train
+
+        persist = ray.train.get_context().get_storage().persist_current_checkpoint
+    drill = tc.fail_upload_at_step == step and not _drill_done(cfg, rank)
+    for attempt in range(1, tc.upload_attempts + 1):
+        try:
+            if tc.upload_delay_s:
+                time.sleep(tc.upload_delay_s)  # the drill: a slow object store
+            if drill:
+                raise OSError(f"injected upload failure at step {step}")
+            return persist(checkpoint, dir_name)
+        except Exception as exc:  # noqa: BLE001 - every failure is reported, the last one raised
+            last = attempt == tc.upload_attempts
+            pause = backoff_s * 2 ** (attempt - 1)
+            _say(f"[checkpoint] upload of step {step} (rank {rank}) failed, try {attempt} of {tc.upload_attempts}: "
+                 f"{type(exc).__name__}: {exc}" + ("; giving up: the run restarts from its last committed checkpoint"
+                                                   if last else f"; trying again in {pause:g} s"))
+            if last:
+                if drill:
+                    _drill_done(cfg, rank, mark=True)
+                raise UploadFailed(f"checkpoint of step {step} could not be uploaded to {dir_name} after "
+                                   f"{tc.upload_attempts} tries: {exc}") from exc
+            time.sleep(pause)
+    raise AssertionError("unreachable")
+
+
+def _drill_done(cfg: PretrainConfig, rank: int, *, mark: bool = False) -> bool:
+    """Whether this rank's upload drill already failed once in this run (a marker in the run
+    directory, as ``fail_once_at_step``'s); with ``mark``, record that it has."""
+    import pyarrow.fs as pafs
+
+    from dlm_ray.io.checkpoint import run_dir
+    from dlm_ray.io.storage import filesystem_for
+
+    filesystem, root = filesystem_for(run_dir(cfg))
+    marker = f"{root}/.upload_failed_rank{rank}"
+    if mark:
+        filesystem.create_dir(root, recursive=True)
+        with filesystem.open_output_stream(marker) as f:
+            f.write(b"1")
+    return filesystem.get_file_info(marker).type != pafs.FileType.NotFound
+
+
+def _say(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
