@@ -73,7 +73,7 @@ def test_a_delayed_upload_delays_the_next_step_only_when_synchronous(ray_cluster
 def test_a_failed_upload_restarts_the_run_from_the_last_committed_checkpoint(ray_cluster, tmp_path):
     cfg = tiny_run(tmp_path, "upload-fails", "--train.max_steps=15", "--train.checkpoint_every=5",
                    "--train.eval_every=100", "--train.fail_upload_at_step=10", "--train.upload_attempts=2",
-                   "--train.max_failures=1")
+                   "--train.max_failures=1", f"--train.checkpoint_staging={tmp_path / 'staging'}")
     result = fit(cfg)
     run = Path(run_dir(cfg))
     assert list(run.glob(".upload_failed_rank*")), "the upload drill did not fail"
@@ -82,6 +82,7 @@ def test_a_failed_upload_restarts_the_run_from_the_last_committed_checkpoint(ray
     assert [r["resumed_from_step"] for r in history if "resumed_from_step" in r] == [5]
     assert [r["step"] for r in history if "loss" in r] == list(range(1, 16))
     assert result.metrics["step"] == 15 and latest_checkpoint(cfg)[1]["step"] == 15
+    assert list((tmp_path / "staging").iterdir()) == []  # the failed upload's staged copies too
     # A folder Ray Train never committed (an upload cut off) is never resumed from.
     half = run / "checkpoint_9999-01-01_00-00-00.000000"
     half.mkdir()

@@ -371,7 +371,7 @@ def test_resume_with_other_settings_or_foreign_output_is_refused(checkpoint, pro
     from dlm_ray.serving.batch import _job_identity
 
     first = make_cfg(checkpoint, prompts, tmp_path / "job")
-    assert check_output(first, _job_identity(first, "aaa")) == []
+    assert len(check_output(first, _job_identity(first, "aaa"))) == 0
     for change in ({"suffix_column": "tail"}, {"format": "jsonl"}, {"messages_column": "chat"},
                    {"dtype": "bfloat16"}, {"gpus_per_actor": 1.0}, {"prepend_eos": False}):
         other = first.model_copy(update=change)
@@ -379,7 +379,7 @@ def test_resume_with_other_settings_or_foreign_output_is_refused(checkpoint, pro
             check_output(other, _job_identity(other, "aaa"))
     faster = first.model_copy(update={"batch_size": 4, "group_batches": 1, "actors": (1, 1), "torch_threads": 1,
                                       "rows_per_file": 10, "strict": True})
-    assert check_output(faster, _job_identity(faster, "aaa")) == []
+    assert len(check_output(faster, _job_identity(faster, "aaa"))) == 0
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "data.parquet").write_bytes(b"x")
     with pytest.raises(ValueError, match="not a generation output"):

@@ -208,14 +208,7 @@ def fit(cfg: PretrainConfig, *, evaluator: Callable[..., dict[str, Any]] | None 
     tok = load_tokenizer(cfg.tokenizer)
     if tok.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"tokenizer has {tok.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}")
-    resume = latest_checkpoint(cfg)
-    start = DataPosition()
-    if resume:
-        state = resume[1]
-        # Checkpoints from before positions were recorded hold only the epoch.
-        start = DataPosition(*state["position"]) if "position" in state else DataPosition(state.get("epoch", 0))
-        print(f"[fit] resuming {run_dir(cfg)} from {resume[0]} (step {state['step']}, data position {start})",
-              flush=True)
+    start = _start_position(cfg)
     tc = cfg.train
     kind = kind_of(cfg.model)
     block_size = kind.block_size  # block diffusion: each block noised at its own level
@@ -258,10 +251,27 @@ def fit(cfg: PretrainConfig, *, evaluator: Callable[..., dict[str, Any]] | None 
             resource_limits=ExecutionResources.for_limits(object_store_memory=cfg.data.prefetch_mb * 2**20))),
     )
     result = trainer.fit()
-    # Evaluations that finished after the last step joined the log (Ray Train waits for them).
     if cfg.eval.on_checkpoints:
-        log = MetricsLog(run_dir(cfg), resume_step=result.metrics.get("step", tc.max_steps))
-        for record in unjoined(run_dir(cfg), log.records):
-            log.log(record)
-        log.close()
+        _join_last_evaluations(cfg, result.metrics.get("step", tc.max_steps))
     return result
+
+
+def _start_position(cfg: PretrainConfig) -> DataPosition:
+    """Where the data stream starts: the latest committed checkpoint's position, or the beginning."""
+    resume = latest_checkpoint(cfg)
+    if not resume:
+        return DataPosition()
+    state = resume[1]
+    # Checkpoints from before positions were recorded hold only the epoch.
+    start = DataPosition(*state["position"]) if "position" in state else DataPosition(state.get("epoch", 0))
+    print(f"[fit] resuming {run_dir(cfg)} from {resume[0]} (step {state['step']}, data position {start})", flush=True)
+    return start
+
+
+def _join_last_evaluations(cfg: PretrainConfig, step: int) -> None:
+    """Add to metrics.jsonl the checkpoint evaluations that finished after the last step (Ray Train
+    waits for them before ``fit`` returns; the workers are gone by then)."""
+    log = MetricsLog(run_dir(cfg), resume_step=step)
+    for record in unjoined(run_dir(cfg), log.records):
+        log.log(record)
+    log.close()

@@ -16,6 +16,7 @@ can cost steps but never leaves a run resuming from a checkpoint that is not all
 from __future__ import annotations
 
 import functools
+import shutil
 import sys
 import tempfile
 import time
@@ -65,11 +66,14 @@ def upload_checkpoint(checkpoint: Any, dir_name: str, *, cfg: PretrainConfig, st
             last = attempt == tc.upload_attempts
             pause = backoff_s * 2 ** (attempt - 1)
             _say(f"[checkpoint] upload of step {step} (rank {rank}) failed, try {attempt} of {tc.upload_attempts}: "
-                 f"{type(exc).__name__}: {exc}" + ("; giving up: the run restarts from its last committed checkpoint"
+                 f"{type(exc).__name__}: {exc}" + ("; giving up (the staged copy deleted): the run restarts from its "
+                                                   "last committed checkpoint"
                                                    if last else f"; trying again in {pause:g} s"))
             if last:
                 if drill:
                     _drill_done(cfg, rank, mark=True)
+                # The restart writes its own checkpoints: a staged copy left behind would only fill the disk.
+                shutil.rmtree(getattr(checkpoint, "path", ""), ignore_errors=True)
                 raise UploadFailed(f"checkpoint of step {step} could not be uploaded to {dir_name} after "
                                    f"{tc.upload_attempts} tries: {exc}") from exc
             time.sleep(pause)
