@@ -70,7 +70,7 @@ class Watch:
     def sample(self, driver: psutil.Process | None, with_store: bool) -> dict[str, Any]:
         actors = [p for p in psutil.process_iter(["cmdline"]) if "Completer" in " ".join(p.info["cmdline"] or [])]
         s = {"t": time.time() - self.t0, "rows": self.committed(),
-             "driver_mib": _rss(driver), "actor_mib": sorted(_rss(p) for p in actors),
+             "driver_mib": _rss(driver), "actor_mib": {p.pid: _rss(p) for p in actors},
              "data_files": len(list(self.output.glob("*.parquet"))), "checkpoint_files": len(self.rows_in)}
         if with_store:
             s["store_mib"] = _object_store_mib()
@@ -139,7 +139,9 @@ def tenths(samples: list[dict[str, Any]], n: int, gaps: list[tuple[float, float]
         table.append({"tenth": k, "seconds": round(span, 1),
                       "rows_per_s": round((rows - prev_rows) / span, 1) if span > 0 else None,
                       "driver_peak_mib": round(max(s["driver_mib"] for s in inside)),
-                      "actor_peak_mib": round(max(max(s["actor_mib"], default=0) for s in inside)),
+                      # each generation actor's peak (by process), in the order they started
+                      "actor_peaks_mib": [round(max(s["actor_mib"].get(pid, 0) for s in inside))
+                                          for pid in sorted({pid for s in inside for pid in s["actor_mib"]})],
                       "actors": max(len(s["actor_mib"]) for s in inside),
                       "store_peak_mib": max(s.get("store_mib") or 0 for s in inside),
                       "data_files": inside[-1]["data_files"], "checkpoint_files": inside[-1]["checkpoint_files"]})
@@ -191,11 +193,12 @@ def main() -> None:
 
     print(f"\n{n} built-in prompts, random tiny model, gen_length {args.gen_length}, steps {args.steps}, "
           f"batch {args.batch_size}; killed at {first['rows_at_kill']} rows and resumed\n")
-    print("| tenth | rows/s | seconds | driver peak MiB | largest actor peak MiB | actors | object store peak MiB "
+    print("| tenth | rows/s | seconds | driver peak MiB | each actor's peak MiB | actors | object store peak MiB "
           "| data files | checkpoint files |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in table:
-        print(f"| {r['tenth']} | {r['rows_per_s']} | {r['seconds']} | {r['driver_peak_mib']} | {r['actor_peak_mib']} "
+        peaks = " / ".join(map(str, r["actor_peaks_mib"]))
+        print(f"| {r['tenth']} | {r['rows_per_s']} | {r['seconds']} | {r['driver_peak_mib']} | {peaks} "
               f"| {r['actors']} | {r['store_peak_mib']} | {r['data_files']} | {r['checkpoint_files']} |")
     fresh_start = first["first_commit"] - first["started"]
     resume_start = second["first_commit"] - second["started"]
