@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", ROOT / "cluster" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 README_MAX_LINES = 200
 JOB_CONFIGS = {"pretrain.py": PretrainConfig, "prepare_data.py": PretrainConfig, "generate.py": GenerateConfig,
-               "sft.py": PretrainConfig, "compare.py": PretrainConfig}
+               "sft.py": PretrainConfig, "compare.py": PretrainConfig, "plan.py": PretrainConfig}
 
 
 def code_blocks(path: Path, lang: str) -> list[str]:
@@ -67,6 +67,8 @@ def _job_args(ap) -> None:
     ap.add_argument("--overwrite", action="store_true")
     ap.add_argument("--export-dir")
     for flag in ("--objectives", "--block_size", "--fast_threshold", "--entropy_bounds", "--gen_batches"):  # jobs/compare.py
+        ap.add_argument(flag)
+    for flag in ("--gpus", "--gpu", "--gpus_per_node", "--mfu"):  # jobs/plan.py
         ap.add_argument(flag)
 
 
