@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from pydantic import ValidationError
+
 from dlm_ray.config.io import parse_job_args
 from dlm_ray.config.schema import PretrainConfig
 from dlm_ray.train.plan import GPUS, describe, make_plan
@@ -30,7 +32,10 @@ def main(argv: list[str] | None = None) -> str:
     cfg, args = parse_job_args(PretrainConfig, argv, __doc__.splitlines()[0], extra=_extra)
     gpus = args.gpus or cfg.train.num_workers
     # The config's batch must divide over the planned GPUs as it would over that many workers.
-    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"num_workers": gpus})})
+    try:  # checked as training would check it on that many workers
+        cfg = PretrainConfig.model_validate({**cfg.to_dict(), "train": {**cfg.train.to_dict(), "num_workers": gpus}})
+    except ValidationError as exc:
+        raise SystemExit(f"plan: on {gpus} GPUs: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
     text = describe(make_plan(cfg, gpus=gpus, gpu=args.gpu, gpus_per_node=args.gpus_per_node, mfu=args.mfu), cfg)
     print(text)
     return text

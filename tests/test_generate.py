@@ -380,6 +380,14 @@ def test_resume_with_other_settings_or_foreign_output_is_refused(checkpoint, pro
     faster = first.model_copy(update={"batch_size": 4, "group_batches": 1, "actors": (1, 1), "torch_threads": 1,
                                       "rows_per_file": 10, "strict": True})
     assert len(check_output(faster, _job_identity(faster, "aaa"))) == 0
+    # An output of more than one shard of built-in prompts, made before shards had windows of their own.
+    old = make_cfg(checkpoint, prompts, tmp_path / "old_builtin", input="builtin:2000")
+    identity = _job_identity(old, "aaa")
+    (tmp_path / "old_builtin").mkdir()
+    (tmp_path / "old_builtin" / "_job.json").write_text(json.dumps({k: v for k, v in identity.items()
+                                                                     if k != "builtin_prompts"}))
+    with pytest.raises(ValueError, match="numbered as they were before"):
+        check_output(old, identity)
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "data.parquet").write_bytes(b"x")
     with pytest.raises(ValueError, match="not a generation output"):

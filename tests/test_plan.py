@@ -140,4 +140,7 @@ def test_plan_command_prints_every_figure():
                      "with every block checkpointed", "would pick", "MFU 40% (given)", "days for 100,000 steps"):
         assert fragment in out.stdout
     bad = plan("--config", "jobs/configs/1b.yaml", "--gpus", "3")
-    assert bad.returncode != 0 and "not divisible by 3 GPUs" in bad.stderr
+    assert bad.returncode != 0 and "plan: on 3 GPUs: batch_size=512 is not divisible" in bad.stderr
+    # What training would refuse is refused: 4 rows per GPU cannot make 8 micro-batches.
+    bad = plan("--config", "jobs/configs/8b.yaml", "--gpus", "256")
+    assert bad.returncode != 0 and "num_workers x grad_accum = 2048" in bad.stderr

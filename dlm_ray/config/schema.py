@@ -452,7 +452,7 @@ class EvalConfig(Config):
     sample: SampleConfig = Field(
         default_factory=lambda: SampleConfig(gen_length=24, steps=24, block_length=24)
     )
-    # Off the training path (dlm_ray.train.validation): each reported checkpoint is evaluated by a Ray
+    # Off the training path (dlm_ray.eval.checkpoints): each reported checkpoint is evaluated by a Ray
     # task of its own, on these resources, instead of the trainers every train.eval_every steps.
     on_checkpoints: bool = False
     cpus: float = Field(1.0, ge=0)

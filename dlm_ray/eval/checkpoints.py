@@ -5,8 +5,9 @@ is reported with ``validation=True``, and Ray Train runs ``evaluate_checkpoint``
 committed, on ``eval.cpus`` / ``eval.gpus`` (resources the trainers do not hold). The task exports
 the checkpoint and scores the export:
 
-- ``val_nelbo_bits``: the held-out NELBO the training loop would have logged, over the same rows
-  (the run's own held-out split through the same pipeline, ``train.eval_batches`` micro-batches);
+- ``val_nelbo_bits``: the held-out NELBO the training loop would have logged, over as many rows of
+  the run's own held-out split, packed by the same pipeline (``train.eval_batches`` micro-batches
+  per worker: the loop scores that many on each worker's shard);
 - ``validity_<family>``: on the built-in corpus, the checker's rate over
   ``eval.checkpoint_prompts_per_family`` held-out prompts per family;
 - ``lm_eval/<task>/<metric>``: lm-evaluation-harness tasks, if ``eval.lm_eval_tasks`` names any,
@@ -51,7 +52,8 @@ def evaluate_checkpoint(checkpoint: Any, *, cfg: dict[str, Any]) -> dict[str, An
         val = packed_dataset(run.data, run.tokenizer, "val", block_size=kind_of(run.model).block_size)
         batches = val.iter_torch_batches(batch_size=run.train.micro_batch_size, drop_last=False)
         total = nelbo_totals(model, batches, mask_id=load_tokenizer(run.tokenizer).mask_id,
-                             num_samples=run.eval.nelbo_samples, max_batches=run.train.eval_batches,
+                             num_samples=run.eval.nelbo_samples,
+                             max_batches=run.train.eval_batches * run.train.num_workers,
                              seed=run.train.seed, device=device)
         record: dict[str, Any] = {"step": step,
                                   "val_nelbo_bits": float(nats_to_bits(total[0] / total[1])) if total[1] > 0 else None}

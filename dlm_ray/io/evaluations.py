@@ -25,21 +25,26 @@ def write_evaluation(run_uri: str, record: dict[str, Any]) -> None:
         f.write(json.dumps({**record, **MARK}).encode())
 
 
-def read_evaluations(run_uri: str) -> list[dict[str, Any]]:
-    """Every checkpoint evaluation written so far, by step."""
+def read_evaluations(run_uri: str, *, skip: set[int] = frozenset()) -> list[dict[str, Any]]:
+    """The checkpoint evaluations written so far, by step (those of the steps in ``skip`` not read:
+    one listing and a read per new record, however long the run)."""
     import pyarrow.fs as pafs
 
     filesystem, root = filesystem_for(run_uri)
     found = filesystem.get_file_info(pafs.FileSelector(f"{root}/{EVAL_DIR}", allow_not_found=True))
     records = []
     for info in sorted(found, key=lambda i: i.path):
-        if info.type == pafs.FileType.File and info.path.endswith(".json"):
-            with filesystem.open_input_stream(info.path) as f:
-                records.append(json.loads(f.read()))
+        name = info.base_name
+        if info.type != pafs.FileType.File or not (name.startswith("step_") and name.endswith(".json")):
+            continue
+        if int(name[len("step_"):-len(".json")]) in skip:
+            continue
+        with filesystem.open_input_stream(info.path) as f:
+            records.append(json.loads(f.read()))
     return records
 
 
 def unjoined(run_uri: str, records: list[dict[str, Any]], *, up_to: int | None = None) -> list[dict[str, Any]]:
     """The evaluations not yet among ``records`` (a run's metric records), at or before step ``up_to``."""
     have = {r["step"] for r in records if r.get("evaluated") == MARK["evaluated"]}
-    return [r for r in read_evaluations(run_uri) if r["step"] not in have and (up_to is None or r["step"] <= up_to)]
+    return [r for r in read_evaluations(run_uri, skip=have) if up_to is None or r["step"] <= up_to]

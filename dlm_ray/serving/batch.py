@@ -50,7 +50,7 @@ from dlm_ray.config.schema import ModelConfig, SampleConfig
 from dlm_ray.config.inference import GenerateConfig
 from dlm_ray.data.corpus import check_answer
 from dlm_ray.core.inference import complete_ids
-from dlm_ray.data.prompts import PromptSource, builtin_count, done_lookup, prepare_batch
+from dlm_ray.data.prompts import BUILTIN_SHARD, PromptSource, builtin_count, done_lookup, prepare_batch
 from dlm_ray.runtime import pace_scheduling
 from dlm_ray.io.storage import filesystem_for
 
@@ -125,7 +125,9 @@ def _job_identity(cfg: GenerateConfig, ckpt_hash: str) -> dict[str, Any]:
     return {"checkpoint": ckpt_hash, "model_kind": cfg.model_kind, "sample": cfg.sample.to_dict(), "seed": cfg.seed, "format": cfg.format,
             "prompt_column": cfg.prompt_column, "messages_column": cfg.messages_column,
             "suffix_column": cfg.suffix_column, "id_column": cfg.id_column, "prepend_eos": cfg.prepend_eos,
-            "dtype": cfg.dtype, "device": "gpu" if cfg.gpus_per_actor > 0 else "cpu"}
+            "dtype": cfg.dtype, "device": "gpu" if cfg.gpus_per_actor > 0 else "cpu",
+            # Built-in prompts past the first shard have been numbered by windows of draws since this key.
+            **({"builtin_prompts": "windows"} if builtin_count(cfg.input) is not None else {})}
 
 
 def check_output(cfg: GenerateConfig, identity: dict[str, Any]) -> pa.ChunkedArray:
@@ -139,6 +141,11 @@ def check_output(cfg: GenerateConfig, identity: dict[str, Any]) -> pa.ChunkedArr
             before = json.loads(f.read())
         # A setting an older output did not record (added since) is no difference.
         diff = sorted(k for k in identity if k in before and before[k] != identity[k])
+        if "builtin_prompts" in identity and "builtin_prompts" not in before and \
+                (builtin_count(cfg.input) or 0) > BUILTIN_SHARD:
+            raise ValueError(f"{cfg.output} holds built-in prompts numbered as they were before each shard had a "
+                             "window of draws of its own: past the first 500 the same ids are other prompts now; "
+                             "write to a new output")
         if diff:
             raise ValueError(f"{cfg.output} was generated with other settings ({', '.join(diff)} differ); "
                              "write to a new output, or delete it to start over")

@@ -32,7 +32,7 @@ from dlm_ray.config.schema import MODEL_PRESETS, AdaptConfig, ModelConfig, Pretr
 from dlm_ray.core.adapt import warmup_block_sizes
 from dlm_ray.data.pipeline import DataPosition, packed_dataset
 from dlm_ray.core.kinds import kind_of
-from dlm_ray.train.metrics import MetricsLog
+from dlm_ray.train.metrics import MetricsLog, read_metrics
 from dlm_ray.train.trainer import Trainer
 from dlm_ray.io.evaluations import unjoined
 from dlm_ray.runtime import pace_scheduling
@@ -196,9 +196,8 @@ def adaptation_line(cfg: PretrainConfig) -> str | None:
 
 
 def fit(cfg: PretrainConfig, *, evaluator: Callable[..., dict[str, Any]] | None = None) -> ray.train.Result:
-    """Train on the configured corpus; resumes the run of the same name if it has a checkpoint.
-    With ``eval.on_checkpoints``, ``evaluator`` (``dlm_ray.eval.checkpoints.evaluate_checkpoint``, as
-    the jobs pass it) scores each checkpoint in a Ray task of its own."""
+    """Train on the configured corpus; resumes the run of the same name if it has a checkpoint. With
+    ``eval.on_checkpoints``, ``evaluator`` (``eval.checkpoints.evaluate_checkpoint``) scores each one."""
     from ray.data import ExecutionOptions, ExecutionResources
     from ray.train.torch import TorchTrainer
 
@@ -250,9 +249,11 @@ def fit(cfg: PretrainConfig, *, evaluator: Callable[..., dict[str, Any]] | None 
             preserve_order=True,
             resource_limits=ExecutionResources.for_limits(object_store_memory=cfg.data.prefetch_mb * 2**20))),
     )
-    result = trainer.fit()
-    if cfg.eval.on_checkpoints:
-        _join_last_evaluations(cfg, result.metrics.get("step", tc.max_steps))
+    try:
+        result = trainer.fit()
+    finally:  # a failed run keeps the evaluations it finished too
+        if cfg.eval.on_checkpoints:
+            _join_last_evaluations(cfg)
     return result
 
 
@@ -268,10 +269,11 @@ def _start_position(cfg: PretrainConfig) -> DataPosition:
     return start
 
 
-def _join_last_evaluations(cfg: PretrainConfig, step: int) -> None:
-    """Add to metrics.jsonl the checkpoint evaluations that finished after the last step (Ray Train
-    waits for them before ``fit`` returns; the workers are gone by then)."""
-    log = MetricsLog(run_dir(cfg), resume_step=step)
+def _join_last_evaluations(cfg: PretrainConfig) -> None:
+    """Add to metrics.jsonl (and TensorBoard) the checkpoint evaluations that finished after the last
+    step (Ray Train waits for them before ``fit`` returns; the workers are gone by then)."""
+    last = max((r.get("step", 0) for r in read_metrics(run_dir(cfg))), default=0)  # every record kept
+    log = MetricsLog(run_dir(cfg), resume_step=last, tensorboard=cfg.train.tensorboard)
     for record in unjoined(run_dir(cfg), log.records):
         log.log(record)
     log.close()

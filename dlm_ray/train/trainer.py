@@ -251,8 +251,9 @@ class Trainer:
         step = self.state["step"]
         self.state["position"] = _global_position(self.consumed, self.device).to_list()
         if self.log is not None:
-            for finished in unjoined(run_dir(self.cfg), self.log.records, up_to=step):
-                self.log.log(finished)
+            if self.cfg.eval.on_checkpoints:
+                for finished in unjoined(run_dir(self.cfg), self.log.records, up_to=step):
+                    self.log.log(finished)
             self.log.flush()
         staged = staging_dir(self.cfg)
         save_training(staged, self.engine, rank=self.rank, state=self.state, cfg=self.cfg)

@@ -74,8 +74,10 @@ def upload_checkpoint(checkpoint: Any, dir_name: str, *, cfg: PretrainConfig, st
                     _drill_done(cfg, rank, mark=True)
                 # The restart writes its own checkpoints: a staged copy left behind would only fill the disk.
                 shutil.rmtree(getattr(checkpoint, "path", ""), ignore_errors=True)
+                # The cause is chained, not quoted: Ray Train retries an upload whose error text names
+                # a transient S3 error, and this one's staged copy is gone.
                 raise UploadFailed(f"checkpoint of step {step} could not be uploaded to {dir_name} after "
-                                   f"{tc.upload_attempts} tries: {exc}") from exc
+                                   f"{tc.upload_attempts} tries (the last error is chained)") from exc
             time.sleep(pause)
     raise AssertionError("unreachable")
 
