@@ -18,7 +18,6 @@ import argparse
 import os
 import socket
 import statistics
-import tempfile
 import time
 
 from dlm_ray.config.io import load_config
@@ -84,7 +83,7 @@ def main() -> None:
         print(f"| {mode} | {r['after_median']:.2f} | {r['after_max']:.2f} | {r['rest_median']:.3f} | "
               f"{r['rest_max']:.3f} | {r['wall']:.0f} |")
     print(f"({rows['sync']['n_after']} steps after a checkpoint per run; the last checkpoint's upload is waited for "
-          f"at the end of either run.) Scratch: {tempfile.gettempdir()}")
+          f"at the end of either run.) The runs live in the S3 server's memory and end with it.")
 
 
 if __name__ == "__main__":

@@ -283,9 +283,10 @@ def summarize(cfg: GenerateConfig, files_before: set[str], done_before: int, sec
         for batch in fragment.to_batches(columns=cols):
             failed = pc.is_valid(batch["error"])
             totals["rows_errored"] += pc.sum(failed).as_py() or 0
-            for source, error in zip(batch.filter(failed)["source"].to_pylist(), batch.filter(failed)["error"].to_pylist()):
-                if len(errors) < 5:
-                    errors.append(f"{source}: {error}")
+            if len(errors) < 5:
+                bad = batch.filter(failed)
+                pairs = zip(bad["source"].to_pylist(), bad["error"].to_pylist())
+                errors += [f"{s}: {e}" for s, e in pairs][:5 - len(errors)]
             ok = batch.filter(pc.invert(failed))
             if builtin:
                 totals["valid"] += sum(map(check_answer, ok["prompt"].to_pylist(), ok["completion"].to_pylist()))

@@ -1,5 +1,6 @@
 """Training metrics, written once as they happen: ``metrics.jsonl`` (and TensorBoard) in the run
-directory, the console line of each log window, and the summary and loss curve built from them.
+directory, the console line of each log window (and ``say``, how a worker prints a line), the
+summary and loss curve built from them, and the run directory's marker files (``run_marker``).
 
 Everything goes through the pyarrow filesystem of the run directory, so a run on ``s3://`` or
 ``gs://`` keeps its metrics there too. Object stores cannot append, so there ``metrics.jsonl`` is
@@ -15,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import sys
 import tempfile
 import time
 from typing import Any, Callable
@@ -103,7 +105,27 @@ class MetricsLog:
             f.write("".join(json.dumps(r) + "\n" for r in self.records).encode())
 
 
+def run_marker(run_uri: str, name: str, *, mark: bool = False) -> bool:
+    """Whether the marker file ``name`` exists in the run directory (any filesystem); with ``mark``,
+    create it first. The fault drills use these to fire once per run, across restarts."""
+    from pyarrow import fs as pafs
+
+    filesystem, root = filesystem_for(run_uri)
+    if mark:
+        filesystem.create_dir(root, recursive=True)
+        with filesystem.open_output_stream(f"{root}/{name}") as f:
+            f.write(b"1")
+    return filesystem.get_file_info(f"{root}/{name}").type != pafs.FileType.NotFound
+
+
 # ------------------------------------------------------------------------------------------ console
+
+
+def say(line: str) -> None:
+    """A line on a worker's stdout, which the driver shows. Not ``print``: Ray Train patches it to
+    log the line as well, and the driver then shows it twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def _duration(seconds: float) -> str:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -42,7 +41,7 @@ from dlm_ray.io.checkpoint import run_dir
 from dlm_ray.io.evaluations import unjoined
 from dlm_ray.runtime import quiet_third_party
 from dlm_ray.train.engine import peak_flops, start_engine
-from dlm_ray.train.metrics import MetricsLog, console_line
+from dlm_ray.train.metrics import MetricsLog, console_line, run_marker, say
 from dlm_ray.train.upload import staging_dir, upload_fn
 
 # (engine, batch on the device, run config, mask id) -> the micro-batch's scalar objective, or
@@ -91,7 +90,7 @@ class Trainer:
         # into it); a resume restores its own weights.
         self.engine, startup = start_engine(self.cfg, device=self.device, resume=checkpoint is not None)
         if self.rank == 0:
-            _say(startup)
+            say(startup)
         device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         self.peak = peak_flops(device_name, self.tc)
         self.state: dict[str, Any] = {"step": 0, "tokens_seen": 0, "position": DataPosition().to_list()}
@@ -100,7 +99,7 @@ class Trainer:
                 self.state = load_training(Path(d), self.engine, rank=self.rank)
         self.position = DataPosition(*self.state["position"])
         if checkpoint and self.rank == 0:
-            _say(f"[train] resumed at step {self.state['step']}, data position {self.position}")
+            say(f"[train] resumed at step {self.state['step']}, data position {self.position}")
 
     # ---------------------------------------------------------------------------------- the loop
 
@@ -177,7 +176,7 @@ class Trainer:
             self.log.log(record)
             done = step - self.start_step - 1
             per_step = (time.perf_counter() - self.start_t) / done if done > 0 else None
-            _say(console_line(record, max_steps=tc.max_steps, seconds_per_step=per_step))
+            say(console_line(record, max_steps=tc.max_steps, seconds_per_step=per_step))
         if step % tc.checkpoint_every == 0 or last:
             if last:
                 record["stop_reason"] = "max_steps"
@@ -305,7 +304,7 @@ def _data_ran_out(step: int, start_step: int, tc: TrainConfig, rank: int) -> Non
         raise RuntimeError("the training data gave no micro-batch: the corpus is empty, or smaller than one "
                            f"micro-batch of {tc.micro_batch_size} rows per worker")
     if rank == 0:
-        _say(f"[train] stopped at step {step} of {tc.max_steps}: the data ran out after train.max_epochs="
+        say(f"[train] stopped at step {step} of {tc.max_steps}: the data ran out after train.max_epochs="
              f"{tc.max_epochs} epochs (raise it, or lower train.max_steps)")
 
 
@@ -314,13 +313,6 @@ def _per_maskable(batch: dict[str, torch.Tensor]) -> float:
     if "num_maskable" not in batch or "answer_len" in batch:
         return 1.0
     return float(batch["attention_mask"].sum()) / max(1, int(batch["num_maskable"].sum()))
-
-
-def _say(line: str) -> None:
-    """A line on the worker's stdout, which the driver shows. Not ``print``: Ray Train patches it to
-    log the line as well, and the driver then shows it twice."""
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
 
 
 def _timed(batches: Iterable[dict[str, torch.Tensor]]) -> Iterator[tuple[float, dict[str, torch.Tensor]]]:
@@ -342,14 +334,7 @@ class InjectedFault(RuntimeError):
 
 def _fail_once(cfg: PretrainConfig, rank: int) -> None:
     """Raise once per run and rank: a marker in the run directory (any filesystem) says it happened."""
-    import pyarrow.fs as pafs
-
-    from dlm_ray.io.storage import filesystem_for
-
-    filesystem, root = filesystem_for(run_dir(cfg))
-    marker = f"{root}/.fault_injected_rank{rank}"
-    if filesystem.get_file_info(marker).type == pafs.FileType.NotFound:
-        filesystem.create_dir(root, recursive=True)
-        with filesystem.open_output_stream(marker) as f:
-            f.write(b"1")
+    marker = f".fault_injected_rank{rank}"
+    if not run_marker(run_dir(cfg), marker):
+        run_marker(run_dir(cfg), marker, mark=True)
         raise InjectedFault(f"injected fault after step {cfg.train.fail_once_at_step} (rank {rank})")

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import functools
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from dlm_ray.config.schema import PretrainConfig
+from dlm_ray.io.checkpoint import run_dir
+from dlm_ray.train.metrics import run_marker, say
 
 BACKOFF_S = 2.0  # the pause before the second try; doubled before each later one
 
@@ -54,7 +55,8 @@ def upload_checkpoint(checkpoint: Any, dir_name: str, *, cfg: PretrainConfig, st
         import ray.train
 
         persist = ray.train.get_context().get_storage().persist_current_checkpoint
-    drill = tc.fail_upload_at_step == step and not _drill_done(cfg, rank)
+    marker = f".upload_failed_rank{rank}"  # the drill fails each rank's upload once per run
+    drill = tc.fail_upload_at_step == step and not run_marker(run_dir(cfg), marker)
     for attempt in range(1, tc.upload_attempts + 1):
         try:
             if tc.upload_delay_s:
@@ -65,13 +67,13 @@ def upload_checkpoint(checkpoint: Any, dir_name: str, *, cfg: PretrainConfig, st
         except Exception as exc:  # noqa: BLE001 - every failure is reported, the last one raised
             last = attempt == tc.upload_attempts
             pause = backoff_s * 2 ** (attempt - 1)
-            _say(f"[checkpoint] upload of step {step} (rank {rank}) failed, try {attempt} of {tc.upload_attempts}: "
+            say(f"[checkpoint] upload of step {step} (rank {rank}) failed, try {attempt} of {tc.upload_attempts}: "
                  f"{type(exc).__name__}: {exc}" + ("; giving up (the staged copy deleted): the run restarts from its "
                                                    "last committed checkpoint"
                                                    if last else f"; trying again in {pause:g} s"))
             if last:
                 if drill:
-                    _drill_done(cfg, rank, mark=True)
+                    run_marker(run_dir(cfg), marker, mark=True)
                 # The restart writes its own checkpoints: a staged copy left behind would only fill the disk.
                 shutil.rmtree(getattr(checkpoint, "path", ""), ignore_errors=True)
                 # The cause is chained, not quoted: Ray Train retries an upload whose error text names
@@ -80,25 +82,3 @@ def upload_checkpoint(checkpoint: Any, dir_name: str, *, cfg: PretrainConfig, st
                                    f"{tc.upload_attempts} tries (the last error is chained)") from exc
             time.sleep(pause)
     raise AssertionError("unreachable")
-
-
-def _drill_done(cfg: PretrainConfig, rank: int, *, mark: bool = False) -> bool:
-    """Whether this rank's upload drill already failed once in this run (a marker in the run
-    directory, as ``fail_once_at_step``'s); with ``mark``, record that it has."""
-    import pyarrow.fs as pafs
-
-    from dlm_ray.io.checkpoint import run_dir
-    from dlm_ray.io.storage import filesystem_for
-
-    filesystem, root = filesystem_for(run_dir(cfg))
-    marker = f"{root}/.upload_failed_rank{rank}"
-    if mark:
-        filesystem.create_dir(root, recursive=True)
-        with filesystem.open_output_stream(marker) as f:
-            f.write(b"1")
-    return filesystem.get_file_info(marker).type != pafs.FileType.NotFound
-
-
-def _say(line: str) -> None:
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
