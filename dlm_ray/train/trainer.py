@@ -42,7 +42,7 @@ from dlm_ray.io.evaluations import unjoined
 from dlm_ray.runtime import quiet_third_party
 from dlm_ray.train.engine import peak_flops, start_engine
 from dlm_ray.train.metrics import MetricsLog, console_line, run_marker, say
-from dlm_ray.train.upload import staging_dir, upload_fn
+from dlm_ray.train.upload import clear_staged, staging_dir, upload_fn
 
 # (engine, batch on the device, run config, mask id) -> the micro-batch's scalar objective, or
 # (objective, {name: scalar figure to log}); "loss" is logged as the objective unless given.
@@ -64,6 +64,7 @@ class Trainer:
         torch.manual_seed(self.tc.seed)
         np.random.seed(self.tc.seed)
         self.mask_id = load_tokenizer(cfg.tokenizer).mask_id
+        clear_staged(cfg, self.rank)  # what this rank staged before a restart will never be uploaded
         self._restore(ray.train.get_checkpoint())
         self.log = (MetricsLog(run_dir(cfg), resume_step=self.state["step"], tensorboard=self.tc.tensorboard)
                     if self.rank == 0 else None)
@@ -254,7 +255,7 @@ class Trainer:
                 for finished in unjoined(run_dir(self.cfg), self.log.records, up_to=step):
                     self.log.log(finished)
             self.log.flush()
-        staged = staging_dir(self.cfg)
+        staged = staging_dir(self.cfg, self.rank)
         save_training(staged, self.engine, rank=self.rank, state=self.state, cfg=self.cfg)
         mode = CheckpointUploadMode.ASYNC if self.tc.checkpoint_upload == "async" else CheckpointUploadMode.SYNC
         ray.train.report({**record, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(str(staged)),

@@ -33,12 +33,26 @@ class UploadFailed(RuntimeError):
     """A checkpoint that could not be uploaded after every try."""
 
 
-def staging_dir(cfg: PretrainConfig) -> Path:
-    """A fresh local directory for one rank's part of one checkpoint (deleted once uploaded)."""
+def staging_dir(cfg: PretrainConfig, rank: int) -> Path:
+    """A fresh local directory for one rank's part of one checkpoint (deleted once uploaded), named
+    for the run and the rank so that ``clear_staged`` can find what a killed rank left."""
     root = cfg.train.checkpoint_staging
     if root:
         Path(root).mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix="dlm-checkpoint-", dir=root))
+    return Path(tempfile.mkdtemp(prefix=_staging_prefix(cfg, rank), dir=root))
+
+
+def clear_staged(cfg: PretrainConfig, rank: int) -> None:
+    """Delete this run's and rank's staged copies on this node: a rank killed while its upload was in
+    flight (a restart after another rank's failed upload, a lost worker) leaves its copy behind, and
+    a rank starting over never uploads it."""
+    root = Path(cfg.train.checkpoint_staging or tempfile.gettempdir())
+    for old in root.glob(_staging_prefix(cfg, rank) + "*"):
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _staging_prefix(cfg: PretrainConfig, rank: int) -> str:
+    return f"dlm-checkpoint-{cfg.run_name}-rank{rank}-"
 
 
 def upload_fn(cfg: PretrainConfig, *, step: int, rank: int) -> Callable[[Any, str], Any]:
